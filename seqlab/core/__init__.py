@@ -1,0 +1,39 @@
+"""seqlab's engine: one chunked scan/recurrence abstraction for every token mixer.
+
+Contract for a linear-state family (linear attention, scalar decay, vector gate, delta rule, ...)
+-------------------------------------------------------------------------------------------------
+Every such mixer is a recurrence S_t = A_t ∘ S_{t-1} + B_t, o_t = read(q_t, S_t) over a float32 state [K, V] per
+head. A family provides exactly one function::
+
+    chunk_terms(x: Mapping[str, Array]) -> ChunkTerms
+
+``x`` maps input names to one chunk of C tokens, each [..., C, feature] (leading axes B, H, N are batch axes;
+q is already scaled, everything is float32). It returns the chunk as an affine map of its incoming state S_in:
+
+    o     = o_local + q_read @ S_in                      o_local [..., C, V], q_read [..., C, K]
+    S_out = transition.apply(S_in) + s_local             s_local [..., K, V]
+    transition = exp(log_decay) ⊙ · - leftᵀ (right @ ·)  log_decay [..., K] or [..., 1]; left, right [..., R, K]
+
+It must be valid for any C >= 1 (C = 1 is a single token) and treat all-zero inputs as the identity (no write,
+no decay), because the engine zero-pads T up to a multiple of the chunk size. Gates arrive in natural-log space;
+take within-chunk cumulative sums in float32 and exponentiate only non-positive differences (mask, then exp).
+
+What a family gets, with no code of its own (``seqlab.core.recurrence``):
+- ``recurrent``: a scan over tokens with chunks of one token — constant memory, the decode path;
+- ``chunked``: all chunks' terms at once (masked matmuls), a scan over chunk states, then the read-out — the
+  default training path;
+- ``parallel``: the whole sequence as one chunk (the quadratic, materialised form);
+- ``segment_summary`` / ``combine_summaries``: what a segment does to the state, (transition, state), with an
+  associative combine (P_b P_a, P_b S_a + S_b) — the object sequence parallelism and kernels plug into.
+
+Softmax attention (``seqlab.core.online_softmax``)
+--------------------------------------------------
+The same loop over key/value blocks with an online-softmax ``Partial`` (running max, normaliser, output) as its
+carry and ``merge`` as its associative combine. A static ``BlockSchedule`` lists only the (query block, key block)
+pairs that a mask (causal, sliding window, non-causal) leaves non-empty, so masked blocks cost nothing.
+"""
+
+from seqlab.core.online_softmax import Partial, merge
+from seqlab.core.recurrence import ChunkTerms, Summary, Transition, combine_summaries, segment_summary
+
+__all__ = ["ChunkTerms", "Partial", "Summary", "Transition", "combine_summaries", "merge", "segment_summary"]

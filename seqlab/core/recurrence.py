@@ -1,0 +1,206 @@
+"""The chunked recurrence engine shared by every linear-state family.
+
+A family is one function, ``chunk_terms``, that describes a chunk of C tokens as an affine map of its incoming
+state ``S_in`` ([K, V] per head, float32):
+
+    o     = o_local + q_read @ S_in            outputs of the chunk           [C, V]
+    S_out = P(S_in) + s_local                   state leaving the chunk        [K, V]
+    P(S)  = exp(log_decay) * S - leftᵀ (right @ S)   (diagonal plus low rank)
+
+From that single description this module builds every form (see ``seqlab.core`` for the contract):
+``recurrent`` (C = 1, scanned token by token), ``chunked`` (all chunks' terms in parallel, then a scan over chunk
+states), ``parallel`` (one chunk of length T) and ``segment_summary`` (a whole segment's (transition, state), which
+combines associatively — the object sequence parallelism exchanges).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class Transition(NamedTuple):
+    """State transition P = diag(exp(log_decay)) - leftᵀ right of a chunk.
+
+    log_decay: [..., K] or [..., 1] (a scalar decay broadcast over K), float32, <= 0.
+    left, right: [..., R, K] or None; the low-rank part (R = chunk length for delta-rule families).
+    """
+
+    log_decay: Array
+    left: Array | None = None
+    right: Array | None = None
+
+    def apply(self, state: Array) -> Array:
+        """P(S) for S: [..., K, V]."""
+        out = jnp.exp(self.log_decay)[..., :, None] * state
+        if self.left is not None:
+            out = out - jnp.einsum("...rk,...rv->...kv", self.left, jnp.einsum("...rk,...kv->...rv", self.right, state))
+        return out
+
+    def dense(self, key_dim: int) -> Array:
+        """P as a matrix [..., K, K] (P(S) = P @ S)."""
+        eye = jnp.eye(key_dim, dtype=jnp.float32)
+        out = jnp.exp(self.log_decay)[..., :, None] * eye
+        if self.left is not None:
+            out = out - jnp.einsum("...rk,...rj->...kj", self.left, self.right)
+        return out
+
+
+class ChunkTerms(NamedTuple):
+    """A chunk as an affine map of its incoming state (shapes per chunk; leading batch axes allowed).
+
+    o_local: [..., C, V]  outputs when the incoming state is zero.
+    q_read: [..., C, K]   o = o_local + q_read @ S_in.
+    transition: Transition  S_out = transition.apply(S_in) + s_local.
+    s_local: [..., K, V]  outgoing state when the incoming state is zero.
+    """
+
+    o_local: Array
+    q_read: Array
+    transition: Transition
+    s_local: Array
+
+
+ChunkTermsFn = Callable[[Mapping[str, Array]], ChunkTerms]
+
+
+class Summary(NamedTuple):
+    """What a segment of tokens does to the state: S_out = matrix @ S_in + state.
+
+    matrix: [..., K, K] or None with log_decay given (diagonal transitions stay in log space).
+    log_decay: [..., K] or [..., 1]; ignored when matrix is given.
+    state: [..., K, V] float32.
+    """
+
+    log_decay: Array | None
+    matrix: Array | None
+    state: Array
+
+    def apply(self, state_in: Array) -> Array:
+        if self.matrix is not None:
+            return self.matrix @ state_in + self.state
+        return jnp.exp(self.log_decay)[..., :, None] * state_in + self.state
+
+
+def combine_summaries(first: Summary, second: Summary) -> Summary:
+    """Associative combine: the summary of ``first`` followed by ``second``."""
+    state = second.apply(first.state)
+    if first.matrix is None and second.matrix is None:
+        return Summary(first.log_decay + second.log_decay, None, state)
+    key_dim = first.state.shape[-2]
+    return Summary(None, _summary_matrix(second, key_dim) @ _summary_matrix(first, key_dim), state)
+
+
+def _summary_matrix(summary: Summary, key_dim: int) -> Array:
+    if summary.matrix is not None:
+        return summary.matrix
+    return jnp.exp(summary.log_decay)[..., :, None] * jnp.eye(key_dim, dtype=jnp.float32)
+
+
+def _to_chunks(x: Array, num_chunks: int, chunk: int) -> Array:
+    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding T up to N * C.
+
+    Zero padding is the identity for every family (no decay, no write, beta = 0), so padded tokens change nothing.
+    """
+    pad = num_chunks * chunk - x.shape[1]
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], num_chunks, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def _from_chunks(o: Array, length: int) -> Array:
+    """[B, H, N, C, V] -> [B, T, H, V]."""
+    b, h, n, c, v = o.shape
+    return jnp.moveaxis(o, 1, 3).reshape(b, n * c, h, v)[:, :length]
+
+
+def propagate_states(terms: ChunkTerms, initial_state: Array) -> tuple[Array, Array]:
+    """Scan the chunk transitions: incoming state of every chunk [B, H, N, K, V] and the final state [B, H, K, V]."""
+
+    def step(state, chunk):
+        transition, s_local = chunk
+        return transition.apply(state) + s_local, state
+
+    xs = jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), (terms.transition, terms.s_local))
+    final, incoming = jax.lax.scan(step, initial_state, xs)
+    return jnp.moveaxis(incoming, 0, 2), final
+
+
+def read_out(terms: ChunkTerms, incoming: Array) -> Array:
+    """o = o_local + q_read @ S_in for every chunk: [B, H, N, C, V]."""
+    return terms.o_local + jnp.einsum("bhnck,bhnkv->bhncv", terms.q_read, incoming)
+
+
+def chunked(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int):
+    """Chunked form: every chunk's terms at once (masked matmuls), then a scan over chunk states.
+
+    inputs: per-token arrays [B, T, H, ...]; initial_state [B, H, K, V] float32.
+    Returns o [B, T, H, V] float32 and the final state [B, H, K, V].
+    """
+    length = next(iter(inputs.values())).shape[1]
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    terms = chunk_terms({name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()})
+    incoming, final = propagate_states(terms, initial_state)
+    return _from_chunks(read_out(terms, incoming), length), final
+
+
+def parallel(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array):
+    """Parallel form: the whole sequence as one chunk (quadratic, materialised)."""
+    length = next(iter(inputs.values())).shape[1]
+    return chunked(chunk_terms, inputs, initial_state, chunk_size=length)
+
+
+def recurrent(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array):
+    """Recurrent form: token by token (chunks of one token), constant memory in T. The decode path."""
+
+    def step(state, token):
+        terms = chunk_terms({name: x[:, :, None] for name, x in token.items()})
+        o = terms.o_local[:, :, 0] + jnp.einsum("bhk,bhkv->bhv", terms.q_read[:, :, 0], state)
+        return terms.transition.apply(state) + terms.s_local, o
+
+    xs = {name: jnp.moveaxis(x, 1, 0) for name, x in inputs.items()}
+    final, o = jax.lax.scan(step, initial_state, xs)
+    return jnp.moveaxis(o, 0, 1), final
+
+
+def segment_summary(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int, state_shape) -> Summary:
+    """The summary (transition, state from a zero start) of a whole segment [B, T, H, ...].
+
+    Its size does not depend on T; summaries of consecutive segments combine with ``combine_summaries``.
+    """
+    length = next(iter(inputs.values())).shape[1]
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    terms = chunk_terms({name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()})
+    _, state = propagate_states(terms, jnp.zeros(state_shape, jnp.float32))
+    transition = terms.transition
+    if transition.left is None:
+        return Summary(jnp.sum(transition.log_decay, axis=2), None, state)
+    key_dim = state_shape[-2]
+
+    def compose(matrix, chunk_transition):
+        return chunk_transition.dense(key_dim) @ matrix, None
+
+    eye = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (*state_shape[:-2], key_dim, key_dim))
+    matrix, _ = jax.lax.scan(compose, eye, jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), transition))
+    return Summary(None, matrix, state)
+
+
+FORMS = ("chunked", "recurrent", "parallel")
+
+
+def run(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, impl: str, chunk_size: int):
+    """Dispatch to a form by name; see ``FORMS``."""
+    if impl == "chunked":
+        return chunked(chunk_terms, inputs, initial_state, chunk_size)
+    if impl == "recurrent":
+        return recurrent(chunk_terms, inputs, initial_state)
+    if impl == "parallel":
+        return parallel(chunk_terms, inputs, initial_state)
+    raise ValueError(f"impl must be one of {FORMS}, got {impl!r}")

@@ -1,0 +1,340 @@
+"""Shared building blocks of the token mixers: the `Mixer` decode API, argument checks, and the layers several
+families use (per-head RMSNorm with an optional swish gate, depthwise causal short convolution, rotary embedding).
+
+Every mixer maps x [B, T, D] -> y [B, T, D] and decodes one token at a time:
+
+    cache = mixer.init_cache(batch, max_len)
+    y_t, cache = mixer.step(x_t, cache)          # x_t, y_t: [B, D]
+
+A mixer implements a single `_forward(x, cache)`. With `cache=None` it is the full-sequence (training) path and
+runs the op with the mixer's `impl`; with a cache it consumes a T=1 input, runs the op with impl="recurrent"
+starting from the cached state and returns the updated cache. Both paths share every projection, gate and norm,
+so the decode path cannot drift from the training path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+IMPLS = ("chunked", "recurrent", "parallel")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument checks. Each raises ValueError with the argument's name first in the message.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_optional_positive_int(name: str, value: Any) -> None:
+    if value is not None:
+        check_positive_int(name, value)
+
+
+def check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> None:
+    if value % divisor:
+        raise ValueError(f"{name} ({value}) must be divisible by {divisor_name} ({divisor})")
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_even(name: str, value: int) -> None:
+    if value % 2:
+        raise ValueError(f"{name} must be even for the rotary embedding, got {value}")
+
+
+def check_input(x: Any, d_model: int, *, rank: int, name: str) -> None:
+    """x must be an array of `rank` dims whose last dim is d_model."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise ValueError(f"{name} must be an array, got {type(x).__name__}")
+    layout = "[B, T, d_model]" if rank == 3 else "[B, d_model]"
+    if len(shape) != rank:
+        raise ValueError(f"{name} must have shape {layout} (rank {rank}), got shape {tuple(shape)}")
+    if shape[-1] != d_model:
+        raise ValueError(f"{name} last dim must equal d_model={d_model}, got shape {tuple(shape)}")
+
+
+def resolve_dim(name: str, value: int | None, total: int, total_name: str, parts: int, parts_name: str) -> int:
+    """A per-head size: `value` if given, else total // parts (which must divide)."""
+    if value is not None:
+        check_positive_int(name, value)
+        return value
+    check_divisible(total_name, total, parts, parts_name)
+    return total // parts
+
+
+def expand_dim(name: str, d_model: int, ratio: float, num_heads: int) -> int:
+    """Per-head size d_model * ratio / num_heads (fla's expand_k / expand_v), checked to be an integer."""
+    check_positive(name, ratio)
+    total = d_model * ratio
+    if total != int(total) or int(total) % num_heads:
+        raise ValueError(f"{name}: d_model * {name} = {total} must be an integer divisible by num_heads ({num_heads})")
+    return int(total) // num_heads
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Caches
+# --------------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class RecurrentCache:
+    """Decode cache of the linear-recurrent families.
+
+    state: [B, H, K, V] float32, the op's state (V+1 columns for normalised linear attention).
+    pos:   [] int32, number of tokens consumed so far (the position of the next token).
+    conv:  [B, kernel_size - 1, C], the last inputs of the short convolution, or None if the mixer has none.
+    """
+
+    state: jax.Array
+    pos: jax.Array
+    conv: jax.Array | None = None
+
+
+def positions(cache: Any, length: int) -> jax.Array:
+    """Absolute positions [T] of the tokens of this call (continuing from cache.pos when decoding)."""
+    start = 0 if cache is None else cache.pos
+    return start + jnp.arange(length, dtype=jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mixer base
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Mixer(nnx.Module):
+    """Base class of all token mixers.
+
+    Subclasses call `super().__init__`, build their layers, and implement `init_cache` and `_forward`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        impl: str = "chunked",
+        chunk_size: int = 64,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_heads", num_heads)
+        check_choice("impl", impl, self.supported_impls)
+        check_positive_int("chunk_size", chunk_size)
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    supported_impls: tuple[str, ...] = IMPLS
+
+    # public API -----------------------------------------------------------------------------------------------
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, d_model] -> y [B, T, d_model] (causal)."""
+        check_input(x, self.d_model, rank=3, name="x")
+        y, _ = self._forward(x, None)
+        return y
+
+    def step(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """One decode step: x_t [B, d_model] -> (y_t [B, d_model], updated cache)."""
+        check_input(x_t, self.d_model, rank=2, name="x_t")
+        y, cache = self._forward(x_t[:, None, :], cache)
+        return y[:, 0], cache
+
+    def init_cache(self, batch: int, max_len: int) -> Any:
+        """An empty decode cache for `batch` sequences of at most `max_len` tokens."""
+        raise NotImplementedError
+
+    # for subclasses -------------------------------------------------------------------------------------------
+
+    def _forward(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        raise NotImplementedError
+
+    def _check_cache_args(self, batch: int, max_len: int) -> None:
+        check_positive_int("batch", batch)
+        check_positive_int("max_len", max_len)
+
+    def _linear(self, in_features: int, out_features: int, rngs: nnx.Rngs, *, use_bias: bool = False, **kw):
+        return nnx.Linear(
+            in_features, out_features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs, **kw
+        )
+
+    def _op_kwargs(self, state: jax.Array | None) -> dict:
+        """Keyword arguments of a linear-family op: the training path, or one recurrent step from `state`."""
+        if state is None:
+            return dict(impl=self.impl, chunk_size=self.chunk_size)
+        return dict(impl="recurrent", chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
+
+    def _heads(self, x: jax.Array, head_dim: int) -> jax.Array:
+        """[B, T, H*d] -> [B, T, H, d]."""
+        return x.reshape(*x.shape[:-1], -1, head_dim)
+
+    def _merge_heads(self, x: jax.Array) -> jax.Array:
+        """[B, T, H, d] -> [B, T, H*d]."""
+        return x.reshape(*x.shape[:-2], -1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared layers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(sum(x^2) + eps) over the last axis, computed in float32 (fla's l2norm)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, optionally gated by swish(gate).
+
+    Applied to [..., H, d] with dim=d it is a per-head norm whose weight is shared by the heads (fla's layers).
+    With a gate:
+      norm_before_gate=True  (fla FusedRMSNormGated):  y = rmsnorm(x) * w * silu(gate)
+      norm_before_gate=False (Mamba2 RMSNormGated):    y = rmsnorm(x * silu(gate)) * w
+    Computed in float32 and cast back to x.dtype.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        affine: bool = True,
+        norm_before_gate: bool = True,
+        param_dtype: Any = jnp.float32,
+    ):
+        check_positive_int("dim", dim)
+        self.dim = dim
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype)) if affine else None
+
+    def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        y = x.astype(jnp.float32)
+        if gate is not None and not self.norm_before_gate:
+            y = y * jax.nn.silu(gate.astype(jnp.float32))
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight[...].astype(jnp.float32)
+        if gate is not None and self.norm_before_gate:
+            y = y * jax.nn.silu(gate.astype(jnp.float32))
+        return y.astype(x.dtype)
+
+
+class ShortConv(nnx.Module):
+    """Depthwise causal 1-D convolution over time (kernel 4 by default), optionally followed by SiLU.
+
+    y_t[c] = sum_{i<K} w[i, c] * x_{t-K+1+i}[c] (+ b[c]), with zeros before the first token.
+    The decode cache holds the last K-1 inputs, [B, K-1, C]. Init as PyTorch's Conv1d: U(+-1/sqrt(K)).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        kernel_size: int = 4,
+        use_bias: bool = False,
+        activation: str | None = "silu",
+        rngs: nnx.Rngs,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+    ):
+        check_positive_int("channels", channels)
+        check_positive_int("conv_size", kernel_size)
+        check_choice("activation", activation, {None, "silu"})
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.dtype = dtype
+        bound = 1.0 / math.sqrt(kernel_size)
+        init = jax.nn.initializers.uniform(2 * bound)
+        self.weight = nnx.Param(init(rngs.params(), (kernel_size, channels), param_dtype) - bound)
+        self.bias = nnx.Param(init(rngs.params(), (channels,), param_dtype) - bound) if use_bias else None
+
+    def init_state(self, batch: int) -> jax.Array:
+        return jnp.zeros((batch, self.kernel_size - 1, self.channels), self.dtype or jnp.float32)
+
+    def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, C], state [B, K-1, C] or None (start of sequence) -> (y [B, T, C], new state [B, K-1, C])."""
+        B, T, C = x.shape
+        K = self.kernel_size
+        if state is None:
+            state = jnp.zeros((B, K - 1, C), x.dtype)
+        xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, T+K-1, C]
+        w = self.weight[...].astype(x.dtype)
+        y = sum(xp[:, i : i + T] * w[i] for i in range(K))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        if self.activation == "silu":
+            y = jax.nn.silu(y)
+        return y, xp[:, T:].astype(state.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoPE:
+    """Rotary position embedding on the first `dim` features of [B, T, H, D] (RoFormer).
+
+    interleaved=False rotates halves (x[:d/2], x[d/2:]) (GPT-NeoX / Llama); interleaved=True rotates adjacent pairs
+    (x[0::2], x[1::2]) (GPT-J / RetNet). freqs="standard": theta_i = base^(-2i/d); freqs="retnet": theta_i =
+    base^(-linspace(0, 1, d/2)) as in torchscale's RetNetRelPos. Stateless (no parameters).
+    """
+
+    dim: int
+    base: float = 10000.0
+    interleaved: bool = False
+    freqs: str = "standard"
+
+    def __post_init__(self):
+        check_positive_int("rotary_dim", self.dim)
+        check_even("rotary_dim", self.dim)
+        check_choice("freqs", self.freqs, {"standard", "retnet"})
+
+    def inv_freq(self) -> jax.Array:
+        half = self.dim // 2
+        if self.freqs == "retnet":
+            exponent = jnp.linspace(0.0, 1.0, half, dtype=jnp.float32)
+        else:
+            exponent = jnp.arange(half, dtype=jnp.float32) * 2.0 / self.dim
+        return self.base ** (-exponent)
+
+    def __call__(self, x: jax.Array, pos: jax.Array) -> jax.Array:
+        """x [B, T, H, D] with D >= dim; pos [T] or [B, T] integer positions."""
+        angle = pos.astype(jnp.float32)[..., None] * self.inv_freq()  # [(B,) T, d/2]
+        angle = angle[None, :, None, :] if pos.ndim == 1 else angle[:, :, None, :]
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        rot, rest = x[..., : self.dim].astype(jnp.float32), x[..., self.dim :]
+        if self.interleaved:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(rot.shape)
+        else:
+            x1, x2 = jnp.split(rot, 2, axis=-1)
+            out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+def default_rngs(rngs: nnx.Rngs | None) -> nnx.Rngs:
+    return nnx.Rngs(0) if rngs is None else rngs
+

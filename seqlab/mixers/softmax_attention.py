@@ -1,0 +1,132 @@
+"""o_t = sum_{s <= t, t - s < window} softmax_s(q_t . k_s / sqrt(d)) v_s  (causal softmax attention).
+
+Papers: "Attention Is All You Need" (Vaswani et al., 2017); rotary positions from "RoFormer: Enhanced Transformer
+with Rotary Position Embedding" (Su et al., 2021); grouped-query attention from "GQA: Training Generalized
+Multi-Query Transformer Models from Multi-Head Checkpoints" (Ainslie et al., 2023); sliding windows as in
+"Longformer: The Long-Document Transformer" (Beltagy et al., 2020) and Based's local layers.
+
+Layer: q = RoPE(x W_q), k = RoPE(x W_k) with num_kv_heads (GQA) heads, v = x W_v, op `softmax_attn`, then W_o.
+A window w means query t sees keys t-w < s <= t (w keys, itself included; Based's "previous 128 + itself" is
+window=129).
+
+Decode cache (`KVCache`): keys/values [B, L, H_kv, d] with absolute `key_positions` [L] (-1 = empty) and the
+position counter. A token at position p is written to slot p % L. Full attention uses L = max_len (decoding past
+max_len would overwrite the oldest slots, i.e. silently turn into a window of max_len; keep p < max_len). Sliding
+window attention uses a ring buffer of L = min(window, max_len) slots, so its cache never grows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from seqlab import ops
+from seqlab.mixers.base import (
+    Mixer,
+    RoPE,
+    check_divisible,
+    check_even,
+    check_optional_positive_int,
+    check_positive_int,
+    default_rngs,
+    positions,
+    resolve_dim,
+)
+
+
+@struct.dataclass
+class KVCache:
+    """k, v: [B, L, H_kv, d]; key_positions: [L] int32 absolute positions (-1 = empty slot); pos: [] int32."""
+
+    k: jax.Array
+    v: jax.Array
+    key_positions: jax.Array
+    pos: jax.Array
+
+
+class SoftmaxAttention(Mixer):
+    """Causal multi-head softmax attention with RoPE, GQA and an optional sliding window."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        window: int | None = None,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        rope_interleaved: bool = False,
+        use_bias: bool = False,
+        impl: str = "chunked",
+        chunk_size: int = 64,
+        rngs: nnx.Rngs | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__(d_model, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
+        rngs = default_rngs(rngs)
+        self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_positive_int("num_kv_heads", self.num_kv_heads)
+        check_divisible("num_heads", num_heads, self.num_kv_heads, "num_kv_heads")
+        check_optional_positive_int("window", window)
+        self.window = window
+        if rope:
+            check_even("head_dim", self.head_dim)
+        self.rope = RoPE(self.head_dim, base=rope_base, interleaved=rope_interleaved) if rope else None
+        d, hq, hkv = self.head_dim, num_heads, self.num_kv_heads
+        self.q_proj = self._linear(d_model, hq * d, rngs, use_bias=use_bias)
+        self.k_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
+        self.v_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
+        self.o_proj = self._linear(hq * d, d_model, rngs, use_bias=use_bias)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        self._check_cache_args(batch, max_len)
+        length = max_len if self.window is None else min(self.window, max_len)
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        dtype = self.dtype or jnp.float32
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            key_positions=jnp.full((length,), -1, jnp.int32),
+            pos=jnp.zeros((), jnp.int32),
+        )
+
+    def _forward(self, x: jax.Array, cache: KVCache | None):
+        T = x.shape[1]
+        q = self._heads(self.q_proj(x), self.head_dim)
+        k = self._heads(self.k_proj(x), self.head_dim)
+        v = self._heads(self.v_proj(x), self.head_dim)
+        if self.rope is not None:
+            pos = positions(cache, T)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if cache is None:
+            o = ops.softmax_attn(q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.chunk_size)
+        else:
+            if T != 1:
+                raise ValueError(f"x: decoding consumes one token at a time, got T={T}")
+            slot = cache.pos % cache.k.shape[1]
+            cache = KVCache(
+                k=cache.k.at[:, slot].set(k[:, 0].astype(cache.k.dtype)),
+                v=cache.v.at[:, slot].set(v[:, 0].astype(cache.v.dtype)),
+                key_positions=cache.key_positions.at[slot].set(cache.pos),
+                pos=cache.pos + 1,
+            )
+            o = ops.softmax_decode_step(
+                q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, window=self.window
+            )[:, None]
+        return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+
+
+class SlidingWindowAttention(SoftmaxAttention):
+    """Softmax attention restricted to the last `window` keys (default 64, as LoLCATs-sw and Liger); ring-buffer cache."""
+
+    def __init__(self, d_model: int, num_heads: int, *, window: int = 64, **kwargs):
+        if window is None:
+            raise ValueError("window must be a positive integer for sliding-window attention, got None")
+        super().__init__(d_model, num_heads, window=window, **kwargs)

@@ -1,0 +1,97 @@
+"""DeltaNet and Gated DeltaNet — "Parallelizing Linear Transformers with the Delta Rule over Sequence Length" and
+"Gated Delta Networks: Improving Mamba2 with Delta Rule".
+
+    S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,   o_t = S_tᵀ (scale · q_t)   (g = 0: DeltaNet)
+
+Chunk form (WY/UT), γ = within-chunk cumsum of g, Γ_ij = exp(γ_i - γ_j) (j <= i), M causal:
+    A = StrictTril(diag(β)(Γ ⊙ K Kᵀ));  W = (I + A)⁻¹ diag(β)(K ⊙ e^γ);  U = (I + A)⁻¹ diag(β) V
+    o = (Q Kᵀ ⊙ Γ ⊙ M) U + [Q ⊙ e^γ - (Q Kᵀ ⊙ Γ ⊙ M) W] S_in
+    S_out = e^{γ_C} S_in - (K ⊙ e^{γ_C - γ})ᵀ W S_in + (K ⊙ e^{γ_C - γ})ᵀ U
+so the transition is diagonal plus rank C: left = K ⊙ e^{γ_C - γ}, right = W.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from seqlab.core import chunk_math
+from seqlab.core.recurrence import ChunkTerms, Transition
+from seqlab.ops import _common
+
+Array = jax.Array
+
+
+def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
+    """Chunk terms for q, k [..., C, K], v [..., C, V], beta [..., C] and an optional log decay g [..., C]."""
+    q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
+    length = q.shape[-2]
+    if "g" in x:
+        gamma = chunk_math.chunk_cumsum(x["g"])
+        decay = chunk_math.decay_matrix(gamma)
+    else:
+        gamma = jnp.zeros(q.shape[:-1], jnp.float32)
+        decay = chunk_math.causal_mask(length).astype(jnp.float32)
+    gamma_last = gamma[..., -1:]
+    kk = jnp.einsum("...ik,...jk->...ij", k, k) * decay
+    lower = jnp.where(chunk_math.causal_mask(length, strict=True), beta[..., :, None] * kk, 0.0)
+    system = lower + jnp.eye(length, dtype=jnp.float32)
+    rhs = beta[..., None] * jnp.concatenate([k * jnp.exp(gamma)[..., None], v], axis=-1)
+    wu = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+    w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1] :]
+    attn = jnp.einsum("...ik,...jk->...ij", q, k) * decay
+    q_read = q * jnp.exp(gamma)[..., None] - attn @ w
+    k_write = k * jnp.exp(gamma_last - gamma)[..., None]
+    return ChunkTerms(attn @ u, q_read, Transition(gamma_last, k_write, w), jnp.einsum("...ck,...cv->...kv", k_write, u))
+
+
+def delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    impl: str = "chunked",
+    chunk_size: int = 64,
+) -> tuple[Array, Array | None]:
+    """Delta-rule linear attention (DeltaNet). k is used as given (the mixers L2-normalise it).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V].
+    Returns o [B, T, H, V] (dtype of v) and the final state [B, H, K, V] float32 if ``output_final_state``.
+    """
+    _common.check_qkv(q, k, v)
+    _common.check_gate("beta", beta, q.shape[:3])
+    o, state = _common.run_linear_op(
+        delta_chunk_terms, q, k, v, {"beta": beta}, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+    )
+    return o.astype(v.dtype), state
+
+
+def gated_delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    g: Array,
+    beta: Array,
+    *,
+    scale: float | None = None,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    impl: str = "chunked",
+    chunk_size: int = 64,
+) -> tuple[Array, Array | None]:
+    """Gated delta rule (Gated DeltaNet); as ``delta_rule`` plus g: [B, T, H] log decay (<= 0)."""
+    _common.check_qkv(q, k, v)
+    _common.check_gate("g", g, q.shape[:3])
+    _common.check_gate("beta", beta, q.shape[:3])
+    o, state = _common.run_linear_op(
+        delta_chunk_terms, q, k, v, {"g": g, "beta": beta}, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+    )
+    return o.astype(v.dtype), state

@@ -1,0 +1,47 @@
+"""Linear attention — "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention".
+
+    S_t = S_{t-1} + k_t v_tᵀ,   o_t = S_tᵀ (scale · q_t)
+    normalize=True:  z_t = z_{t-1} + k_t,   o_t = S_tᵀ q̃_t / (q̃_t · z_t + eps),   q̃_t = scale · q_t
+
+The normaliser rides in the state as one extra value column (v extended with a column of ones), so the engine
+carries S and z together: the state is [B, H, K, V + 1] with z in the last column.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqlab.ops import _common
+from seqlab.ops.simple_gla import scalar_decay_chunk_terms
+
+Array = jax.Array
+
+
+def linear_attn(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float | None = None,
+    normalize: bool = False,
+    eps: float = 1e-6,
+    initial_state: Array | None = None,
+    output_final_state: bool = False,
+    impl: str = "chunked",
+    chunk_size: int = 64,
+) -> tuple[Array, Array | None]:
+    """Additive linear attention; q, k: [B, T, H, K]; v: [B, T, H, V].
+
+    Returns o [B, T, H, V] and, if ``output_final_state``, the state [B, H, K, V] ([B, H, K, V + 1] with the key
+    sum in the last column when ``normalize``).
+    """
+    _common.check_qkv(q, k, v)
+    values = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1) if normalize else v
+    o, state = _common.run_linear_op(
+        scalar_decay_chunk_terms, q, k, values, {}, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+    )
+    if normalize:
+        o = o[..., :-1] / (o[..., -1:] + eps)
+    return o.astype(v.dtype), state

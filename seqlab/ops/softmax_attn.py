@@ -1,0 +1,115 @@
+"""Softmax attention — "Attention Is All You Need" — causal, sliding-window ("Longformer"-style local attention)
+and non-causal, with grouped-query heads ("GQA: Training Generalized Multi-Query Transformer Models").
+
+    o_t = Σ_{s visible from t} exp(q_t·k_s · scale) v_s / Σ_{s visible} exp(q_t·k_s · scale)
+
+causal: s <= t; window w: t - w < s (a query sees itself and the w - 1 keys before it); non-causal: every s
+(|t - s| < w with a window). The chunked form is ``seqlab.core.online_softmax.blockwise_attention``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from seqlab.core import online_softmax
+
+Array = jax.Array
+
+SOFTMAX_FORMS = ("chunked", "parallel", "recurrent")
+DEFAULT_BLOCK_SIZE = 128
+
+
+def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: bool, block_size: int | None) -> None:
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, time, heads, head_dim], got shape {q.shape}")
+    if k.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must be [batch, time, kv_heads, head_dim] matching q {q.shape} in batch, time and head_dim, got {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [batch, time, kv_heads, value_dim] matching k {k.shape[:3]}, got {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"the kv heads of k ({k.shape[2]}) must divide the query heads of q ({q.shape[2]})")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int, got {window!r}")
+    if impl not in SOFTMAX_FORMS:
+        raise ValueError(f"impl must be one of {SOFTMAX_FORMS}, got {impl!r}")
+    if impl == "recurrent" and not causal:
+        raise ValueError("impl='recurrent' needs causal=True (a non-causal query sees future keys)")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
+
+
+def _group_heads(q: Array, kv_heads: int, scale: float) -> Array:
+    """[B, T, H, D] -> [B, Hkv, G, T, D] in float32, scaled."""
+    b, t, h, d = q.shape
+    q = q.astype(jnp.float32).reshape(b, t, kv_heads, h // kv_heads, d) * scale
+    return q.transpose(0, 2, 3, 1, 4)
+
+
+def softmax_attn(
+    q: Array,
+    k: Array,
+    v: Array,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    impl: str = "chunked",
+    block_size: int | None = None,
+) -> Array:
+    """q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, V] with Hkv dividing H. Returns o [B, T, H, V]."""
+    _check(q, k, v, window, impl, causal, block_size)
+    b, t, h, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    qg = _group_heads(q, k.shape[2], scale)
+    kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
+    if impl == "chunked":
+        o = online_softmax.blockwise_attention(
+            qg, kt, vt, causal=causal, window=window, block_size=block_size or DEFAULT_BLOCK_SIZE
+        )
+    elif impl == "parallel":
+        o = online_softmax.dense_attention(qg, kt, vt, causal=causal, window=window)
+    else:
+        positions = jnp.arange(t)
+
+        def step(_, xs):
+            q_t, pos = xs
+            return None, online_softmax.cache_attention(q_t, kt, vt, positions, pos, window=window)
+
+        _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions))
+        o = jnp.moveaxis(o, 0, 3)
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]).astype(v.dtype)
+
+
+def softmax_decode_step(
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    key_positions: Array,
+    query_position: Array | int,
+    *,
+    scale: float | None = None,
+    window: int | None = None,
+) -> Array:
+    """One decode step against a KV cache (a full cache or a ring buffer; slot order does not matter).
+
+    q: [B, H, D]; k_cache: [B, L, Hkv, D]; v_cache: [B, L, Hkv, V]; key_positions: [L] int (-1 = empty slot);
+    a key is visible iff 0 <= pos <= query_position and (window is None or query_position - pos < window).
+    Returns [B, H, V].
+    """
+    if q.ndim != 3:
+        raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
+    if k_cache.ndim != 4 or k_cache.shape[0] != q.shape[0] or k_cache.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k_cache must be [batch, slots, kv_heads, head_dim] matching q {q.shape}, got {k_cache.shape}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"v_cache must match k_cache {k_cache.shape[:3]} in its first three axes, got {v_cache.shape}")
+    if key_positions.shape != (k_cache.shape[1],):
+        raise ValueError(f"key_positions must have shape ({k_cache.shape[1]},), got {key_positions.shape}")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"the kv heads of k_cache ({k_cache.shape[2]}) must divide the query heads of q ({q.shape[1]})")
+    b, h, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    qg = _group_heads(q[:, None], k_cache.shape[2], scale)[:, :, :, 0]
+    kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k_cache, v_cache))
+    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, window=window)
+    return o.reshape(b, h, v_cache.shape[-1]).astype(v_cache.dtype)
