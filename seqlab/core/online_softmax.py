@@ -56,7 +56,7 @@ def finalize(p: Partial) -> Array:
 def visibility(q_pos: Array, k_pos: Array, length: int, causal: bool, window: int | None) -> Array:
     """[..., Tq, Tk] bool: key position k_pos visible to query position q_pos (positions are absolute)."""
     diff = q_pos[..., :, None] - k_pos[..., None, :]
-    ok = (k_pos[..., None, :] >= 0) & (k_pos[..., None, :] < length)
+    ok = jnp.broadcast_to((k_pos[..., None, :] >= 0) & (k_pos[..., None, :] < length), diff.shape)
     if causal:
         ok &= diff >= 0
     if window is not None:
@@ -131,52 +131,49 @@ def blockwise_attention(
     q: [B, Hkv, G, T, D] (G query heads per key/value head, already scaled); k: [B, Hkv, T, D]; v: [B, Hkv, T, V].
     Returns o [B, Hkv, G, T, V] float32.
     """
-    length = q.shape[-2]
+    batch, kv_heads, group, length, _ = q.shape
     block = min(block_size, length)
     schedule = block_schedule(length, block, causal, window)
     n = -(-length // block)
     pad = n * block - length
-
-    def blocks(x: Array, time_axis: int) -> Array:
-        x = jnp.pad(x, [(0, 0)] * time_axis + [(0, pad), (0, 0)])
-        x = x.reshape(*x.shape[:time_axis], n, block, x.shape[-1])
-        return jnp.moveaxis(x, time_axis, 0)  # [n, ..., block, dim]
-
-    qb, kb, vb = blocks(q, 3), blocks(k, 2), blocks(v, 2)
+    qb = jnp.pad(q, [(0, 0)] * 3 + [(0, pad), (0, 0)]).reshape(batch, kv_heads, group, n, block, -1)
+    qb = jnp.moveaxis(qb, 3, 0).reshape(n, batch, kv_heads, group * block, -1)  # [n, B, Hkv, G*block, D]
+    kb, vb = (jnp.moveaxis(jnp.pad(x, [(0, 0)] * 2 + [(0, pad), (0, 0)]).reshape(batch, kv_heads, n, block, -1), 2, 0)
+              for x in (k, v))  # [n, B, Hkv, block, D or V]
     offsets = jnp.arange(block)
 
     @jax.checkpoint
     def row(_, xs):
-        queries, slot_segment, slot_key = xs
+        queries, slot_segment, slot_key = xs  # [S], [R], [R]
         slot_query = queries[jnp.maximum(slot_segment, 0)]  # [R]
-        qs = qb[slot_query]  # [R, B, Hkv, G, block, D]
-        scores = jnp.einsum("rbhgqd,rbhkd->rbhgqk", qs, kb[slot_key])
+        scores = jnp.einsum("rbhqd,rbhkd->rbhqk", qb[slot_query], kb[slot_key])  # [R, B, Hkv, G*block, block]
         q_pos = slot_query[:, None] * block + offsets
         k_pos = jnp.where(slot_segment[:, None] >= 0, slot_key[:, None] * block + offsets, -1)
-        visible = visibility(q_pos, k_pos, length, causal, window)[:, None, None, None]
-        part = partial_from_scores(scores, visible, vb[slot_key][:, :, :, None])  # leaves [R, B, Hkv, G, block(, V)]
-        owner = slot_segment[:, None] == jnp.arange(queries.shape[0])  # [R, G]
-        bcast = (slice(None), slice(None)) + (None,) * (part.m.ndim - 1)
-        m = jnp.max(jnp.where(owner[bcast], part.m[:, None], _MASKED), axis=0)  # [G, B, Hkv, G', block]
-        weight = jnp.where(owner[bcast], jnp.exp(part.m[:, None] - m[None]), 0.0)  # [R, G, ...]
+        visible = jnp.tile(visibility(q_pos, k_pos, length, causal, window), (1, group, 1))[:, None, None]
+        part = partial_from_scores(scores, visible, vb[slot_key])  # m, l [R, B, Hkv, G*block]; acc [.., V]
+        owner = (slot_segment[:, None] == jnp.arange(queries.shape[0]))[:, :, None, None, None]  # [R, S, 1, 1, 1]
+        m = jnp.max(jnp.where(owner, part.m[:, None], _MASKED), axis=0)  # [S, B, Hkv, G*block]
+        weight = jnp.exp(jnp.where(owner, part.m[:, None] - m[None], _MASKED))  # [R, S, ...]; exponents <= 0
         l = jnp.sum(weight * part.l[:, None], axis=0)
-        acc = jnp.sum(weight[..., None] * part.acc[:, None], axis=0)
+        acc = jnp.einsum("rsbhq,rbhqv->sbhqv", weight, part.acc)
         return None, finalize(Partial(m, l, acc))
 
     xs = tuple(jnp.asarray(a) for a in (schedule.queries, schedule.slot_segment, schedule.slot_key))
-    _, out = jax.lax.scan(row, None, xs)  # [rows, G, B, Hkv, G', block, V]
-    out = out.reshape(-1, *out.shape[2:])[jnp.asarray(schedule.inverse)]  # [n, B, Hkv, G', block, V]
-    out = jnp.moveaxis(out, 0, 3)  # [B, Hkv, G', n, block, V]
-    return out.reshape(*out.shape[:3], n * block, out.shape[-1])[..., :length, :]
+    _, out = jax.lax.scan(row, None, xs)  # [rows, S, B, Hkv, G*block, V]
+    out = out.reshape(-1, *out.shape[2:])[jnp.asarray(schedule.inverse)]  # [n, B, Hkv, G*block, V]
+    out = out.reshape(n, batch, kv_heads, group, block, -1)
+    out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, group, n * block, -1)
+    return out[..., :length, :]
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, causal: bool, window: int | None) -> Array:
     """Parallel form: the full masked score matrix. Shapes as ``blockwise_attention``."""
-    length = q.shape[-2]
+    batch, kv_heads, group, length, _ = q.shape
     pos = jnp.arange(length)
-    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q, k)
-    visible = visibility(pos, pos, length, causal, window)
-    return finalize(partial_from_scores(scores, visible, v[:, :, None]))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q.reshape(batch, kv_heads, group * length, -1), k)
+    visible = jnp.tile(visibility(pos, pos, length, causal, window), (group, 1))
+    o = finalize(partial_from_scores(scores, visible, v))
+    return o.reshape(batch, kv_heads, group, length, -1)
 
 
 def cache_attention(q: Array, k_cache: Array, v_cache: Array, key_positions: Array, query_position: Array,

@@ -81,12 +81,14 @@ def resolve_dim(name: str, value: int | None, total: int, total_name: str, parts
     return total // parts
 
 
-def expand_dim(name: str, d_model: int, ratio: float, num_heads: int) -> int:
-    """Per-head size d_model * ratio / num_heads (fla's expand_k / expand_v), checked to be an integer."""
+def expand_dim(name: str, base: int, ratio: float, num_heads: int, base_name: str = "d_model") -> int:
+    """Per-head size base * ratio / num_heads (fla's expand_k / expand_v), checked to be an integer."""
     check_positive(name, ratio)
-    total = d_model * ratio
+    total = base * ratio
     if total != int(total) or int(total) % num_heads:
-        raise ValueError(f"{name}: d_model * {name} = {total} must be an integer divisible by num_heads ({num_heads})")
+        raise ValueError(
+            f"{name}: {base_name} * {name} = {total} must be an integer divisible by num_heads ({num_heads})"
+        )
     return int(total) // num_heads
 
 
@@ -100,13 +102,19 @@ class RecurrentCache:
     """Decode cache of the linear-recurrent families.
 
     state: [B, H, K, V] float32, the op's state (V+1 columns for normalised linear attention).
-    pos:   [] int32, number of tokens consumed so far (the position of the next token).
+    pos:   [] int32, number of tokens consumed so far (the position of the next token); the sequences of a batch
+           decode in lockstep, so one counter serves all of them.
     conv:  [B, kernel_size - 1, C], the last inputs of the short convolution, or None if the mixer has none.
     """
 
     state: jax.Array
     pos: jax.Array
     conv: jax.Array | None = None
+
+    @classmethod
+    def empty(cls, state_shape: tuple[int, ...], conv: jax.Array | None = None) -> "RecurrentCache":
+        """Zero state, position 0, and the given (zero) conv cache."""
+        return cls(state=jnp.zeros(state_shape, jnp.float32), pos=jnp.zeros((), jnp.int32), conv=conv)
 
 
 def positions(cache: Any, length: int) -> jax.Array:
@@ -138,7 +146,7 @@ class Mixer(nnx.Module):
     ):
         check_positive_int("d_model", d_model)
         check_positive_int("num_heads", num_heads)
-        check_choice("impl", impl, self.supported_impls)
+        check_choice("impl", impl, IMPLS)
         check_positive_int("chunk_size", chunk_size)
         self.d_model = d_model
         self.num_heads = num_heads
@@ -146,8 +154,6 @@ class Mixer(nnx.Module):
         self.chunk_size = chunk_size
         self.dtype = dtype
         self.param_dtype = param_dtype
-
-    supported_impls: tuple[str, ...] = IMPLS
 
     # public API -----------------------------------------------------------------------------------------------
 
@@ -333,6 +339,25 @@ class RoPE:
             x1, x2 = jnp.split(rot, 2, axis=-1)
             out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
         return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+def init_mamba_decay(
+    rngs: nnx.Rngs, num_heads: int, *, a_range: tuple[float, float], dt_min=1e-3, dt_max=0.1, dt_floor=1e-4
+) -> tuple[nnx.Param, nnx.Param]:
+    """Mamba2's decay parameters (A_log, dt_bias), each [H] float32: A ~ U(a_range), A_log = log A;
+    dt ~ logU(dt_min, dt_max) floored at dt_floor, dt_bias = inverse-softplus(dt)."""
+    a = jax.random.uniform(rngs.params(), (num_heads,), jnp.float32, *a_range)
+    a_log = jnp.log(jnp.maximum(a, jnp.finfo(jnp.float32).tiny))
+    u = jax.random.uniform(rngs.params(), (num_heads,), jnp.float32)
+    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), dt_floor)
+    dt_bias = dt + jnp.log(-jnp.expm1(-dt))
+    return nnx.Param(a_log), nnx.Param(dt_bias)
+
+
+def mamba_decay(dt_raw: jax.Array, a_log: nnx.Param, dt_bias: nnx.Param) -> tuple[jax.Array, jax.Array]:
+    """Delta = softplus(dt_raw + dt_bias) and log alpha = -exp(A_log) * Delta, both [..., H] float32."""
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias[...])
+    return dt, -jnp.exp(a_log[...]) * dt
 
 
 def default_rngs(rngs: nnx.Rngs | None) -> nnx.Rngs:

@@ -110,16 +110,16 @@ class SoftmaxAttention(Mixer):
         else:
             if T != 1:
                 raise ValueError(f"x: decoding consumes one token at a time, got T={T}")
-            slot = cache.pos % cache.k.shape[1]
+            pos = cache.pos
+            slot = pos % cache.k.shape[1]
             cache = KVCache(
                 k=cache.k.at[:, slot].set(k[:, 0].astype(cache.k.dtype)),
                 v=cache.v.at[:, slot].set(v[:, 0].astype(cache.v.dtype)),
-                key_positions=cache.key_positions.at[slot].set(cache.pos),
-                pos=cache.pos + 1,
+                key_positions=cache.key_positions.at[slot].set(pos),
+                pos=pos + 1,
             )
-            o = ops.softmax_decode_step(
-                q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, window=self.window
-            )[:, None]
+            o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, pos, window=self.window)
+            o = o[:, None]
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
 
 

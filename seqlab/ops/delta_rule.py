@@ -24,6 +24,11 @@ from seqlab.ops import _common
 Array = jax.Array
 
 
+def _solve_unit_lower(system: Array, rhs: Array) -> Array:
+    """system⁻¹ rhs for a unit lower-triangular system [..., C, C] and rhs [..., C, D] (forward substitution)."""
+    return jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+
+
 def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     """Chunk terms for q, k [..., C, K], v [..., C, V], beta [..., C] and an optional log decay g [..., C]."""
     q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
@@ -38,9 +43,8 @@ def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     kk = jnp.einsum("...ik,...jk->...ij", k, k) * decay
     lower = jnp.where(chunk_math.causal_mask(length, strict=True), beta[..., :, None] * kk, 0.0)
     system = lower + jnp.eye(length, dtype=jnp.float32)
-    rhs = beta[..., None] * jnp.concatenate([k * jnp.exp(gamma)[..., None], v], axis=-1)
-    wu = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
-    w, u = wu[..., : k.shape[-1]], wu[..., k.shape[-1] :]
+    w = _solve_unit_lower(system, beta[..., None] * k * jnp.exp(gamma)[..., None])
+    u = _solve_unit_lower(system, beta[..., None] * v)
     attn = jnp.einsum("...ik,...jk->...ij", q, k) * decay
     q_read = q * jnp.exp(gamma)[..., None] - attn @ w
     k_write = k * jnp.exp(gamma_last - gamma)[..., None]

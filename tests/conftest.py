@@ -1,0 +1,43 @@
+"""Shared test configuration for the seqlab op tests."""
+
+import os
+import sys
+import zlib
+
+_flags = os.environ.get("XLA_FLAGS", "")
+# jaxlib 0.10.2 on CPU segfaults (slinky::fuse_contiguous_dims inside
+# xla::cpu::YnnFusionThunk, run from a WhileThunk) on e.g. the jitted gradient
+# of softmax_attn(impl="chunked").  Turning the YNNPACK library fusions off
+# avoids it and changes no numerics that the tests rely on.
+if "xla_cpu_experimental_ynn_fusion_type" not in _flags:
+    _flags += " --xla_cpu_experimental_ynn_fusion_type="
+# Compile-time budget: these tests compile a few hundred tiny XLA programs and
+# run each once, so LLVM optimisation is mostly wasted time (dropping it cuts
+# the suite's wall time on CPU by about half).  Set SEQLAB_TEST_XLA_OPT=1 to
+# keep XLA's default optimisation level.
+if (os.environ.get("SEQLAB_TEST_XLA_OPT", "0") != "1"
+        and "xla_backend_optimization_level" not in _flags):
+    _flags += (" --xla_backend_optimization_level=0"
+               " --xla_llvm_disable_expensive_passes=true")
+# Must be in the environment before the XLA backend starts.
+os.environ["XLA_FLAGS"] = _flags.strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# tests/reference.py is imported as a plain module (`import reference`),
+# whichever pytest import mode is in use.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Full float32 matmuls everywhere (on GPU/TPU the default would be TF32/bf16
+# passes, which would swamp the 1e-5 forward tolerance). On CPU this is a no-op.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator seeded from the test id, so every test is reproducible
+    and independent of test ordering."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)

@@ -1,0 +1,372 @@
+"""Independent reference implementations for the seqlab functional ops.
+
+Nothing here imports seqlab.  Every recurrence is written literally, one
+token at a time, straight from the defining equations (flash-linear-attention
+conventions):
+
+* layout ``[B, T, H, dim]``; q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``
+* gates are natural-log decays (``<= 0``); ``scale`` multiplies q and
+  defaults to ``K ** -0.5``
+* states are ``[B, H, K, V]``; each linear op returns ``(o, final_state)``
+
+Two families:
+
+* ``np_*``: numpy float64 loops. Inputs are promoted to float64, so for
+  float32 inputs these are exact ground truth (up to float64 round-off).
+* ``jnp_*``: differentiable float32 references: ``jax.lax.scan`` over time for
+  the recurrences, a dense masked softmax for attention.  Used for gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def _scale(scale, K):
+    return K ** -0.5 if scale is None else scale
+
+
+# ---------------------------------------------------------------------------
+# numpy float64 per-token loops: linear-attention family
+# ---------------------------------------------------------------------------
+
+
+def np_linear_attn(q, k, v, *, scale=None, normalize=False, eps=1e-6,
+                   initial_state=None):
+    """S_t = S_{t-1} + k_t v_t^T;  o_t = S_t^T (scale q_t).
+
+    normalize=True: o_t = S_t^T (scale q_t) / ((scale q_t) . z_t + eps) with
+    z_t = z_{t-1} + k_t, and the state is [B, H, K, V+1] = [S | z].
+    """
+    q, k, v, h0 = _f64(q), _f64(k), _f64(v), _f64(initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    S = np.zeros((B, H, K, V))
+    z = np.zeros((B, H, K))
+    if h0 is not None:
+        S = h0[..., :V].copy()
+        if normalize:
+            z = h0[..., V].copy()
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        q_t = scale * q[:, t]
+        S = S + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        num = np.einsum("bhkv,bhk->bhv", S, q_t)
+        if normalize:
+            z = z + k[:, t]
+            den = np.einsum("bhk,bhk->bh", q_t, z) + eps
+            o[:, t] = num / den[..., None]
+        else:
+            o[:, t] = num
+    final = np.concatenate([S, z[..., None]], axis=-1) if normalize else S
+    return o, final
+
+
+def np_simple_gla(q, k, v, g, *, scale=None, initial_state=None):
+    """S_t = exp(g_t) S_{t-1} + k_t v_t^T;  o_t = S_t^T (scale q_t).  g: [B,T,H]."""
+    q, k, v, g, h0 = _f64(q), _f64(k), _f64(v), _f64(g), _f64(initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        decay = np.exp(g[:, t])  # [B, H]
+        S = decay[:, :, None, None] * S + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = np.einsum("bhkv,bhk->bhv", S, scale * q[:, t])
+    return o, S
+
+
+def np_gla(q, k, v, gk, *, scale=None, initial_state=None):
+    """S_t = diag(exp(gk_t)) S_{t-1} + k_t v_t^T;  gk: [B,T,H,K]."""
+    q, k, v, gk, h0 = _f64(q), _f64(k), _f64(v), _f64(gk), _f64(initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        decay = np.exp(gk[:, t])  # [B, H, K]: row k of S decays by exp(gk[k])
+        S = decay[..., None] * S + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = np.einsum("bhkv,bhk->bhv", S, scale * q[:, t])
+    return o, S
+
+
+def np_delta_rule(q, k, v, beta, *, scale=None, initial_state=None):
+    """S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T;  beta: [B,T,H]."""
+    q, k, v, beta, h0 = _f64(q), _f64(k), _f64(v), _f64(beta), _f64(initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t]
+        v_old = np.einsum("bhkv,bhk->bhv", S, k_t)  # S_{t-1}^T k_t
+        S = S + b_t[:, :, None, None] * np.einsum("bhk,bhv->bhkv", k_t, v_t - v_old)
+        o[:, t] = np.einsum("bhkv,bhk->bhv", S, scale * q[:, t])
+    return o, S
+
+
+def np_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None):
+    """S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    g, beta, h0 = _f64(g), _f64(beta), _f64(initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    eye = np.eye(K)
+    for t in range(T):
+        k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t]
+        # the K x K transition matrix, formed explicitly
+        A = eye - b_t[:, :, None, None] * np.einsum("bhi,bhj->bhij", k_t, k_t)
+        S = (np.exp(g[:, t])[:, :, None, None] * np.einsum("bhij,bhjv->bhiv", A, S)
+             + b_t[:, :, None, None] * np.einsum("bhk,bhv->bhkv", k_t, v_t))
+        o[:, t] = np.einsum("bhkv,bhk->bhv", S, scale * q[:, t])
+    return o, S
+
+
+# ---------------------------------------------------------------------------
+# jnp float32 lax.scan references (differentiable): linear-attention family
+# ---------------------------------------------------------------------------
+
+
+def _tmajor(x):
+    """[B, T, ...] -> [T, B, ...]."""
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _bmajor(x):
+    return jnp.moveaxis(x, 0, 1)
+
+
+def _ein(spec, *xs):
+    return jnp.einsum(spec, *xs, precision=HIGHEST)
+
+
+def jnp_linear_attn(q, k, v, *, scale=None, normalize=False, eps=1e-6,
+                    initial_state=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    if initial_state is None:
+        S0 = jnp.zeros((B, H, K, V), jnp.float32)
+        z0 = jnp.zeros((B, H, K), jnp.float32)
+    else:
+        S0 = initial_state[..., :V]
+        z0 = initial_state[..., V] if normalize else jnp.zeros((B, H, K), jnp.float32)
+
+    def step(carry, xs):
+        S, z = carry
+        q_t, k_t, v_t = xs
+        q_t = scale * q_t
+        S = S + _ein("bhk,bhv->bhkv", k_t, v_t)
+        num = _ein("bhkv,bhk->bhv", S, q_t)
+        if normalize:
+            z = z + k_t
+            den = jnp.sum(q_t * z, axis=-1) + eps
+            return (S, z), num / den[..., None]
+        return (S, z), num
+
+    (S, z), o = jax.lax.scan(step, (S0, z0), (_tmajor(q), _tmajor(k), _tmajor(v)))
+    final = jnp.concatenate([S, z[..., None]], axis=-1) if normalize else S
+    return _bmajor(o), final
+
+
+def _jnp_state0(initial_state, B, H, K, V):
+    if initial_state is None:
+        return jnp.zeros((B, H, K, V), jnp.float32)
+    return initial_state
+
+
+def jnp_simple_gla(q, k, v, g, *, scale=None, initial_state=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+
+    def step(S, xs):
+        q_t, k_t, v_t, g_t = xs
+        S = jnp.exp(g_t)[:, :, None, None] * S + _ein("bhk,bhv->bhkv", k_t, v_t)
+        return S, _ein("bhkv,bhk->bhv", S, scale * q_t)
+
+    S, o = jax.lax.scan(step, _jnp_state0(initial_state, B, H, K, V),
+                        (_tmajor(q), _tmajor(k), _tmajor(v), _tmajor(g)))
+    return _bmajor(o), S
+
+
+def jnp_gla(q, k, v, gk, *, scale=None, initial_state=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+
+    def step(S, xs):
+        q_t, k_t, v_t, g_t = xs
+        S = jnp.exp(g_t)[..., None] * S + _ein("bhk,bhv->bhkv", k_t, v_t)
+        return S, _ein("bhkv,bhk->bhv", S, scale * q_t)
+
+    S, o = jax.lax.scan(step, _jnp_state0(initial_state, B, H, K, V),
+                        (_tmajor(q), _tmajor(k), _tmajor(v), _tmajor(gk)))
+    return _bmajor(o), S
+
+
+def jnp_delta_rule(q, k, v, beta, *, scale=None, initial_state=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+
+    def step(S, xs):
+        q_t, k_t, v_t, b_t = xs
+        v_old = _ein("bhkv,bhk->bhv", S, k_t)
+        S = S + b_t[:, :, None, None] * _ein("bhk,bhv->bhkv", k_t, v_t - v_old)
+        return S, _ein("bhkv,bhk->bhv", S, scale * q_t)
+
+    S, o = jax.lax.scan(step, _jnp_state0(initial_state, B, H, K, V),
+                        (_tmajor(q), _tmajor(k), _tmajor(v), _tmajor(beta)))
+    return _bmajor(o), S
+
+
+def jnp_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    eye = jnp.eye(K, dtype=jnp.float32)
+
+    def step(S, xs):
+        q_t, k_t, v_t, g_t, b_t = xs
+        A = eye - b_t[:, :, None, None] * _ein("bhi,bhj->bhij", k_t, k_t)
+        S = (jnp.exp(g_t)[:, :, None, None] * _ein("bhij,bhjv->bhiv", A, S)
+             + b_t[:, :, None, None] * _ein("bhk,bhv->bhkv", k_t, v_t))
+        return S, _ein("bhkv,bhk->bhv", S, scale * q_t)
+
+    S, o = jax.lax.scan(step, _jnp_state0(initial_state, B, H, K, V),
+                        (_tmajor(q), _tmajor(k), _tmajor(v), _tmajor(g), _tmajor(beta)))
+    return _bmajor(o), S
+
+
+# ---------------------------------------------------------------------------
+# softmax attention
+# ---------------------------------------------------------------------------
+
+
+def visible(t, s, *, causal=True, window=None):
+    """Whether query position t may attend to key position s."""
+    if causal:
+        ok = s <= t
+        if window is not None:
+            ok = ok & (s > t - window)
+    else:
+        ok = np.ones_like(s, dtype=bool) if isinstance(s, np.ndarray) else True
+        if window is not None:
+            ok = ok & (abs(t - s) < window)
+    return ok
+
+
+def np_softmax_attn(q, k, v, *, scale=None, causal=True, window=None):
+    """Plain per-query loop in float64.  GQA: query head h uses kv head h // (H // H_kv)."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    B, T, H, K = q.shape
+    Tk, H_kv = k.shape[1], k.shape[2]
+    V = v.shape[-1]
+    group = H // H_kv
+    scale = _scale(scale, K)
+    s_all = np.arange(Tk)
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        vis = visible(t, s_all, causal=causal, window=window)
+        for h in range(H):
+            hk = h // group
+            logits = scale * np.einsum("bsk,bk->bs", k[:, vis, hk], q[:, t, h])
+            logits = logits - logits.max(axis=-1, keepdims=True)
+            p = np.exp(logits)
+            p = p / p.sum(axis=-1, keepdims=True)
+            o[:, t, h] = np.einsum("bs,bsv->bv", p, v[:, vis, hk])
+    return o
+
+
+def np_decode_step(q, k_cache, v_cache, key_positions, query_position, *,
+                   scale=None, window=None):
+    """One decode query against a cache of (possibly unordered, possibly empty) slots."""
+    q, k_cache, v_cache = _f64(q), _f64(k_cache), _f64(v_cache)
+    key_positions = np.asarray(key_positions)
+    B, H, K = q.shape
+    H_kv = k_cache.shape[2]
+    group = H // H_kv
+    scale = _scale(scale, K)
+    vis = (key_positions >= 0) & (key_positions <= query_position)
+    if window is not None:
+        vis &= query_position - key_positions < window
+    o = np.zeros((B, H, v_cache.shape[-1]))
+    for h in range(H):
+        hk = h // group
+        logits = scale * np.einsum("blk,bk->bl", k_cache[:, vis, hk], q[:, h])
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p = p / p.sum(axis=-1, keepdims=True)
+        o[:, h] = np.einsum("bl,blv->bv", p, v_cache[:, vis, hk])
+    return o
+
+
+def jnp_softmax_attn(q, k, v, *, scale=None, causal=True, window=None):
+    """Dense masked softmax attention in float32 (for gradients)."""
+    B, T, H, K = q.shape
+    Tk, H_kv = k.shape[1], k.shape[2]
+    group = H // H_kv
+    scale = _scale(scale, K)
+    k = jnp.repeat(k, group, axis=2)  # head h -> kv head h // group
+    v = jnp.repeat(v, group, axis=2)
+    t = np.arange(T)[:, None]
+    s = np.arange(Tk)[None, :]
+    mask = visible(t, s, causal=causal, window=window)
+    mask = np.broadcast_to(mask, (T, Tk))
+    logits = _ein("bthk,bshk->bhts", scale * q, k)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    return _ein("bhts,bshv->bthv", p, v)
+
+
+NP_LINEAR = {
+    "linear_attn": np_linear_attn,
+    "simple_gla": np_simple_gla,
+    "gla": np_gla,
+    "delta_rule": np_delta_rule,
+    "gated_delta_rule": np_gated_delta_rule,
+}
+
+JNP_LINEAR = {
+    "linear_attn": jnp_linear_attn,
+    "simple_gla": jnp_simple_gla,
+    "gla": jnp_gla,
+    "delta_rule": jnp_delta_rule,
+    "gated_delta_rule": jnp_gated_delta_rule,
+}
+
+# positional (array) arguments of each linear op, after q, k, v
+GATE_ARGS = {
+    "linear_attn": (),
+    "simple_gla": ("g",),
+    "gla": ("gk",),
+    "delta_rule": ("beta",),
+    "gated_delta_rule": ("g", "beta"),
+}
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    nb = np.linalg.norm(b.ravel())
+    assert nb > 0, "reference is identically zero; the comparison would be vacuous"
+    return float(np.linalg.norm((a - b).ravel()) / nb)
