@@ -253,9 +253,13 @@ def test_forward_and_grads(variant, case, rng):
     check_forward_and_grads(variant, args, Wo, Ws, op_kw, {"scale": scale})
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+# chunked with C=64 (two chunks, the second ragged) and C=128 (one chunk longer than T)
+EXTREME_IMPLS = (("chunked", 64), ("chunked", 128), ("recurrent", None), ("parallel", None))
+
+
+@pytest.mark.parametrize("impl,chunk_size", EXTREME_IMPLS, ids=lambda x: str(x))
 @pytest.mark.parametrize("variant", GATED)
-def test_extreme_gates(variant, impl, rng):
+def test_extreme_gates(variant, impl, chunk_size, rng):
     """Head 0: log gates uniform in [-20, 0] (decays down to 2e-9 per step;
     cumulative log decay reaches ~-1000 within a 100-token sequence / 64-chunk).
     Head 1: gates in [-1e-3, 0], a quarter of them exactly 0 (no decay)."""
@@ -267,8 +271,8 @@ def test_extreme_gates(variant, impl, rng):
             x[:, :, 1] = log_gates(rng, x[:, :, 1].shape, "near_zero")
     Wo, Ws = functional_weights(rng, args, variant)
     op_kw = {"impl": impl}
-    if impl == "chunked":
-        op_kw["chunk_size"] = 64
+    if chunk_size is not None:
+        op_kw["chunk_size"] = chunk_size
     check_forward_and_grads(variant, args, Wo, Ws, op_kw, {})
 
 

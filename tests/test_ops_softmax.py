@@ -129,9 +129,12 @@ def test_forward_and_grads(impl, config, rng):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if not c[3]], ids=config_id)
 def test_recurrent_non_causal(config, rng):
-    """The API lists impl="recurrent" for softmax_attn without restricting
-    `causal`; non-causal attention must work (or the API must say otherwise)."""
-    check_forward_and_grads("recurrent", config, rng)
+    """The recurrent (decode) form is causal by construction: a non-causal query
+    would need future keys, so the op refuses it with an error naming `causal`."""
+    T, H, H_kv, causal, window, block_size, scale = config
+    q, k, v = make_qkv(rng, B=2, T=T, H=H, H_kv=H_kv, K=16, V=24)
+    with pytest.raises(ValueError, match="causal"):
+        ops.softmax_attn(q, k, v, causal=False, window=window, impl="recurrent")
 
 
 def check_forward_and_grads(impl, config, rng):
@@ -300,6 +303,7 @@ def _attn_bad_cases():
     yield "impl", good, {"impl": "flash"}, names("impl")
     yield "block_size0", good, {"block_size": 0}, names("block_size")
     yield "block_size-8", good, {"block_size": -8}, names("block_size")
+    yield "window0", good, {"window": 0}, names("window")
     yield "qk_dim", (z(B, T, H, K), z(B, T, H_kv, K + 1), z(B, T, H_kv, V)), {}, names("q", "k")
     yield "kv_len", (z(B, T, H, K), z(B, T, H_kv, K), z(B, T + 1, H_kv, V)), {}, names("k", "v")
     yield "kv_heads", (z(B, T, H, K), z(B, T, 2, K), z(B, T, 1, V)), {}, names("k", "v")

@@ -54,7 +54,9 @@ def vector_gate_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     length = q.shape[-2]
     sub = min(SUB_CHUNK, length)
     pad = -length % sub
-    padded = [jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, 0)]) for a in (q, k, b)]
+    # zero q, k but edge-padded b: padded rows then decay by nothing, so no exponent turns positive
+    widths = [(0, 0)] * (q.ndim - 2) + [(0, pad), (0, 0)]
+    padded = [jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(b, widths, mode="edge")]
     scores = _intra_scores(*padded, sub)[..., :length, :length]
     k_write = k * jnp.exp(b_last[..., None, :] - b)
     return ChunkTerms(scores @ v, q * jnp.exp(b), Transition(b_last), jnp.einsum("...ck,...cv->...kv", k_write, v))
