@@ -5,18 +5,11 @@ import sys
 import zlib
 
 _flags = os.environ.get("XLA_FLAGS", "")
-# Workarounds for two jaxlib 0.10.2 CPU runtime bugs (neither is in seqlab):
-# * Deadlock: two batched triangular solves (lapack_strsm_ffi ->
-#   jax::ParallelBatchMap -> BlockingCounter::Wait) scheduled concurrently
-#   on the intra-op pool block each other on a 2-core machine; the chunked
-#   (gated_)delta_rule hangs intermittently (T >= 512, most runs at T=16384).
-#   The concurrency-optimised thunk scheduler is what runs them side by side.
-# * Segfault: slinky::fuse_contiguous_dims inside xla::cpu::YnnFusionThunk
-#   (run from a WhileThunk), seen on the jitted gradient of
-#   softmax_attn(impl="chunked"); the YNNPACK library fusions are turned off.
-# Neither flag changes any numerics the tests rely on.
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
-    _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+# Workaround for a jaxlib 0.10.2 CPU runtime bug (not in seqlab): a segfault in
+# slinky::fuse_contiguous_dims inside xla::cpu::YnnFusionThunk (run from a
+# WhileThunk) was seen on the jitted gradient of an earlier softmax_attn(impl=
+# "chunked"); the YNNPACK library fusions stay off as a safeguard. No numerics
+# the tests rely on change.
 if "xla_cpu_experimental_ynn_fusion_type" not in _flags:
     _flags += " --xla_cpu_experimental_ynn_fusion_type="
 # Compile-time budget: these tests compile a few hundred tiny XLA programs and

@@ -24,9 +24,41 @@ from seqlab.ops import _common
 Array = jax.Array
 
 
-def _solve_unit_lower(system: Array, rhs: Array) -> Array:
-    """system⁻¹ rhs for a unit lower-triangular system [..., C, C] and rhs [..., C, D] (forward substitution)."""
-    return jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True, unit_diagonal=True)
+BASE_BLOCK = 16
+
+
+def _invert_unit_lower(system: Array) -> Array:
+    """Inverse of a unit lower-triangular matrix [..., n, n], with matmuls only.
+
+    Blocks of 16 are inverted by forward substitution; larger sizes (padded with identity to 16·2^k) by
+    [[L11, 0], [L21, L22]]⁻¹ = [[X11, 0], [-X22 L21 X11, X22]]. (XLA's CPU triangular_solve can deadlock when two
+    run concurrently, so it is not used.)
+    """
+    n = system.shape[-1]
+    size = BASE_BLOCK
+    while size < n:
+        size *= 2
+    if size != n and n > BASE_BLOCK:
+        padded = jnp.pad(system, [(0, 0)] * (system.ndim - 2) + [(0, size - n), (0, size - n)])
+        padded = padded + jnp.diag(jnp.arange(size) >= n).astype(system.dtype)
+        return _invert_blocks(padded)[..., :n, :n]
+    return _invert_blocks(system)
+
+
+def _invert_blocks(system: Array) -> Array:
+    n = system.shape[-1]
+    if n <= BASE_BLOCK:
+        inverse = jnp.broadcast_to(jnp.eye(n, dtype=system.dtype), system.shape)
+        for i in range(1, n):
+            row = -jnp.einsum("...j,...jk->...k", system[..., i, :i], inverse[..., :i, :])
+            inverse = inverse.at[..., i, :i].set(row[..., :i])
+        return inverse
+    h = n // 2
+    upper = _invert_blocks(system[..., :h, :h])
+    lower = _invert_blocks(system[..., h:, h:])
+    corner = -lower @ system[..., h:, :h] @ upper
+    top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([corner, lower], axis=-1)], axis=-2)
 
 
 def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
@@ -43,8 +75,9 @@ def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     kk = jnp.einsum("...ik,...jk->...ij", k, k) * decay
     lower = jnp.where(chunk_math.causal_mask(length, strict=True), beta[..., :, None] * kk, 0.0)
     system = lower + jnp.eye(length, dtype=jnp.float32)
-    w = _solve_unit_lower(system, beta[..., None] * k * jnp.exp(gamma)[..., None])
-    u = _solve_unit_lower(system, beta[..., None] * v)
+    inverse = _invert_unit_lower(system)
+    w = inverse @ (beta[..., None] * k * jnp.exp(gamma)[..., None])
+    u = inverse @ (beta[..., None] * v)
     attn = jnp.einsum("...ik,...jk->...ij", q, k) * decay
     q_read = q * jnp.exp(gamma)[..., None] - attn @ w
     k_write = k * jnp.exp(gamma_last - gamma)[..., None]
