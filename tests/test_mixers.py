@@ -1,4 +1,5 @@
-"""Token mixers (seqlab.mixers): decode == full sequence, forward and gradient; impls agree; jit/grad work;
+"""Token mixers (seqlab.mixers): decode == full sequence, forward and gradient; prefill + decode == full sequence
+and prefill's cache == the stepped cache; impls agree; jit/grad work;
 argument errors name the argument; shared layers (RoPE, feature maps, short conv) behave as documented.
 
 Every registered mixer appears in CASES (checked by test_cases_cover_registry). Sizes are tiny and T = 37 with
@@ -19,6 +20,7 @@ from seqlab.mixers.feature_maps import make_feature_map
 
 B, T, D, CHUNK = 2, 37, 32, 16
 WINDOW = 8  # < T: the ring buffer wraps several times
+PROMPT = 21  # prefill length: > CHUNK and > WINDOW
 
 CASES = {
     "softmax-gqa": ("softmax", dict(num_heads=4, num_kv_heads=2)),
@@ -34,6 +36,8 @@ CASES = {
     "deltanet-negeig-gate": ("deltanet", dict(num_heads=2, allow_neg_eigval=True, use_gate=True)),
     "gated_deltanet": ("gated_deltanet", dict(num_heads=2)),
     "mamba2": ("mamba2", dict(num_heads=4, d_state=16)),
+    "baseconv": ("baseconv", dict(num_heads=1)),
+    "based": ("based", dict(num_heads=2, feature_dim=4)),
 }
 
 
@@ -53,16 +57,21 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def decode(mixer: mixers.Mixer, x: jax.Array, max_len: int = T) -> jax.Array:
-    """y [B, T, D] by feeding x one token at a time through init_cache + step (a scan over time)."""
-    cache = mixer.init_cache(x.shape[0], max_len)
+def steps(mixer: mixers.Mixer, x: jax.Array, cache):
+    """(y [B, T, D], cache) by feeding x one token at a time through step from `cache` (a scan over time)."""
 
     def body(c, x_t):
         y_t, c = mixer.step(x_t, c)
         return c, y_t
 
-    _, ys = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1)
+    cache, ys = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(ys, 0, 1), cache
+
+
+def decode(mixer: mixers.Mixer, x: jax.Array, max_len: int = T) -> jax.Array:
+    """y [B, T, D] by feeding x one token at a time through init_cache + step."""
+    y, _ = steps(mixer, x, mixer.init_cache(x.shape[0], max_len))
+    return y
 
 
 def test_cases_cover_registry():
@@ -107,6 +116,37 @@ def test_decode_matches_full_forward_and_gradient(case):
         assert float(jnp.max(jnp.abs(g))) > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
         err = rel_err(dec_leaves[path], g)
         assert err < 1e-3, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prefill_then_decode_matches_full_forward_and_stepped_cache(case):
+    """prefill(first PROMPT tokens) + step(the rest) == the full forward; prefill's cache == the cache after
+    stepping PROMPT tokens (PROMPT crosses a chunk boundary and wraps the sliding window's ring buffer)."""
+    mixer = make(case)
+    x, _ = inputs(3)
+
+    @nnx.jit
+    def run(m, x):
+        y_prompt, prefilled = m.prefill(x[:, :PROMPT], m.init_cache(B, T))
+        y_rest, _ = steps(m, x[:, PROMPT:], prefilled)
+        _, stepped = steps(m, x[:, :PROMPT], m.init_cache(B, T))
+        return m(x), jnp.concatenate([y_prompt, y_rest], axis=1), prefilled, stepped
+
+    y_full, y_prefill, prefilled, stepped = run(mixer, x)
+    assert rel_err(y_prefill, y_full) < 1e-5, rel_err(y_prefill, y_full)
+    assert int(prefilled.pos) == PROMPT
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(prefilled), jax.tree_util.tree_leaves(stepped)):
+        assert got.shape == want.shape and got.dtype == want.dtype, jax.tree_util.keystr(path)
+        if jnp.issubdtype(want.dtype, jnp.integer):
+            np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+        else:
+            assert rel_err(got, want) < 1e-5, (jax.tree_util.keystr(path), rel_err(got, want))
+
+
+def test_softmax_prefill_longer_than_the_cache_is_an_error():
+    mixer = make("softmax-gqa")
+    with pytest.raises(ValueError, match=r"^x: a prompt of 9 tokens does not fit a KV cache of max_len=8"):
+        mixer.prefill(jnp.zeros((B, 9, D)), mixer.init_cache(B, 8))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -156,6 +196,8 @@ def test_bad_input_shapes_name_the_argument(case):
     with pytest.raises(ValueError, match=r"^x last dim must equal d_model"):
         mixer(jnp.zeros((B, T, D + 1)))
     cache = mixer.init_cache(B, 4)
+    with pytest.raises(ValueError, match=r"^x "):
+        mixer.prefill(jnp.zeros((B, D)), cache)
     with pytest.raises(ValueError, match=r"^x_t "):
         mixer.step(jnp.zeros((B, 1, D)), cache)
     with pytest.raises(ValueError, match=r"^x_t last dim"):
@@ -253,3 +295,34 @@ def test_short_conv_is_causal_and_streams():
     y, y_cut, y_streamed = run(conv, x)
     np.testing.assert_allclose(y[:, :6], y_cut, rtol=1e-6)  # no look-ahead
     np.testing.assert_allclose(y_streamed, y, rtol=1e-6, atol=1e-7)
+
+
+def test_baseconv_matches_per_token_formula():
+    """y_t = (W_p x_t + b_p) * (sum_i w_i x_{t-k+1+i} + b), zeros before the first token, as a plain loop."""
+    mixer = make("baseconv")
+    x, _ = inputs()
+    w = np.asarray(mixer.conv.weight[...], np.float64)
+    b = np.asarray(mixer.conv.bias[...], np.float64)
+    wp = np.asarray(mixer.projection.kernel[...], np.float64)
+    bp = np.asarray(mixer.projection.bias[...], np.float64)
+    xs = np.asarray(x, np.float64)
+    k = w.shape[0]
+    expected = np.zeros_like(xs)
+    for t in range(T):
+        conv = b.copy()
+        for i in range(k):
+            s = t - k + 1 + i
+            if s >= 0:
+                conv = conv + w[i] * xs[:, s]
+        expected[:, t] = (xs[:, t] @ wp + bp) * conv
+    assert rel_err(mixer(x), expected) < 1e-5
+
+
+def test_based_is_taylor_linear_attention():
+    """Based's layer equals linear_attn with the Taylor map and the same weights."""
+    based = make("based")
+    reference = make("linear_attn-taylor", feature_dim=4)
+    nnx.update(reference, nnx.state(based))
+    x, _ = inputs()
+    assert based.q_map.out_dim == 1 + 4 + 16
+    assert rel_err(based(x), reference(x)) < 1e-6

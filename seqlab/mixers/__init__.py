@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 
 from seqlab.mixers.base import Mixer, RecurrentCache, RMSNorm, RoPE, ShortConv
+from seqlab.mixers.based import Based
+from seqlab.mixers.baseconv import BaseConv, ConvCache
 from seqlab.mixers.deltanet import DeltaNet
 from seqlab.mixers.gated_deltanet import GatedDeltaNet
 from seqlab.mixers.gla import GLA
@@ -19,6 +21,8 @@ from seqlab.mixers.softmax_attention import KVCache, SlidingWindowAttention, Sof
 
 _REGISTRY: dict[str, type[Mixer]] = {
     "softmax": SoftmaxAttention,
+    "baseconv": BaseConv,
+    "based": Based,
     "sliding_window": SlidingWindowAttention,
     "linear_attn": LinearAttention,
     "retnet": RetNet,
@@ -72,6 +76,9 @@ def _keyword_args(cls: type) -> set[str]:
 
 
 __all__ = [
+    "BaseConv",
+    "Based",
+    "ConvCache",
     "DeltaNet",
     "GLA",
     "GatedDeltaNet",

@@ -1,15 +1,17 @@
 """Shared building blocks of the token mixers: the `Mixer` decode API, argument checks, and the layers several
 families use (per-head RMSNorm with an optional swish gate, depthwise causal short convolution, rotary embedding).
 
-Every mixer maps x [B, T, D] -> y [B, T, D] and decodes one token at a time:
+Every mixer maps x [B, T, D] -> y [B, T, D], reads a prompt into a decode cache, and decodes one token at a time:
 
     cache = mixer.init_cache(batch, max_len)
+    y, cache = mixer.prefill(x, cache)           # x, y: [B, T, D] (the prompt; the cache must be fresh)
     y_t, cache = mixer.step(x_t, cache)          # x_t, y_t: [B, D]
 
 A mixer implements a single `_forward(x, cache)`. With `cache=None` it is the full-sequence (training) path and
-runs the op with the mixer's `impl`; with a cache it consumes a T=1 input, runs the op with impl="recurrent"
-starting from the cached state and returns the updated cache. Both paths share every projection, gate and norm,
-so the decode path cannot drift from the training path.
+runs the op with the mixer's `impl`; with a cache it runs the same op form from the cached state (at T = 1 every
+form of the engine is one recurrent step) and returns the updated cache. Softmax attention reads a T > 1 prompt
+with its training path and writes the prompt's keys and values into the cache. All paths share every projection,
+gate and norm, so neither prefill nor decoding can drift from the training path.
 """
 
 from __future__ import annotations
@@ -163,6 +165,12 @@ class Mixer(nnx.Module):
         y, _ = self._forward(x, None)
         return y
 
+    def prefill(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """A prompt x [B, T, d_model] read into an empty cache (fresh from `init_cache`) with the training path ->
+        (y [B, T, d_model], the cache after T tokens)."""
+        check_input(x, self.d_model, rank=3, name="x")
+        return self._forward(x, cache)
+
     def step(self, x_t: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         """One decode step: x_t [B, d_model] -> (y_t [B, d_model], updated cache)."""
         check_input(x_t, self.d_model, rank=2, name="x_t")
@@ -188,10 +196,11 @@ class Mixer(nnx.Module):
         )
 
     def _op_kwargs(self, state: jax.Array | None) -> dict:
-        """Keyword arguments of a linear-family op: the training path, or one recurrent step from `state`."""
+        """Keyword arguments of a linear-family op: the training path, or the same form continuing from a cached
+        `state` and returning the final state (a prefill; at T = 1, one recurrent step)."""
         if state is None:
             return dict(impl=self.impl, chunk_size=self.chunk_size)
-        return dict(impl="recurrent", chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
+        return dict(impl=self.impl, chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
 
     def _heads(self, x: jax.Array, head_dim: int) -> jax.Array:
         """[B, T, H*d] -> [B, T, H, d]."""

@@ -13,6 +13,9 @@ Decode cache (`KVCache`): keys/values [B, L, H_kv, d] with absolute `key_positio
 position counter. A token at position p is written to slot p % L. Full attention uses L = max_len (decoding past
 max_len would overwrite the oldest slots, i.e. silently turn into a window of max_len; keep p < max_len). Sliding
 window attention uses a ring buffer of L = min(window, max_len) slots, so its cache never grows.
+
+Prefill (a T > 1 prompt into a fresh cache) runs the training path over the prompt and writes the keys and values
+of its last min(T, L) tokens to their slots; a full-attention prompt must fit the cache (T <= max_len).
 """
 
 from __future__ import annotations
@@ -105,22 +108,31 @@ class SoftmaxAttention(Mixer):
         if self.rope is not None:
             pos = positions(cache, T)
             q, k = self.rope(q, pos), self.rope(k, pos)
-        if cache is None:
-            o = ops.softmax_attn(q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.chunk_size)
+        if cache is not None:
+            cache = self._write(cache, k, v)
+        if cache is not None and T == 1:  # a decode step attends to the cache; training and prompts to themselves
+            o = ops.softmax_decode_step(
+                q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, window=self.window
+            )[:, None]
         else:
-            if T != 1:
-                raise ValueError(f"x: decoding consumes one token at a time, got T={T}")
-            pos = cache.pos
-            slot = pos % cache.k.shape[1]
-            cache = KVCache(
-                k=cache.k.at[:, slot].set(k[:, 0].astype(cache.k.dtype)),
-                v=cache.v.at[:, slot].set(v[:, 0].astype(cache.v.dtype)),
-                key_positions=cache.key_positions.at[slot].set(pos),
-                pos=pos + 1,
-            )
-            o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, pos, window=self.window)
-            o = o[:, None]
+            o = ops.softmax_attn(q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.chunk_size)
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+
+    def _write(self, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
+        """The cache with the keys/values k, v [B, T, H_kv, d] of the next T positions in slots p % L; of a prompt
+        longer than a ring buffer of L slots only the last L tokens land."""
+        T, slots = k.shape[1], cache.k.shape[1]
+        if self.window is None and T > slots:
+            raise ValueError(f"x: a prompt of {T} tokens does not fit a KV cache of max_len={slots}")
+        kept = min(T, slots)
+        pos = positions(cache, T)[T - kept :]
+        slot = pos % slots
+        return KVCache(
+            k=cache.k.at[:, slot].set(k[:, T - kept :].astype(cache.k.dtype)),
+            v=cache.v.at[:, slot].set(v[:, T - kept :].astype(cache.v.dtype)),
+            key_positions=cache.key_positions.at[slot].set(pos),
+            pos=cache.pos + T,
+        )
 
 
 class SlidingWindowAttention(SoftmaxAttention):

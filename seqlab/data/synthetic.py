@@ -1,0 +1,191 @@
+"""Small generated recall and copying tasks, one example at a time.
+
+- `selective_copy`: selective copying from MAD (Poli et al., 2024, "Mechanistic Design and Scaling of Hybrid
+  Architectures"; athms/mad-lab `generate_selective_copying_instance`).
+- `in_context_recall`: in-context recall, and with noise tokens noisy in-context recall, from MAD (its multi-query
+  scoring: every value whose key appeared before is scored).
+- `associative_recall` and `induction_head`: the associative recall and induction head tasks of H3 (Fu et al.,
+  2023, "Hungry Hungry Hippos: Towards Language Modeling with State Space Models"); only the final token is scored.
+
+All are language-modelling tasks: inputs [L] and labels [L], `labels[t]` the target at position t, -100 unscored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from seqlab.data.base import IGNORE_INDEX, Task, lm_example
+
+
+def _interleave(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """k1 v1 k2 v2 ...: keys [n], values [n] -> [2n]."""
+    return np.stack([keys, values], axis=1).reshape(-1)
+
+
+def _bind(rng: np.random.Generator, num_keys: int, value_vocab: np.ndarray) -> np.ndarray:
+    """One random key -> value map per sequence: entry k [num_keys] is the value of key k (values may repeat)."""
+    return rng.choice(value_vocab, size=num_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveCopy(Task):
+    """MAD selective copying: `num_tokens_to_copy` tokens scattered among blanks, then a copy token and as many
+    blanks; the model must emit the scattered tokens, in order, at those final blanks (the only scored positions).
+
+    Tokens: content {0, ..., V-3}, blank V-2, copy V-1. The content positions are a uniform random subset of the
+    first L - N - 1 positions (MAD inserts blanks at random indices instead; same task, slightly different law).
+    """
+
+    name: ClassVar[str] = "selective_copy"
+    kind: ClassVar[str] = "lm"
+
+    vocab_size: int = 16
+    seq_len: int = 256
+    num_tokens_to_copy: int = 16
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.vocab_size >= 3, "vocab_size", "must be >= 3 (content, blank and copy tokens)")
+        self._require(self.num_tokens_to_copy >= 1, "num_tokens_to_copy", "must be >= 1")
+        self._require(
+            self.seq_len > 2 * self.num_tokens_to_copy + 1,
+            "seq_len",
+            f"must exceed 2 x num_tokens_to_copy + 1 ({2 * self.num_tokens_to_copy + 1})",
+        )
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        n, blank, copy = self.num_tokens_to_copy, self.vocab_size - 2, self.vocab_size - 1
+        region = self.seq_len - n - 1
+        tokens = rng.integers(0, blank, size=n)
+        positions = np.sort(rng.choice(region, size=n, replace=False))
+        inputs = np.full(self.seq_len, blank)
+        inputs[positions] = tokens
+        inputs[region] = copy
+        labels = np.full(self.seq_len, IGNORE_INDEX)
+        labels[region + 1 :] = tokens
+        return lm_example(inputs, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class InContextRecall(Task):
+    """MAD (noisy) in-context recall: L/2 pairs `k v` with keys drawn with replacement and one random key -> value
+    map per sequence; the label at a key's position is its value when that key appeared in an earlier pair.
+
+    Tokens: with K = vocab_size - noise_vocab_size, keys {0, ..., K/2-1}, values {K/2, ..., K-1}, noise
+    {K, ..., vocab_size-1}. Each pair but the first and the last is, with probability frac_noise, two noise tokens
+    instead (unscored). The last pair repeats a key shown before, so every example has a scored position.
+    MAD's noisy variant: vocab_size=32, noise_vocab_size=16, frac_noise=0.2.
+    """
+
+    name: ClassVar[str] = "in_context_recall"
+    kind: ClassVar[str] = "lm"
+
+    vocab_size: int = 16
+    seq_len: int = 128
+    noise_vocab_size: int = 0
+    frac_noise: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.seq_len >= 4 and self.seq_len % 2 == 0, "seq_len", "must be even and >= 4")
+        self._require(self.noise_vocab_size >= 0, "noise_vocab_size", "must be >= 0")
+        self._require(
+            self.vocab_size - self.noise_vocab_size >= 2,
+            "vocab_size",
+            f"must leave >= 2 key/value tokens besides noise_vocab_size ({self.noise_vocab_size})",
+        )
+        self._require(0 <= self.frac_noise < 1, "frac_noise", "must lie in [0, 1)")
+        self._require(
+            self.frac_noise == 0 or self.noise_vocab_size > 0, "noise_vocab_size", "must be > 0 when frac_noise > 0"
+        )
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        num_pairs, kv_vocab = self.seq_len // 2, self.vocab_size - self.noise_vocab_size
+        num_keys = kv_vocab // 2
+        binding = _bind(rng, num_keys, np.arange(num_keys, kv_vocab))
+        keys = rng.integers(0, num_keys, size=num_pairs)
+        real = rng.random(num_pairs) >= self.frac_noise
+        real[[0, -1]] = True
+        keys[-1] = rng.choice(keys[:-1][real[:-1]])
+        pairs = np.stack([keys, binding[keys]], axis=1)
+        pairs[~real] = rng.integers(kv_vocab, self.vocab_size, size=(num_pairs - real.sum(), 2))
+        labels = np.full((num_pairs, 2), IGNORE_INDEX)
+        scored = real & _seen_before(keys, real, num_keys)
+        labels[scored, 0] = binding[keys[scored]]
+        return lm_example(pairs.reshape(-1), labels.reshape(-1))
+
+
+def _seen_before(keys: np.ndarray, real: np.ndarray, num_keys: int) -> np.ndarray:
+    """Whether keys[i] [n] occurs at an earlier position j < i with real[j] [n] set; bool [n]."""
+    first = np.full(num_keys, len(keys))
+    np.minimum.at(first, keys[real], np.flatnonzero(real))
+    return np.arange(len(keys)) > first[keys]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FinalTokenTask(Task):
+    """H3's synthetic setting: vocabulary 20, length 40, and only the final position is scored."""
+
+    kind: ClassVar[str] = "lm"
+
+    vocab_size: int = 20
+    seq_len: int = 40
+
+    @staticmethod
+    def _final_token_example(inputs: np.ndarray, target: int) -> dict[str, np.ndarray]:
+        """An LM example whose only scored position is the last one: inputs [L], scalar target."""
+        labels = np.full(len(inputs), IGNORE_INDEX)
+        labels[-1] = target
+        return lm_example(inputs, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class AssociativeRecall(_FinalTokenTask):
+    """H3 associative recall: (L-2)/2 pairs `k v` (keys with replacement, one random key -> value map per
+    sequence), then `=> k` for a key shown before; the label at that final k is its value (the only scored one).
+
+    Tokens: keys {0, ..., (V-1)//2 - 1}, values {(V-1)//2, ..., V-2}, `=>` = V-1.
+    """
+
+    name: ClassVar[str] = "associative_recall"
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.vocab_size >= 3, "vocab_size", "must be >= 3 (a key, a value and the => token)")
+        self._require(self.seq_len >= 4 and self.seq_len % 2 == 0, "seq_len", "must be even and >= 4")
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        arrow = self.vocab_size - 1
+        num_keys = arrow // 2
+        binding = _bind(rng, num_keys, np.arange(num_keys, arrow))
+        keys = rng.integers(0, num_keys, size=(self.seq_len - 2) // 2)
+        query = rng.choice(keys)
+        inputs = np.concatenate([_interleave(keys, binding[keys]), [arrow, query]])
+        return self._final_token_example(inputs, binding[query])
+
+
+@dataclasses.dataclass(frozen=True)
+class InductionHead(_FinalTokenTask):
+    """H3 induction head: uniform tokens with one trigger token somewhere before the last two positions; the
+    sequence ends with the trigger again, and the label there is the token that followed the first trigger.
+
+    Tokens: content {0, ..., V-2}, trigger V-1 (so the trigger occurs exactly twice).
+    """
+
+    name: ClassVar[str] = "induction_head"
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.vocab_size >= 2, "vocab_size", "must be >= 2 (content and trigger tokens)")
+        self._require(self.seq_len >= 3, "seq_len", "must be >= 3")
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        trigger = self.vocab_size - 1
+        inputs = rng.integers(0, trigger, size=self.seq_len)
+        position = rng.integers(0, self.seq_len - 2)
+        inputs[[position, -1]] = trigger
+        return self._final_token_example(inputs, inputs[position + 1])
+

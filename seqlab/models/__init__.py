@@ -1,0 +1,54 @@
+"""Models built from a config: a decoder LM for language-modelling tasks, a sequence classifier for
+classification tasks. Both share `Backbone` (embedding, residual blocks with a repeating mixer pattern, final norm).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from seqlab.data import Task
+from seqlab.models.backbone import Backbone, DecodeCache, layer_mixers
+from seqlab.models.blocks import Block, SwiGLU
+from seqlab.models.classifier import SequenceClassifier
+from seqlab.models.lm import DecoderLM
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -> DecoderLM | SequenceClassifier:
+    """The model config.model describes, sized for `task` (its vocabulary, length and classes).
+
+    Parameters are float32; train.compute_dtype sets the activations' dtype.
+    """
+    m = config.model
+    pattern = tuple(m.mixers) if isinstance(m.mixers, (tuple, list)) else (m.mixers,)
+    args: dict[str, Any] = dict(
+        vocab_size=task.vocab_size, d_model=m.d_model, num_layers=m.num_layers, num_heads=m.num_heads,
+        mixers=pattern, mixer_args=_mixer_args(m.mixer_args, pattern), mlp=m.mlp, mlp_ratio=m.mlp_ratio,
+        norm=m.norm, position_embedding=m.position_embedding, max_len=task.seq_len, embed_dropout=m.embed_dropout,
+        rngs=rngs, dtype=_DTYPES[config.train.compute_dtype], param_dtype=jnp.float32,
+    )  # fmt: skip
+    if task.kind == "classification":
+        return SequenceClassifier(num_classes=task.num_classes, pooling=m.pooling, **args)
+    return DecoderLM(**args)
+
+
+def _mixer_args(mixer_args: ml_collections.ConfigDict, pattern: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Constructor arguments of each mixer in the pattern; unset (None) options keep the mixer's own default."""
+    return {name: {k: v for k, v in mixer_args[name].to_dict().items() if v is not None} for name in pattern}
+
+
+__all__ = [
+    "Backbone",
+    "Block",
+    "DecodeCache",
+    "DecoderLM",
+    "SequenceClassifier",
+    "SwiGLU",
+    "build_model",
+    "layer_mixers",
+]

@@ -1,0 +1,83 @@
+"""What a run records: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard event files and console
+progress lines; and `load_metrics` / `metrics_table` to read the records of one or many workdirs in a notebook.
+
+A record: {"step", "split" ("train" or "eval"), "loss", "accuracy", ...}; train records add "learning_rate",
+"grad_norm", "tokens_per_s" and "elapsed_s".
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import time
+from typing import Any, Iterable
+
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Appends records to ``<workdir>/metrics.jsonl`` and TensorBoard, and prints a progress line per record."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.total_steps = total_steps
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.start = time.perf_counter()
+        self.start_step = start_step
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> dict[str, Any]:
+        record = {"step": step, "split": split, **{k: float(v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in scalars.items():
+            self.tensorboard.add_scalar(f"{split}/{key}", float(value), step)
+        self.tensorboard.flush()
+        print(self._progress(step, split, record), flush=True)
+        return record
+
+    def _progress(self, step: int, split: str, record: dict[str, Any]) -> str:
+        parts = [f"[{split}] step {step}/{self.total_steps}"]
+        parts += [f"{k} {record[k]:.4g}" for k in ("loss", "accuracy") if k in record]
+        if "tokens_per_s" in record:
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        done = step - self.start_step
+        if split == "train" and done > 0:
+            remaining = (time.perf_counter() - self.start) / done * (self.total_steps - step)
+            parts.append(f"ETA {_duration(remaining)}")
+        return "  ".join(parts)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def load_metrics(workdirs: str | Iterable[str], *, split: str | None = None) -> list[dict[str, Any]]:
+    """Records of every metrics.jsonl under the given workdirs (globs allowed), each tagged with its "workdir"."""
+    patterns = [workdirs] if isinstance(workdirs, str) else list(workdirs)
+    dirs = sorted({d for p in patterns for d in (glob.glob(p) or [p])})
+    rows = []
+    for workdir in dirs:
+        path = os.path.join(workdir, METRICS_FILE)
+        if not os.path.exists(path):
+            raise ValueError(f"workdirs: {workdir!r} has no {METRICS_FILE}")
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        rows += [{"workdir": workdir, **r} for r in records if split is None or r["split"] == split]
+    return rows
+
+
+def metrics_table(workdirs: str | Iterable[str], *, split: str | None = None):
+    """`load_metrics` as a pandas DataFrame (pandas is a notebook dependency: pip install seqlab[notebooks])."""
+    import pandas as pd
+
+    return pd.DataFrame(load_metrics(workdirs, split=split))
