@@ -3,6 +3,7 @@ size in bytes (the Zoology / Based recall-versus-state plot, on a CPU budget).
 
     python experiments/mqar_sweep.py                                   # all variants, configs/mqar.py's steps
     python experiments/mqar_sweep.py --variants=softmax,gla --steps=300 --workdir=/tmp/sweep
+    python experiments/mqar_sweep.py --set=data.mqar.seq_len=128 --set=data.mqar.num_kv_pairs=16 --set=model.d_model=64
 
 State bytes = every array of the model's decode cache for one sequence of the task's length (float32 states, the
 KV cache of softmax layers, the ring buffer of sliding windows, short-conv buffers), position counters excluded.
@@ -12,6 +13,7 @@ Prints a markdown table: variant | layer mixers | state bytes | test accuracy | 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import tempfile
@@ -39,8 +41,26 @@ def state_bytes(config) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim > 0)
 
 
-def run_variant(variant: str, steps: int | None, workdir: str) -> dict:
+def apply_overrides(config, overrides: list[str]) -> None:
+    """Each "a.b.c=value" sets config.a.b.c to the Python literal value (or the string if it is not one)."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        *parents, key = path.split(".")
+        section = config
+        for name in parents:
+            section = section[name]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        section[key] = value
+
+
+def run_variant(variant: str, steps: int | None, overrides: list[str], workdir: str) -> dict:
     config = load_mqar_module().get_config(variant)
+    apply_overrides(config, overrides)
     if steps is not None:
         config.train.steps = steps
         config.train.eval_every = config.train.checkpoint_every = steps
@@ -55,11 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(load_mqar_module().VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="override train.steps (default: the config's)")
+    parser.add_argument("--set", action="append", default=[], help="a config override key=value (repeatable)")
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="mqar_sweep_")
-    rows = [run_variant(v, args.steps, workdir) for v in args.variants.split(",")]
+    rows = [run_variant(v, args.steps, args.set, workdir) for v in args.variants.split(",")]
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; workdirs under {workdir}", file=sys.stderr)
+    print(f"overrides: {' '.join(args.set) or 'none'}; steps: {args.steps or 'the config default'}")
     print("| variant | layer mixers | state bytes | test accuracy | test loss | train s |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
         name="adamw", learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_learning_rate_ratio=0.0,
         b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
     ))  # fmt: skip
+    config.mesh = ml_collections.ConfigDict(dict(data=1, seq=1))
     config.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=32, eval_batch_size=128, eval_every=250, log_every=50, checkpoint_every=250,
         keep_checkpoints=3, compute_dtype="float32",
@@ -138,6 +139,7 @@ def validate(config: ml_collections.ConfigDict) -> data.Task:
     _check_model(config.model, task)
     _check_train(config.train)
     _check_optim(config.optim, config.train.steps)
+    _check_mesh(config.mesh, config.train, task)
     return task
 
 
@@ -203,6 +205,18 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
     )  # fmt: skip
     if train.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train.compute_dtype: {train.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDict, task: data.Task) -> None:
+    """The batch must split evenly over mesh.data and every sequence over mesh.seq."""
+    _check_positive_ints(mesh, ("data", "seq"), "mesh")
+    for key, value in (("train.batch_size", train.batch_size), ("train.eval_batch_size", train.eval_batch_size),
+                       (f"data.{task.name}.num_eval", task.num_eval)):
+        if value % mesh.data:
+            raise ValueError(f"{key} ({value}) must be divisible by mesh.data ({mesh.data})")
+    if task.seq_len % mesh.seq:
+        raise ValueError(f"the sequence length of data.{task.name} ({task.seq_len}) must be divisible by mesh.seq "
+                         f"({mesh.seq})")
 
 
 def _check_positive_ints(section: ml_collections.ConfigDict, keys: tuple[str, ...], prefix: str) -> None:

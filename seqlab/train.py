@@ -29,6 +29,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from seqlab import config as config_lib, data, models
+from seqlab.mixers.base import shard_sequence
+from seqlab.parallel.distributed import maybe_initialize
+from seqlab.parallel.mesh import SEQUENCE_AXIS, make_mesh, replicate, shard_batch, to_host
 from seqlab.training import optim, steps
 from seqlab.training.checkpoints import Checkpoints, write_config
 from seqlab.training.metrics import MetricsLogger
@@ -59,16 +62,23 @@ class _Run:
     def __init__(self, config: ml_collections.ConfigDict, task: data.Task, workdir: str):
         self.config, self.task, self.total = config, task, config.train.steps
         model = models.build_model(config, task, nnx.Rngs(config.seed))
+        self.mesh = make_mesh(config.mesh)
+        if self.mesh is not None:
+            shard_sequence(model, SEQUENCE_AXIS)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         tx = optim.make_optimizer(config.optim, self.total)
         schedule = optim.learning_rate_schedule(config.optim, self.total)
         self.state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if self.mesh is not None:
+            self.state = replicate(self.state, self.mesh)
         self.train_iter = data.make_iterator(task, "train", batch_size=config.train.batch_size, seed=config.seed)
         self.checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
-        self.train_step = steps.make_train_step(self.graphdef, self.rest, tx, task.kind, schedule, config.seed)
-        self.eval_step = steps.make_eval_step(self.graphdef, self.rest, task.kind)
+        self.train_step = steps.make_train_step(
+            self.graphdef, self.rest, tx, task.kind, schedule, config.seed, self.mesh
+        )
+        self.eval_step = steps.make_eval_step(self.graphdef, self.rest, task.kind, self.mesh)
         self._resume()
-        self.logger = MetricsLogger(workdir, self.total, start_step=int(self.state["step"]))
+        self.logger = MetricsLogger(workdir, self.total, start_step=int(to_host(self.state["step"])))
 
     def _resume(self) -> None:
         latest = self.checkpoints.latest_step()
@@ -81,7 +91,7 @@ class _Run:
 
     def train(self) -> dict[str, float]:
         train_cfg = self.config.train
-        step = int(self.state["step"])
+        step = int(to_host(self.state["step"]))
         window: list[dict[str, float]] = []
         window_start = time.perf_counter()
         tokens_per_step = train_cfg.batch_size * self.task.seq_len
@@ -107,9 +117,9 @@ class _Run:
                 "eval_loss": final["loss"], "eval_accuracy": final["accuracy"]}
 
     def _step(self, step: int) -> dict[str, float]:
-        batch = next(self.train_iter)
+        batch = self._place(next(self.train_iter))
         new_state, metrics = self.train_step(self.state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(v) for k, v in to_host(metrics).items()}
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(
                 f"the training loss became {metrics['loss']} at step {step + 1}; stopped without saving that state "
@@ -128,10 +138,14 @@ class _Run:
         """Loss and accuracy over the whole held-out split."""
         totals: dict[str, float] = {}
         for batch in data.eval_batches(self.task, batch_size=self.config.train.eval_batch_size):
-            sums = jax.device_get(self.eval_step(self.state["params"], batch))
+            sums = to_host(self.eval_step(self.state["params"], self._place(batch)))
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         return self.logger.write(step, "eval", steps.means(totals))
+
+    def _place(self, batch: dict) -> dict:
+        """A host batch as device arrays (split over the mesh when there is one)."""
+        return batch if self.mesh is None else shard_batch(batch, self.mesh)
 
     def _save(self, step: int) -> None:
         self.checkpoints.save(step, self.state, self.train_iter.get_state())
@@ -166,6 +180,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    maybe_initialize()
     result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     print(f"step {result['step']}: test loss {result.get('eval_loss', math.nan):.4f}, "
           f"test accuracy {result.get('eval_accuracy', math.nan):.4f}", flush=True)

@@ -41,3 +41,9 @@ def rng(request):
     and independent of test ordering."""
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+# tests/multidevice/ needs 8 host devices, which must be configured before JAX starts: it runs in its own pytest
+# process, started by tests/test_multidevice.py with XLA_FLAGS=--xla_force_host_platform_device_count=8.
+if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
+    collect_ignore = ["multidevice"]

@@ -45,8 +45,8 @@ def _inputs(rng, family):
 @pytest.mark.parametrize("family", ["linear", "simple_gla", "gla", "delta_rule", "gated_delta_rule"])
 def test_combined_segment_summaries_give_the_final_state(family, chunk_size, rng):
     (chunk_terms, inputs, reference), s0 = _inputs(rng, family)
-    first = segment_summary(chunk_terms, {n: x[:, :SPLIT] for n, x in inputs.items()}, chunk_size, (B, H, K, V))
-    second = segment_summary(chunk_terms, {n: x[:, SPLIT:] for n, x in inputs.items()}, chunk_size, (B, H, K, V))
+    first = segment_summary(chunk_terms, {n: x[:, :SPLIT] for n, x in inputs.items()}, chunk_size)
+    second = segment_summary(chunk_terms, {n: x[:, SPLIT:] for n, x in inputs.items()}, chunk_size)
     combined = combine_summaries(first, second)
     assert (combined.matrix is None) == family.endswith(("linear", "gla")), "diagonal families stay in log space"
     _, final_ref = reference()

@@ -2,7 +2,7 @@
 
 A ``Partial`` (running max m, normaliser l, unnormalised output acc, all float32) is softmax attention's chunk
 summary: partials over disjoint key sets merge associatively (``merge``), which the blockwise form, the KV-cache
-decode step and, later, ring attention all use.
+decode step and the sequence-parallel forms (``seqlab.parallel.attention``: all-gather, ring, halo) all use.
 
 The blockwise (chunked) form walks a static ``BlockSchedule``: rows of (query block, key block) pairs in which every
 pair can hold a visible key. Fully masked blocks are never visited, and rows have equal length, so one ``lax.scan``
@@ -30,6 +30,13 @@ class Partial(NamedTuple):
     m: Array
     l: Array
     acc: Array
+
+
+def empty_partial(like: Array, value_dim: int) -> Partial:
+    """The partial over no keys, the identity of ``merge``: m, l shaped like ``like`` [..., Tq] (and, inside
+    ``shard_map``, varying like it); acc [..., Tq, value_dim]."""
+    m = jnp.full_like(like, _MASKED, dtype=jnp.float32)
+    return Partial(m, jnp.zeros_like(m), jnp.zeros_like(m, shape=(*m.shape, value_dim)))
 
 
 def partial_from_scores(scores: Array, visible: Array, v: Array) -> Partial:

@@ -142,10 +142,7 @@ def chunked(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_stat
     inputs: per-token arrays [B, T, H, ...]; initial_state [B, H, K, V] float32.
     Returns o [B, T, H, V] float32 and the final state [B, H, K, V].
     """
-    length = next(iter(inputs.values())).shape[1]
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
-    terms = chunk_terms({name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()})
+    terms, length = _chunk_terms(chunk_terms, inputs, chunk_size)
     incoming, final = propagate_states(terms, initial_state)
     return _from_chunks(read_out(terms, incoming), length), final
 
@@ -169,38 +166,92 @@ def recurrent(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_st
     return jnp.moveaxis(o, 0, 1), final
 
 
-def segment_summary(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int, state_shape) -> Summary:
+def segment_summary(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int) -> Summary:
     """The summary (transition, state from a zero start) of a whole segment [B, T, H, ...].
 
     Its size does not depend on T; summaries of consecutive segments combine with ``combine_summaries``.
     """
-    length = next(iter(inputs.values())).shape[1]
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
-    terms = chunk_terms({name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()})
-    _, state = propagate_states(terms, jnp.zeros(state_shape, jnp.float32))
+    terms, _ = _chunk_terms(chunk_terms, inputs, chunk_size)
+    return summarize(terms)
+
+
+def summarize(terms: ChunkTerms) -> Summary:
+    """The summary of a run of chunks [B, H, N, ...]: its end state from a zero start and its whole transition
+    (diagonal transitions as a summed log decay; diagonal-plus-low-rank ones as a dense product, chunk by chunk)."""
+    _, state = propagate_states(terms, jnp.zeros_like(terms.s_local[:, :, 0]))
     transition = terms.transition
     if transition.left is None:
         return Summary(jnp.sum(transition.log_decay, axis=2), None, state)
-    key_dim = state_shape[-2]
+    key_dim = state.shape[-2]
+    per_chunk = jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), transition)
 
     def compose(matrix, chunk_transition):
         return chunk_transition.dense(key_dim) @ matrix, None
 
-    eye = jnp.broadcast_to(jnp.eye(key_dim, dtype=jnp.float32), (*state_shape[:-2], key_dim, key_dim))
-    matrix, _ = jax.lax.scan(compose, eye, jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), transition))
+    first = jax.tree.map(lambda a: a[0], per_chunk).dense(key_dim)
+    matrix, _ = jax.lax.scan(compose, first, jax.tree.map(lambda a: a[1:], per_chunk))
     return Summary(None, matrix, state)
+
+
+def sequence_parallel(
+    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int, axis_name: str
+):
+    """Chunked form over a sequence split into contiguous segments along the mesh axis ``axis_name`` (LASP-2).
+
+    Call inside ``shard_map``: ``inputs`` hold this device's segment [B, T_local, H, ...] and ``initial_state``
+    [B, H, K, V] the state before the whole sequence (the same on every device). Each device computes its chunk
+    terms once and its segment's summary from a zero state; one all-gather shares the summaries (their size does
+    not depend on T); each device folds the summaries of the devices before it into its incoming state, then runs
+    the cheap state scan from there and reads out. Returns this segment's o [B, T_local, H, V] float32 and the
+    final state of the whole sequence (identical on every device).
+    """
+    terms, length = _chunk_terms(chunk_terms, inputs, chunk_size)
+    gathered = jax.lax.all_gather(summarize(terms), axis_name, to="invarying")
+    incoming_state, final = _fold_gathered(gathered, initial_state, jax.lax.axis_index(axis_name))
+    incoming, _ = propagate_states(terms, incoming_state)
+    return _from_chunks(read_out(terms, incoming), length), final
+
+
+def _fold_gathered(gathered: Summary, initial_state: Array, index: Array) -> tuple[Array, Array]:
+    """Apply the gathered summaries [P, ...] in device order: (state entering device `index`, state after all)."""
+    state = incoming = initial_state
+    num_devices = gathered.state.shape[0]
+    for j in range(num_devices):
+        state = jax.tree.map(lambda a: a[j], gathered).apply(state)
+        incoming = jnp.where(j == index - 1, state, incoming)
+    return incoming, state
+
+
+def _chunk_terms(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int) -> tuple[ChunkTerms, int]:
+    """The terms of every chunk of per-token inputs [B, T, H, ...] (T zero-padded to chunks), and T."""
+    length = next(iter(inputs.values())).shape[1]
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    return chunk_terms({name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()}), length
 
 
 FORMS = ("chunked", "recurrent", "parallel")
 
 
-def run(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, impl: str, chunk_size: int):
-    """Dispatch to a form by name; see ``FORMS``."""
+def run(
+    chunk_terms: ChunkTermsFn,
+    inputs: Mapping[str, Array],
+    initial_state: Array,
+    impl: str,
+    chunk_size: int,
+    sequence_axis: str | None = None,
+):
+    """Dispatch to a form by name (see ``FORMS``); with ``sequence_axis`` the sequence is split along that mesh
+    axis and the chunked or parallel form runs as ``sequence_parallel`` (inside ``shard_map``)."""
+    if impl not in FORMS:
+        raise ValueError(f"impl must be one of {FORMS}, got {impl!r}")
+    if sequence_axis is not None:
+        if impl == "recurrent":
+            raise ValueError("impl: a sequence split over devices runs the 'chunked' or 'parallel' form, not 'recurrent'")
+        local_chunk = chunk_size if impl == "chunked" else next(iter(inputs.values())).shape[1]
+        return sequence_parallel(chunk_terms, inputs, initial_state, local_chunk, sequence_axis)
     if impl == "chunked":
         return chunked(chunk_terms, inputs, initial_state, chunk_size)
     if impl == "recurrent":
         return recurrent(chunk_terms, inputs, initial_state)
-    if impl == "parallel":
-        return parallel(chunk_terms, inputs, initial_state)
-    raise ValueError(f"impl must be one of {FORMS}, got {impl!r}")
+    return parallel(chunk_terms, inputs, initial_state)

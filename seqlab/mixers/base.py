@@ -119,10 +119,36 @@ class RecurrentCache:
         return cls(state=jnp.zeros(state_shape, jnp.float32), pos=jnp.zeros((), jnp.int32), conv=conv)
 
 
-def positions(cache: Any, length: int) -> jax.Array:
-    """Absolute positions [T] of the tokens of this call (continuing from cache.pos when decoding)."""
-    start = 0 if cache is None else cache.pos
+def positions(cache: Any, length: int, sequence_axis: str | None = None) -> jax.Array:
+    """Absolute positions [T] of the tokens of this call: continuing from cache.pos when decoding; offset by the
+    segments of the devices before this one when the sequence is split over the mesh axis `sequence_axis`."""
+    if cache is not None:
+        start = cache.pos
+    elif sequence_axis is not None:
+        start = jax.lax.axis_index(sequence_axis) * length
+    else:
+        start = 0
     return start + jnp.arange(length, dtype=jnp.int32)
+
+
+def shard_sequence(module: nnx.Module, axis_name: str | None) -> None:
+    """Run the training path of `module` (a mixer or a whole model) on a sequence split over the mesh axis
+    `axis_name` — inside shard_map, each device holding a contiguous segment — or on whole sequences again with
+    None. Every submodule with a ``sequence_axis`` attribute (mixers, short convolutions, the model backbone) takes
+    it; ops then exchange chunk summaries (LASP-2), keys/values or halos along the axis. Decoding is unaffected."""
+    for _, child in nnx.iter_modules(module):
+        if hasattr(child, "sequence_axis"):
+            child.sequence_axis = axis_name
+
+
+def previous_segment_tail(x: jax.Array, size: int, sequence_axis: str) -> jax.Array:
+    """The last `size` tokens of the previous device's segment of x [B, T_local, ...] (zeros on the first device):
+    one ppermute along `sequence_axis`. Needs T_local >= size."""
+    if x.shape[1] < size:
+        raise ValueError(f"x: a sequence shard of {x.shape[1]} tokens is shorter than the {size} tokens of context "
+                         f"this layer needs from the previous shard; use fewer devices on {sequence_axis!r}")
+    num = jax.lax.axis_size(sequence_axis)
+    return jax.lax.ppermute(x[:, x.shape[1] - size :], sequence_axis, [(i, i + 1) for i in range(num - 1)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,6 +182,7 @@ class Mixer(nnx.Module):
         self.chunk_size = chunk_size
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.sequence_axis: str | None = None
 
     # public API -----------------------------------------------------------------------------------------------
 
@@ -181,6 +208,10 @@ class Mixer(nnx.Module):
         """An empty decode cache for `batch` sequences of at most `max_len` tokens."""
         raise NotImplementedError
 
+    def shard_sequence(self, axis_name: str | None) -> None:
+        """See `shard_sequence`."""
+        shard_sequence(self, axis_name)
+
     # for subclasses -------------------------------------------------------------------------------------------
 
     def _forward(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
@@ -199,7 +230,7 @@ class Mixer(nnx.Module):
         """Keyword arguments of a linear-family op: the training path, or the same form continuing from a cached
         `state` and returning the final state (a prefill; at T = 1, one recurrent step)."""
         if state is None:
-            return dict(impl=self.impl, chunk_size=self.chunk_size)
+            return dict(impl=self.impl, chunk_size=self.chunk_size, sequence_axis=self.sequence_axis)
         return dict(impl=self.impl, chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
 
     def _heads(self, x: jax.Array, head_dim: int) -> jax.Array:
@@ -264,6 +295,7 @@ class ShortConv(nnx.Module):
 
     y_t[c] = sum_{i<K} w[i, c] * x_{t-K+1+i}[c] (+ b[c]), with zeros before the first token.
     The decode cache holds the last K-1 inputs, [B, K-1, C]. Init as PyTorch's Conv1d: U(+-1/sqrt(K)).
+    On a sequence split over devices (`shard_sequence`), a shard's first K-1 inputs come from the previous shard.
     """
 
     def __init__(
@@ -284,6 +316,7 @@ class ShortConv(nnx.Module):
         self.kernel_size = kernel_size
         self.activation = activation
         self.dtype = dtype
+        self.sequence_axis: str | None = None
         bound = 1.0 / math.sqrt(kernel_size)
         init = jax.nn.initializers.uniform(2 * bound)
         self.weight = nnx.Param(init(rngs.params(), (kernel_size, channels), param_dtype) - bound)
@@ -296,7 +329,9 @@ class ShortConv(nnx.Module):
         """x [B, T, C], state [B, K-1, C] or None (start of sequence) -> (y [B, T, C], new state [B, K-1, C])."""
         B, T, C = x.shape
         K = self.kernel_size
-        if state is None:
+        if state is None and self.sequence_axis is not None and K > 1:
+            state = previous_segment_tail(x, K - 1, self.sequence_axis)
+        elif state is None:
             state = jnp.zeros((B, K - 1, C), x.dtype)
         xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, T+K-1, C]
         w = self.weight[...].astype(x.dtype)

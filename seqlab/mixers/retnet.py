@@ -77,7 +77,7 @@ class RetNet(Mixer):
 
     def _forward(self, x: jax.Array, cache: RecurrentCache | None):
         B, T, _ = x.shape
-        pos = positions(cache, T)
+        pos = positions(cache, T, self.sequence_axis)
         q = self.rope(self._heads(self.q_proj(x), self.key_dim), pos)
         k = self.rope(self._heads(self.k_proj(x), self.key_dim), pos)
         v = self._heads(self.v_proj(x), self.head_dim)

@@ -9,6 +9,9 @@ Layer: q = RoPE(x W_q), k = RoPE(x W_k) with num_kv_heads (GQA) heads, v = x W_v
 A window w means query t sees keys t-w < s <= t (w keys, itself included; Based's "previous 128 + itself" is
 window=129).
 
+On a sequence split over devices (`shard_sequence`), keys and values travel by all-gather (default) or around a
+ring (`sequence_parallel="ring"`); a sliding window exchanges only a halo of window-1 keys with the previous device.
+
 Decode cache (`KVCache`): keys/values [B, L, H_kv, d] with absolute `key_positions` [L] (-1 = empty) and the
 position counter. A token at position p is written to slot p % L. Full attention uses L = max_len (decoding past
 max_len would overwrite the oldest slots, i.e. silently turn into a window of max_len; keep p < max_len). Sliding
@@ -27,9 +30,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from seqlab import ops
+from seqlab.parallel.attention import MODES as SEQUENCE_PARALLEL_MODES
 from seqlab.mixers.base import (
     Mixer,
     RoPE,
+    check_choice,
     check_divisible,
     check_even,
     check_optional_positive_int,
@@ -65,6 +70,7 @@ class SoftmaxAttention(Mixer):
         rope_base: float = 10000.0,
         rope_interleaved: bool = False,
         use_bias: bool = False,
+        sequence_parallel: str = "allgather",
         impl: str = "chunked",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
@@ -73,6 +79,8 @@ class SoftmaxAttention(Mixer):
     ):
         super().__init__(d_model, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
         rngs = default_rngs(rngs)
+        check_choice("sequence_parallel", sequence_parallel, SEQUENCE_PARALLEL_MODES)
+        self.sequence_parallel = sequence_parallel
         self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         check_positive_int("num_kv_heads", self.num_kv_heads)
@@ -106,7 +114,7 @@ class SoftmaxAttention(Mixer):
         k = self._heads(self.k_proj(x), self.head_dim)
         v = self._heads(self.v_proj(x), self.head_dim)
         if self.rope is not None:
-            pos = positions(cache, T)
+            pos = positions(cache, T, None if cache is not None else self.sequence_axis)
             q, k = self.rope(q, pos), self.rope(k, pos)
         if cache is not None:
             cache = self._write(cache, k, v)
@@ -115,7 +123,10 @@ class SoftmaxAttention(Mixer):
                 q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, window=self.window
             )[:, None]
         else:
-            o = ops.softmax_attn(q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.chunk_size)
+            o = ops.softmax_attn(
+                q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.chunk_size,
+                sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
+            )  # fmt: skip
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
 
     def _write(self, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:

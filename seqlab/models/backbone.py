@@ -76,10 +76,11 @@ class Backbone(nnx.Module):
             for name in layer_mixers(mixers, num_layers)
         ])  # fmt: skip
         self.final_norm = make_norm(norm, d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.sequence_axis: str | None = None
 
     def __call__(self, tokens: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """tokens [B, T] -> [B, T, d_model]; `dropout_rng` enables embedding dropout (training)."""
-        h = self._embed(tokens, jnp.arange(tokens.shape[1]))
+        h = self._embed(tokens, positions(None, tokens.shape[1], self.sequence_axis))
         h = self._dropout(h, dropout_rng)
         for block in self.blocks:
             h = block(h)
@@ -119,6 +120,8 @@ class Backbone(nnx.Module):
     def _dropout(self, h: jax.Array, rng: jax.Array | None) -> jax.Array:
         if rng is None or self.embed_dropout == 0.0:
             return h
+        if self.sequence_axis is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(self.sequence_axis))
         keep = jax.random.bernoulli(rng, 1.0 - self.embed_dropout, h.shape)
         return jnp.where(keep, h / (1.0 - self.embed_dropout), 0.0).astype(h.dtype)
 

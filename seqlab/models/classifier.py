@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqlab.mixers.base import check_choice, check_positive_int
+from seqlab.mixers.base import check_choice, check_positive_int, positions
 from seqlab.models.backbone import Backbone
 
 POOLINGS = ("mean", "cls")
@@ -36,12 +36,19 @@ class SequenceClassifier(nnx.Module):
     def __call__(self, tokens: jax.Array, lengths: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         """tokens [B, T] int, lengths [B] int (real tokens per row) -> logits [B, C] float32."""
         h = self.backbone(tokens, dropout_rng=dropout_rng).astype(jnp.float32)
-        return self.head(pool(h, lengths, self.pooling))
+        return self.head(pool(h, lengths, self.pooling, self.backbone.sequence_axis))
 
 
-def pool(h: jax.Array, lengths: jax.Array, pooling: str) -> jax.Array:
-    """h [B, T, D], lengths [B] -> [B, D]: the mean over positions < length, or the state at length - 1."""
+def pool(h: jax.Array, lengths: jax.Array, pooling: str, sequence_axis: str | None = None) -> jax.Array:
+    """h [B, T, D], lengths [B] -> [B, D]: the mean over positions < length, or the state at length - 1.
+
+    With `sequence_axis`, h is this device's segment of the sequence and lengths count the whole sequence; the
+    pooled vector is summed over the axis (one psum of [B, D]).
+    """
+    pos = positions(None, h.shape[1], sequence_axis)[None, :]
     if pooling == "cls":
-        return jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    mask = (jnp.arange(h.shape[1])[None, :] < lengths[:, None]).astype(h.dtype)
-    return jnp.einsum("btd,bt->bd", h, mask) / jnp.maximum(lengths, 1)[:, None].astype(h.dtype)
+        weights = (pos == lengths[:, None] - 1).astype(h.dtype)
+    else:
+        weights = (pos < lengths[:, None]).astype(h.dtype) / jnp.maximum(lengths, 1)[:, None].astype(h.dtype)
+    pooled = jnp.einsum("btd,bt->bd", h, weights)
+    return pooled if sequence_axis is None else jax.lax.psum(pooled, sequence_axis)

@@ -95,6 +95,7 @@ def delta_rule(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
     """Delta-rule linear attention (DeltaNet). k is used as given (the mixers L2-normalise it).
 
@@ -105,7 +106,7 @@ def delta_rule(
     _common.check_gate("beta", beta, q.shape[:3])
     o, state = _common.run_linear_op(
         delta_chunk_terms, q, k, v, {"beta": beta}, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
     )
     return o.astype(v.dtype), state
 
@@ -122,6 +123,7 @@ def gated_delta_rule(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
     """Gated delta rule (Gated DeltaNet); as ``delta_rule`` plus g: [B, T, H] log decay (<= 0)."""
     _common.check_qkv(q, k, v)
@@ -129,6 +131,6 @@ def gated_delta_rule(
     _common.check_gate("beta", beta, q.shape[:3])
     o, state = _common.run_linear_op(
         delta_chunk_terms, q, k, v, {"g": g, "beta": beta}, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
     )
     return o.astype(v.dtype), state

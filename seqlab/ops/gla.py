@@ -73,6 +73,7 @@ def gla(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
     """Vector-gated linear attention.
 
@@ -83,6 +84,6 @@ def gla(
     _common.check_gate("gk", gk, q.shape)
     o, state = _common.run_linear_op(
         vector_gate_chunk_terms, q, k, v, {"gk": gk}, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
     )
     return o.astype(v.dtype), state

@@ -30,6 +30,7 @@ def linear_attn(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
     """Additive linear attention; q, k: [B, T, H, K]; v: [B, T, H, V].
 
@@ -40,7 +41,7 @@ def linear_attn(
     values = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1) if normalize else v
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, values, {}, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
     )
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)

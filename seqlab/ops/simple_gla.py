@@ -47,6 +47,7 @@ def simple_gla(
     output_final_state: bool = False,
     impl: str = "chunked",
     chunk_size: int = 64,
+    sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
     """Scalar-decay linear attention.
 
@@ -57,6 +58,6 @@ def simple_gla(
     _common.check_gate("g", g, q.shape[:3])
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, v, {"g": g}, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+        output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
     )
     return o.astype(v.dtype), state

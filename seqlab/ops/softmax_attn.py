@@ -5,6 +5,11 @@ and non-causal, with grouped-query heads ("GQA: Training Generalized Multi-Query
 
 causal: s <= t; window w: t - w < s (a query sees itself and the w - 1 keys before it); non-causal: every s
 (|t - s| < w with a window). The chunked form is ``seqlab.core.online_softmax.blockwise_attention``.
+
+With ``sequence_axis`` the sequence is split into contiguous segments along that mesh axis (inside
+``jax.shard_map``) and ``seqlab.parallel.attention`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:
+Rethinking Sequence Parallelism for Linear Attention and Its Hybrid") or "ring" ("Ring Attention with Blockwise
+Transformers for Near-Infinite Context"); sliding windows with w - 1 <= T_local exchange only a halo.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from seqlab.core import online_softmax
+from seqlab.parallel import attention as sequence_attention
 
 Array = jax.Array
 
@@ -39,6 +45,13 @@ def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: 
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
 
 
+def _check_sequence(impl: str, sequence_axis: str | None, sequence_parallel: str) -> None:
+    if sequence_parallel not in sequence_attention.MODES:
+        raise ValueError(f"sequence_parallel must be one of {sequence_attention.MODES}, got {sequence_parallel!r}")
+    if sequence_axis is not None and impl == "recurrent":
+        raise ValueError(f"impl must be 'chunked' or 'parallel' with sequence_axis set, got {impl!r}")
+
+
 def _group_heads(q: Array, kv_heads: int, scale: float) -> Array:
     """[B, T, H, D] -> [B, Hkv, G, T, D] in float32, scaled."""
     b, t, h, d = q.shape
@@ -56,14 +69,28 @@ def softmax_attn(
     window: int | None = None,
     impl: str = "chunked",
     block_size: int | None = None,
+    sequence_axis: str | None = None,
+    sequence_parallel: str = "allgather",
 ) -> Array:
-    """q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, V] with Hkv dividing H. Returns o [B, T, H, V]."""
+    """q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, V] with Hkv dividing H. Returns o [B, T, H, V].
+
+    sequence_axis: a mesh axis name; q, k, v are then this device's segment [B, T_local, ...] of a sequence split
+    contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
+    sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
+    impl "chunked" loops over blocks of ``block_size``, "parallel" over blocks of T_local.
+    """
     _check(q, k, v, window, impl, causal, block_size)
+    _check_sequence(impl, sequence_axis, sequence_parallel)
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     qg = _group_heads(q, k.shape[2], scale)
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
-    if impl == "chunked":
+    if sequence_axis is not None:
+        o = sequence_attention.sequence_parallel_attention(
+            qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, causal=causal, window=window,
+            block_size=(block_size or DEFAULT_BLOCK_SIZE) if impl == "chunked" else None,
+        )
+    elif impl == "chunked":
         o = online_softmax.blockwise_attention(
             qg, kt, vt, causal=causal, window=window, block_size=block_size or DEFAULT_BLOCK_SIZE
         )

@@ -52,7 +52,9 @@ class Checkpoints:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """``<workdir>/config.json``: the run's full config."""
+    """``<workdir>/config.json``: the run's full config (written by process 0)."""
+    if jax.process_index() != 0:
+        return
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 

@@ -14,23 +14,30 @@ import os
 import time
 from typing import Any, Iterable
 
+import jax
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Appends records to ``<workdir>/metrics.jsonl`` and TensorBoard, and prints a progress line per record."""
+    """Appends records to ``<workdir>/metrics.jsonl`` and TensorBoard, and prints a progress line per record.
+
+    In a multi-process run only process 0 writes (every process computes the same replicated metrics).
+    """
 
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
         self.path = os.path.join(workdir, METRICS_FILE)
         self.total_steps = total_steps
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.writes = jax.process_index() == 0
+        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.writes else None
         self.start = time.perf_counter()
         self.start_step = start_step
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> dict[str, Any]:
         record = {"step": step, "split": split, **{k: float(v) for k, v in scalars.items()}}
+        if not self.writes:
+            return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in scalars.items():
@@ -51,7 +58,8 @@ class MetricsLogger:
         return "  ".join(parts)
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _duration(seconds: float) -> str:

@@ -7,6 +7,7 @@ Classification (task.kind "classification"): batch {"inputs" [B, L], "length" [B
 and accuracy of the pooled logits.
 
 Steps return sums (loss_sum, weight, correct_sum, examples) so evaluation can aggregate exact means over batches.
+On a (data, seq) mesh the sums are computed per device inside shard_map and added over the mesh.
 """
 
 from __future__ import annotations
@@ -17,24 +18,34 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from seqlab.parallel.mesh import DATA_AXIS, batch_spec
 
 IGNORE_LABEL = -100
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
 
 
-def lm_sums(logits: jax.Array, labels: jax.Array) -> Sums:
-    """logits [B, L, V] float32, labels [B, L] (-100 ignored) -> loss_sum, weight, correct_sum, examples."""
+def lm_sums(logits: jax.Array, labels: jax.Array, sequence_axis: str | None = None) -> Sums:
+    """logits [B, L, V] float32, labels [B, L] (-100 ignored) -> loss_sum, weight, correct_sum, examples.
+
+    With `sequence_axis`, L is this device's segment; per-example counts are summed over the axis before the
+    per-example accuracy is taken, and every sum covers the whole sequence.
+    """
     mask = labels != IGNORE_LABEL
     safe = jnp.where(mask, labels, 0)
     token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
     correct = (jnp.argmax(logits, axis=-1) == safe) & mask
-    supervised = mask.sum(axis=1)
-    per_example = correct.sum(axis=1) / jnp.maximum(supervised, 1)
-    has_targets = supervised > 0
+    counts = {"hits": correct.sum(axis=1), "supervised": mask.sum(axis=1),
+              "loss_sum": jnp.sum(jnp.where(mask, token_loss, 0.0))}
+    if sequence_axis is not None:
+        counts = jax.lax.psum(counts, sequence_axis)
+    per_example = counts["hits"] / jnp.maximum(counts["supervised"], 1)
+    has_targets = counts["supervised"] > 0
     return {
-        "loss_sum": jnp.sum(jnp.where(mask, token_loss, 0.0)),
-        "weight": mask.sum().astype(jnp.float32),
+        "loss_sum": counts["loss_sum"],
+        "weight": counts["supervised"].sum().astype(jnp.float32),
         "correct_sum": jnp.sum(jnp.where(has_targets, per_example, 0.0)),
         "examples": has_targets.sum().astype(jnp.float32),
     }
@@ -52,11 +63,35 @@ def classification_sums(logits: jax.Array, labels: jax.Array) -> Sums:
 
 
 def batch_sums(model: nnx.Module, batch: Batch, kind: str, dropout_rng: jax.Array | None) -> Sums:
-    """Run the model on a batch and reduce to sums."""
+    """Run the model on a batch (or, inside shard_map, on this device's part of it) and reduce to sums."""
+    sequence_axis = model.backbone.sequence_axis
     if kind == "classification":
         logits = model(batch["inputs"], batch["length"], dropout_rng=dropout_rng)
         return classification_sums(logits, batch["label"])
-    return lm_sums(model(batch["inputs"], dropout_rng=dropout_rng), batch["labels"])
+    return lm_sums(model(batch["inputs"], dropout_rng=dropout_rng), batch["labels"], sequence_axis)
+
+
+def mesh_sums(
+    graphdef: nnx.GraphDef, rest: nnx.State, kind: str, mesh: Mesh | None
+) -> Callable[[Any, Batch, jax.Array | None], Sums]:
+    """(params, global batch, dropout key) -> sums over the whole batch. On a mesh, each device runs its shard of
+    the batch (rows over data, time over seq) inside shard_map and the sums are added over the mesh."""
+
+    def local(params, batch, rng):
+        if rng is not None and mesh is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
+        sums = batch_sums(nnx.merge(graphdef, params, rest), batch, kind, rng)
+        return sums if mesh is None else jax.lax.psum(sums, DATA_AXIS)
+
+    if mesh is None:
+        return local
+
+    def sharded(params, batch, rng):
+        specs = {key: batch_spec(x) for key, x in batch.items()}
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), specs, P()), out_specs=P())
+        return fn(params, batch, rng)
+
+    return sharded
 
 
 def means(sums: Sums) -> dict[str, float]:
@@ -69,15 +104,16 @@ def means(sums: Sums) -> dict[str, float]:
 
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, kind: str,
-    schedule: optax.Schedule, seed: int,
+    schedule: optax.Schedule, seed: int, mesh: Mesh | None = None,
 ) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], dict[str, jax.Array]]]:
     """A jitted step: (state {"step", "params", "opt_state"}, batch) -> (new state, metrics).
 
     Dropout noise is a pure function of (seed, step), so a resumed run repeats an uninterrupted one exactly.
     """
+    sums_fn = mesh_sums(graphdef, rest, kind, mesh)
 
     def loss_fn(params, batch, rng):
-        sums = batch_sums(nnx.merge(graphdef, params, rest), batch, kind, rng)
+        sums = sums_fn(params, batch, rng)
         return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
 
     def step(state, batch):
@@ -93,10 +129,9 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, kind: str) -> Callable[[Any, Batch], Sums]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, rest: nnx.State, kind: str, mesh: Mesh | None = None
+) -> Callable[[Any, Batch], Sums]:
     """A jitted (params, batch) -> sums, without dropout."""
-
-    def step(params, batch):
-        return batch_sums(nnx.merge(graphdef, params, rest), batch, kind, None)
-
-    return jax.jit(step)
+    sums_fn = mesh_sums(graphdef, rest, kind, mesh)
+    return jax.jit(lambda params, batch: sums_fn(params, batch, None))

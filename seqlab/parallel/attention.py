@@ -1,0 +1,178 @@
+"""Softmax attention over a sequence split into contiguous segments along a mesh axis.
+
+Called inside ``jax.shard_map``: of P devices on the axis, device i holds tokens [i·T_local, (i+1)·T_local) of q,
+k and v. Every exchange below ends in the online-softmax ``Partial`` of ``seqlab.core.online_softmax``, computed
+blockwise by ``segment_partial`` (query blocks scanned and rematerialised in the backward pass; within a query
+block, a scan over the key blocks it can reach, where a block with no visible pair is skipped by ``lax.cond``):
+
+- "allgather" — LASP-2H, the softmax half of "LASP-2: Rethinking Sequence Parallelism for Linear Attention and
+  Its Hybrid": one all-gather of K and V, then the local queries (global positions offset by i·T_local) walk the
+  gathered key blocks, segment by segment. Communication grows with T.
+- "ring" — "Ring Attention with Blockwise Transformers for Near-Infinite Context": P steps; each device attends
+  to the K/V segment it holds, merges the partial, and passes the segment to the next device with ``ppermute``
+  (P - 1 permutes). Segments a causal mask hides (a later device's) cost only the skip test.
+- halo — sliding window w with w - 1 <= T_local, whatever the mode: device i receives only the last w - 1 keys
+  and values of device i - 1 (and, non-causal, the first w - 1 of device i + 1) by one ``ppermute`` each, then
+  attends locally. Edge devices receive zeros at positions outside [0, T), which the mask hides. Communication
+  does not grow with T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from seqlab.core.online_softmax import Partial, empty_partial, finalize, merge, partial_from_scores, visibility
+
+Array = jax.Array
+
+MODES = ("allgather", "ring")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Which keys a query sees: positions in [0, length); causal and window as in ``visibility``; the block size
+    of the query and key loops."""
+
+    length: int
+    causal: bool
+    window: int | None
+    block: int
+
+    def reach(self, num_key_blocks: int) -> int:
+        """How many consecutive key blocks one query block can see (static)."""
+        if self.window is None:
+            return num_key_blocks
+        span = self.block + (self.window - 1) * (1 if self.causal else 2)  # key positions a query block sees
+        return min(num_key_blocks, (span + self.block - 2) // self.block + 1)
+
+    def first_key_block(self, offset: Array, num_key_blocks: int) -> Array | int:
+        """The first of the ``reach`` key blocks scanned for a query block whose first query sits ``offset``
+        positions after the first key."""
+        if self.window is None:
+            return 0
+        earliest = offset - (self.window - 1)  # index of the first key a query of the block can see
+        return jnp.clip(earliest // self.block, 0, num_key_blocks - self.reach(num_key_blocks))
+
+
+def sequence_parallel_attention(
+    q: Array, k: Array, v: Array, *, axis_name: str, mode: str, causal: bool, window: int | None,
+    block_size: int | None,
+) -> Array:
+    """This device's segment of softmax attention over the sequence split along ``axis_name``.
+
+    q: [B, Hkv, G, T_local, D] (G query heads per key/value head, scaled, float32); k: [B, Hkv, T_local, D];
+    v: [B, Hkv, T_local, V]; mode in ``MODES``; block_size None: one block of T_local (the parallel form).
+    Returns o [B, Hkv, G, T_local, V] float32.
+    """
+    t_local = q.shape[3]
+    mask = Mask(t_local * jax.lax.axis_size(axis_name), causal, window, min(block_size or t_local, t_local))
+    if window is not None and window - 1 <= t_local:
+        part = _halo(q, k, v, axis_name, mask)
+    elif mode == "allgather":
+        part = _allgather(q, k, v, axis_name, mask)
+    else:
+        part = _ring(q, k, v, axis_name, mask)
+    return finalize(part)
+
+
+def _allgather(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
+    """Local queries against the all-gathered K/V, one device segment at a time (a scan merging partials, so the
+    backward pass holds one segment's blocks at a time)."""
+    devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
+    k_all, v_all = jax.lax.all_gather((k, v), axis_name)  # [P, B, Hkv, T_local, D or V]
+
+    def step(part, xs):
+        k_seg, v_seg, source = xs
+        return merge(part, segment_partial(q, k_seg, v_seg, index * t_local, source * t_local, mask)), None
+
+    part, _ = jax.lax.scan(step, empty_partial(q[..., 0], v.shape[-1]), (k_all, v_all, jnp.arange(devices)))
+    return part
+
+
+def _ring(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
+    """P - 1 ppermute steps of the K/V segments around the ring, merging one partial per segment held."""
+    devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
+    to_next = [(i, (i + 1) % devices) for i in range(devices)]
+
+    def step(carry, hops):
+        part, kv = carry
+        kv = jax.lax.ppermute(kv, axis_name, to_next)
+        source = (index - hops) % devices
+        return (merge(part, segment_partial(q, *kv, index * t_local, source * t_local, mask)), kv), None
+
+    first = segment_partial(q, k, v, index * t_local, index * t_local, mask)
+    (part, _), _ = jax.lax.scan(step, (first, (k, v)), jnp.arange(1, devices))
+    return part
+
+
+def _halo(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
+    """Local attention over [halo from device i-1; local; halo from device i+1 (non-causal)], halos w - 1 long."""
+    devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
+    width, start = mask.window - 1, index * t_local
+    if not width:
+        return segment_partial(q, k, v, start, start, mask)
+    to_next = [(i, i + 1) for i in range(devices - 1)]
+    pieces = [jax.lax.ppermute((k[:, :, -width:], v[:, :, -width:]), axis_name, to_next), (k, v)]
+    if not mask.causal:
+        pieces.append(jax.lax.ppermute((k[:, :, :width], v[:, :, :width]), axis_name, [(j, i) for i, j in to_next]))
+    k_all, v_all = (jnp.concatenate(x, axis=2) for x in zip(*pieces))
+    return segment_partial(q, k_all, v_all, start, start - width, mask)
+
+
+def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start: Array | int, mask: Mask) -> Partial:
+    """The partial of queries at absolute positions q_start + [0, Tq) over keys at k_start + [0, Tk).
+
+    q: [B, Hkv, G, Tq, D] (scaled); k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, V]; the starts may be traced.
+    Returns Partial: m, l [B, Hkv, G, Tq]; acc [B, Hkv, G, Tq, V].
+    """
+    block, (tq, tk) = mask.block, (q.shape[3], k.shape[2])
+    qb, kb, vb = _blocks(q, 3, block), _blocks(k, 2, block), _blocks(v, 2, block)
+    reach = mask.reach(kb.shape[0])
+
+    @jax.checkpoint
+    def query_block(_, xs):
+        q_block, index = xs
+        q_pos = _positions(q_start, index, block, tq)
+        first = mask.first_key_block(q_start + index * block - k_start, kb.shape[0])
+
+        def key_block(part, key_index):
+            visible = visibility(q_pos, _positions(k_start, key_index, block, tk), mask.length, mask.causal,
+                                 mask.window) & (q_pos >= 0)[:, None]
+
+            def attend(part):
+                scores = jnp.einsum("bhgqd,bhkd->bhgqk", q_block, kb[key_index])
+                return merge(part, partial_from_scores(scores, visible, vb[key_index][:, :, None]))
+
+            return jax.lax.cond(jnp.any(visible), attend, lambda part: part, part), None
+
+        start = empty_partial(q_block[..., 0], vb.shape[-1])
+        part, _ = jax.lax.scan(key_block, start, first + jnp.arange(reach))
+        return None, part
+
+    _, parts = jax.lax.scan(query_block, None, (qb, jnp.arange(qb.shape[0])))  # each [n_q, B, Hkv, G, block, ...]
+    return jax.tree.map(lambda x: _unblock(x, tq), parts)
+
+
+def _positions(start: Array | int, index: Array, block: int, count: int) -> Array:
+    """[block] absolute positions of block ``index`` of a run starting at ``start``; -1 past its ``count`` tokens."""
+    local = index * block + jnp.arange(block)
+    return jnp.where(local < count, start + local, -1)
+
+
+def _blocks(x: Array, axis: int, block: int) -> Array:
+    """Split ``axis`` (zero-padded to a multiple of ``block``) into blocks, the block index first:
+    [..., T, ...] -> [n, ..., block, ...]."""
+    n = -(-x.shape[axis] // block)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * block - x.shape[axis])
+    x = jnp.pad(x, pad)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:]), axis, 0)
+
+
+def _unblock(x: Array, length: int) -> Array:
+    """[n, B, Hkv, G, block, ...] -> [B, Hkv, G, length, ...]: the inverse of ``_blocks`` on axis 3."""
+    x = jnp.moveaxis(x, 0, 3)
+    return x.reshape(*x.shape[:3], -1, *x.shape[5:])[:, :, :, :length]
