@@ -203,12 +203,17 @@ def sequence_parallel(
     terms once and its segment's summary from a zero state; one all-gather shares the summaries (their size does
     not depend on T); each device folds the summaries of the devices before it into its incoming state, then runs
     the cheap state scan from there and reads out. Returns this segment's o [B, T_local, H, V] float32 and the
-    final state of the whole sequence (identical on every device).
+    final state of the whole sequence (replicated).
     """
     terms, length = _chunk_terms(chunk_terms, inputs, chunk_size)
-    gathered = jax.lax.all_gather(summarize(terms), axis_name, to="invarying")
-    incoming_state, final = _fold_gathered(gathered, initial_state, jax.lax.axis_index(axis_name))
+    gathered = jax.lax.all_gather(summarize(terms), axis_name)
+    index = jax.lax.axis_index(axis_name)
+    incoming_state, final = _fold_gathered(gathered, initial_state, index)
     incoming, _ = propagate_states(terms, incoming_state)
+    # Every device folded the same summaries into `final`; one psum marks it replicated (XLA drops it when the
+    # final state is not used). The all-gather's transpose in the backward pass is a reduce-scatter of the
+    # summaries' cotangents: LASP-2's backward communication.
+    final = jax.lax.psum(jnp.where(index == 0, final, 0.0), axis_name)
     return _from_chunks(read_out(terms, incoming), length), final
 
 

@@ -104,6 +104,12 @@ def test_lasp2_collectives_do_not_grow_with_length(name, backward):
     fn = lambda q, k, v, x: op(q, k, v, gate(x))  # noqa: E731
     short, long = (bytes_at(fn, 4, length, backward) for length in LENGTHS)
     assert short == long and sum(short.values()) > 0, (short, long)
+    # LASP-2: the forward all-gathers the summaries; autodiff's backward is one reduce-scatter of their
+    # cotangents (each device keeps its own summary's share), no all-reduce of the gathered summaries.
+    used = {kind for kind, size in short.items() if size}
+    assert used == ({"all-gather", "reduce-scatter"} if backward else {"all-gather"}), short
+    if backward:
+        assert short["reduce-scatter"] * DEVICES == short["all-gather"], short
 
 
 def test_softmax_allgather_collectives_grow_with_length():
