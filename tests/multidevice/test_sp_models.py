@@ -98,7 +98,8 @@ def run_losses(tmp_path, name: str, spec: str, **mesh) -> list[float]:
     return [r["loss"] for r in load_metrics(str(tmp_path / name), split="train")]
 
 
-@pytest.mark.parametrize("spec", ["configs/mqar.py:gla,tiny", "configs/listops.py:deltanet,tiny"])
+@pytest.mark.parametrize("spec", ["configs/mqar.py:gla,tiny",
+                                  pytest.param("configs/listops.py:deltanet,tiny", marks=pytest.mark.slow)])
 def test_training_on_a_mesh_follows_the_single_device_run(tmp_path, spec):
     single = run_losses(tmp_path, "single", spec)
     sharded = run_losses(tmp_path, "seq4", spec, seq=4)
