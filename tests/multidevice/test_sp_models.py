@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from seqlab import config as config_lib, mixers
 from seqlab.mixers.base import shard_sequence
-from seqlab.models import DecoderLM, SequenceClassifier
+from seqlab.models import DecoderLM
 from seqlab.train import train_and_evaluate
 from seqlab.training import load_metrics
 
@@ -26,14 +26,14 @@ MIXER_ARGS = {"sliding_window": {"window": 8}, "based": {"feature_dim": 4}, "mam
               "softmax": {}, "linear_attn": {}}
 
 
-def build(mixer_pattern: tuple[str, ...], cls=DecoderLM, **extra):
+def build(mixer_pattern: tuple[str, ...]) -> DecoderLM:
     args = dict(
         vocab_size=VOCAB, d_model=32, num_layers=len(mixer_pattern), num_heads=2, mixers=mixer_pattern,
         mixer_args={name: {"chunk_size": 8, **MIXER_ARGS.get(name, {})} for name in mixer_pattern}, mlp="swiglu",
         mlp_ratio=2.0, norm="rmsnorm", position_embedding="learned", max_len=T, embed_dropout=0.0,
-        rngs=nnx.Rngs(0), **extra,
+        rngs=nnx.Rngs(0),
     )  # fmt: skip
-    return cls(**args)
+    return DecoderLM(**args)
 
 
 def rel(a, b) -> float:
