@@ -30,7 +30,7 @@ OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Mixer constructor arguments the model sets itself (not configurable per mixer).
-_MODEL_SET_ARGS = ("d_model", "num_heads", "rngs", "dtype", "param_dtype")
+_MODEL_SET_ARGS = ("d_model", "num_heads", "rngs", "dtype", "param_dtype", "layer_index", "num_layers")
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -176,6 +176,13 @@ def _check_model(model: ml_collections.ConfigDict, task: data.Task) -> None:
         if model[key] not in allowed:
             raise ValueError(f"model.{key}: {model[key]!r} is not one of {', '.join(allowed)}")
     for name in set(pattern):
+        causal = mixers.get(name).causal and model.mixer_args[name].get("causal", True) is not False
+        if task.kind == "lm" and not causal:
+            raise ValueError(
+                f"model.mixers: {name!r} is non-causal here (each output sees the whole sequence), so it cannot be a "
+                f"language model's mixer (data.task={task.name!r}); use a classification task, or set "
+                f"model.mixer_args.{name}.causal=True where the mixer has a causal form"
+            )
         window = model.mixer_args[name].get("window")
         if window is not None and window > task.seq_len:
             raise ValueError(

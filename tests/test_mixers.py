@@ -324,5 +324,5 @@ def test_based_is_taylor_linear_attention():
     reference = make("linear_attn-taylor", feature_dim=4)
     nnx.update(reference, nnx.state(based))
     x, _ = inputs()
-    assert based.q_map.out_dim == 1 + 4 + 16
+    assert based.init_cache(1, 1).state.shape[2] == 1 + 4 + 10  # split-order state: 4 * 5 / 2 pairs
     assert rel_err(based(x), reference(x)) < 1e-6

@@ -61,6 +61,11 @@ def create(name: str, *, d_model: int, num_heads: int, **kwargs) -> Mixer:
     return cls(d_model, num_heads, **kwargs)
 
 
+def takes_depth(name: str) -> bool:
+    """Whether mixer `name` takes its layer's depth (``layer_index``, ``num_layers``) from the model."""
+    return "layer_index" in _keyword_args(get(name))
+
+
 def _keyword_args(cls: type) -> set[str]:
     """Keyword arguments of cls.__init__, following **kwargs up the class hierarchy."""
     names: set[str] = set()
@@ -97,4 +102,5 @@ __all__ = [
     "available",
     "create",
     "get",
+    "takes_depth",
 ]

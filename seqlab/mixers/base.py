@@ -160,7 +160,13 @@ class Mixer(nnx.Module):
     """Base class of all token mixers.
 
     Subclasses call `super().__init__`, build their layers, and implement `init_cache` and `_forward`.
+    A non-causal mixer (every output sees the whole sequence: classification, diffusion, vision) sets
+    ``self.causal = False``; it has no decode path, and its `init_cache` raises through `_check_cache_args`.
+    Mixers whose constructor takes ``layer_index`` (and ``num_layers``) get their depth from the model
+    (per-layer schedules such as TransNormerLLM's decay).
     """
+
+    causal: bool = True
 
     def __init__(
         self,
@@ -218,6 +224,8 @@ class Mixer(nnx.Module):
         raise NotImplementedError
 
     def _check_cache_args(self, batch: int, max_len: int) -> None:
+        if not self.causal:
+            raise ValueError(f"{type(self).__name__}: a non-causal mixer has no decode cache (causal=False)")
         check_positive_int("batch", batch)
         check_positive_int("max_len", max_len)
 
@@ -288,6 +296,15 @@ class RMSNorm(nnx.Module):
         if gate is not None and self.norm_before_gate:
             y = y * jax.nn.silu(gate.astype(jnp.float32))
         return y.astype(x.dtype)
+
+
+def srms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """SimpleRMSNorm (TransNormer, TransNormerLLM): x / sqrt(mean(x^2) + eps) over the last axis, no weights.
+
+    Computed in float32, cast back to x.dtype. Both papers apply it to all heads concatenated: x [..., H*d].
+    """
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 class ShortConv(nnx.Module):

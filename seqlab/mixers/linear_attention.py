@@ -70,9 +70,14 @@ class LinearAttention(Mixer):
         v = self.head_dim + int(self.normalize)
         return RecurrentCache.empty((batch, self.num_heads, self.q_map.out_dim, v))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def features(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """phi(q), phi(k) [B, T, H, F] of x [B, T, d_model] (what attention distillation compares)."""
         q = self.q_map(self._heads(self.q_proj(x), self.feature_dim))
         k = self.k_map(self._heads(self.k_proj(x), self.feature_dim))
+        return q, k
+
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+        q, k = self.features(x)
         v = self._heads(self.v_proj(x), self.head_dim)
         o, state = ops.linear_attn(
             q, k, v, scale=self.scale, normalize=self.normalize, eps=self.eps,

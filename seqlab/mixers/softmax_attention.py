@@ -108,14 +108,18 @@ class SoftmaxAttention(Mixer):
             pos=jnp.zeros((), jnp.int32),
         )
 
-    def _forward(self, x: jax.Array, cache: KVCache | None):
-        T = x.shape[1]
+    def queries_keys(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q [B, T, H, d] and k [B, T, H_kv, d] of x [B, T, d_model] at positions pos [T], RoPE applied."""
         q = self._heads(self.q_proj(x), self.head_dim)
         k = self._heads(self.k_proj(x), self.head_dim)
-        v = self._heads(self.v_proj(x), self.head_dim)
         if self.rope is not None:
-            pos = positions(cache, T, None if cache is not None else self.sequence_axis)
             q, k = self.rope(q, pos), self.rope(k, pos)
+        return q, k
+
+    def _forward(self, x: jax.Array, cache: KVCache | None):
+        T = x.shape[1]
+        q, k = self.queries_keys(x, positions(cache, T, None if cache is not None else self.sequence_axis))
+        v = self._heads(self.v_proj(x), self.head_dim)
         if cache is not None:
             cache = self._write(cache, k, v)
         if cache is not None and T == 1:  # a decode step attends to the cache; training and prompts to themselves

@@ -71,9 +71,10 @@ class Backbone(nnx.Module):
         self.blocks = nnx.List([
             Block(
                 name, d_model=d_model, num_heads=num_heads, mixer_args=mixer_args.get(name, {}), mlp=mlp,
-                mlp_ratio=mlp_ratio, norm=norm, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                mlp_ratio=mlp_ratio, norm=norm, rngs=rngs, layer_index=index, num_layers=num_layers, dtype=dtype,
+                param_dtype=param_dtype,
             )
-            for name in layer_mixers(mixers, num_layers)
+            for index, name in enumerate(layer_mixers(mixers, num_layers))
         ])  # fmt: skip
         self.final_norm = make_norm(norm, d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.sequence_axis: str | None = None
@@ -85,6 +86,16 @@ class Backbone(nnx.Module):
         for block in self.blocks:
             h = block(h)
         return self.final_norm(h)
+
+    def mixer_inputs(self, tokens: jax.Array) -> list[jax.Array]:
+        """The input of every layer's mixer (after its block's norm), [B, T, d_model] each, for tokens [B, T]
+        (what layer-wise distillation feeds a student's mixers)."""
+        h = self._embed(tokens, positions(None, tokens.shape[1], self.sequence_axis))
+        inputs = []
+        for block in self.blocks:
+            inputs.append(block.norm_mixer(h))
+            h = block(h)
+        return inputs
 
     def prefill(self, tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """A prompt tokens [B, T] into a fresh cache (from `init_cache`) -> (hidden [B, T, d_model], cache after T)."""

@@ -59,6 +59,8 @@ class Block(nnx.Module):
         mlp_ratio: float,
         norm: str,
         rngs: nnx.Rngs,
+        layer_index: int = 0,
+        num_layers: int = 1,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
     ):
@@ -66,7 +68,10 @@ class Block(nnx.Module):
         dt = dict(dtype=dtype, param_dtype=param_dtype)
         self.mixer_name = mixer
         self.norm_mixer = make_norm(norm, d_model, rngs=rngs, **dt)
-        self.mixer = mixers.create(mixer, d_model=d_model, num_heads=num_heads, rngs=rngs, **dt, **mixer_args)
+        depth = dict(layer_index=layer_index, num_layers=num_layers) if mixers.takes_depth(mixer) else {}
+        self.mixer = mixers.create(
+            mixer, d_model=d_model, num_heads=num_heads, rngs=rngs, **dt, **depth, **mixer_args
+        )
         if mlp == "swiglu":
             check_positive("model.mlp_ratio", mlp_ratio)
         with_mlp = mlp == "swiglu"
