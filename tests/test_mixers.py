@@ -38,11 +38,32 @@ CASES = {
     "mamba2": ("mamba2", dict(num_heads=4, d_state=16)),
     "baseconv": ("baseconv", dict(num_heads=1)),
     "based": ("based", dict(num_heads=2, feature_dim=4)),
+    "transnormer_norm": ("transnormer_norm", dict(num_heads=2)),
+    "transnormer_norm-t2": ("transnormer_norm", dict(num_heads=2, variant="t2")),
+    "transnormer_diag": ("transnormer_diag", dict(num_heads=2, block_size=8)),
+    "transnormer_diag-t2": ("transnormer_diag", dict(num_heads=2, block_size=8, variant="t2")),
+    "tnl": ("tnl", dict(num_heads=2, layer_index=1, num_layers=3)),
+    "lightnet": ("lightnet", dict(num_heads=2, feature_dim=8, gate_low_rank_dim=4)),
+    "flowformer": ("flowformer", dict(num_heads=2)),
+    "dsf": ("dsf", dict(num_heads=2)),
+    "inline": ("inline", dict(num_heads=2)),
+    "slab": ("slab", dict(num_heads=2, max_len=64)),
+    "lolcats-tk": ("lolcats", dict(num_heads=4, num_kv_heads=2, window=WINDOW, num_features=4)),
+    "lolcats-sw": ("lolcats", dict(num_heads=4, num_kv_heads=2, window=WINDOW, num_features=4, kind="sw")),
+    "liger": ("liger", dict(num_heads=4, num_kv_heads=2, window=WINDOW)),
 }
+# Non-causal mixers (every output sees the whole sequence): no decode path.
+NONCAUSAL_CASES = {
+    "flowformer-noncausal": ("flowformer", dict(num_heads=2, causal=False)),
+    "inline-noncausal": ("inline", dict(num_heads=2, causal=False)),
+    "slab-noncausal": ("slab", dict(num_heads=2, causal=False, max_len=64)),
+    "linfusion": ("linfusion", dict(num_heads=2)),
+}
+ALL_CASES = {**CASES, **NONCAUSAL_CASES}
 
 
 def make(case: str, **overrides) -> mixers.Mixer:
-    name, kwargs = CASES[case]
+    name, kwargs = ALL_CASES[case]
     kwargs = {"chunk_size": CHUNK, **kwargs, **overrides}
     return mixers.create(name, d_model=D, rngs=nnx.Rngs(0), **kwargs)
 
@@ -75,7 +96,19 @@ def decode(mixer: mixers.Mixer, x: jax.Array, max_len: int = T) -> jax.Array:
 
 
 def test_cases_cover_registry():
-    assert {name for name, _ in CASES.values()} == set(mixers.available())
+    assert {name for name, _ in ALL_CASES.values()} == set(mixers.available())
+    assert all(make(case).causal for case in CASES) and not any(make(case).causal for case in NONCAUSAL_CASES)
+
+
+@pytest.mark.parametrize("case", sorted(NONCAUSAL_CASES))
+def test_noncausal_mixers_see_the_future_and_have_no_cache(case):
+    mixer = make(case)
+    x, _ = inputs(4)
+    changed_last = x.at[:, -1].add(1.0)
+    y, y_changed = nnx.jit(lambda m, a, b: (m(a), m(b)))(mixer, x, changed_last)
+    assert rel_err(y_changed[:, 0], y[:, 0]) > 1e-6  # the first output depends on the last token
+    with pytest.raises(ValueError, match="non-causal mixer has no decode cache"):
+        mixer.init_cache(B, T)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -149,7 +182,7 @@ def test_softmax_prefill_longer_than_the_cache_is_an_error():
         mixer.prefill(jnp.zeros((B, 9, D)), mixer.init_cache(B, 8))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(ALL_CASES))
 def test_chunked_and_recurrent_impls_agree(case):
     x, _ = inputs(1)
     forward = jax.jit(lambda x: (make(case, impl="chunked")(x), make(case, impl="recurrent")(x)))
@@ -188,13 +221,15 @@ def test_recurrent_state_caches_have_documented_shapes():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(ALL_CASES))
 def test_bad_input_shapes_name_the_argument(case):
     mixer = make(case)
     with pytest.raises(ValueError, match=r"^x "):
         mixer(jnp.zeros((B, D)))
     with pytest.raises(ValueError, match=r"^x last dim must equal d_model"):
         mixer(jnp.zeros((B, T, D + 1)))
+    if not mixer.causal:
+        return
     cache = mixer.init_cache(B, 4)
     with pytest.raises(ValueError, match=r"^x "):
         mixer.prefill(jnp.zeros((B, D)), cache)

@@ -12,12 +12,22 @@ from seqlab.mixers.base import Mixer, RecurrentCache, RMSNorm, RoPE, ShortConv
 from seqlab.mixers.based import Based
 from seqlab.mixers.baseconv import BaseConv, ConvCache
 from seqlab.mixers.deltanet import DeltaNet
+from seqlab.mixers.dsf import DSFAttention
+from seqlab.mixers.flowformer import FlowAttention
 from seqlab.mixers.gated_deltanet import GatedDeltaNet
 from seqlab.mixers.gla import GLA
+from seqlab.mixers.inline import InLineAttention
+from seqlab.mixers.liger import LigerAttention
+from seqlab.mixers.lightnet import LightNet
 from seqlab.mixers.linear_attention import LinearAttention
+from seqlab.mixers.linfusion import LinFusionAttention
+from seqlab.mixers.lolcats import LoLCATsAttention
 from seqlab.mixers.mamba2 import Mamba2
 from seqlab.mixers.retnet import RetNet
+from seqlab.mixers.slab import SLAB
 from seqlab.mixers.softmax_attention import KVCache, SlidingWindowAttention, SoftmaxAttention
+from seqlab.mixers.tnl import TNLAttention
+from seqlab.mixers.transnormer import DiagAttention, NormAttention
 
 _REGISTRY: dict[str, type[Mixer]] = {
     "softmax": SoftmaxAttention,
@@ -30,6 +40,17 @@ _REGISTRY: dict[str, type[Mixer]] = {
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
     "mamba2": Mamba2,
+    "transnormer_norm": NormAttention,
+    "transnormer_diag": DiagAttention,
+    "tnl": TNLAttention,
+    "lightnet": LightNet,
+    "flowformer": FlowAttention,
+    "dsf": DSFAttention,
+    "inline": InLineAttention,
+    "slab": SLAB,
+    "linfusion": LinFusionAttention,
+    "lolcats": LoLCATsAttention,
+    "liger": LigerAttention,
 }
 
 
@@ -84,20 +105,31 @@ __all__ = [
     "BaseConv",
     "Based",
     "ConvCache",
+    "DSFAttention",
     "DeltaNet",
+    "DiagAttention",
+    "FlowAttention",
     "GLA",
     "GatedDeltaNet",
+    "InLineAttention",
     "KVCache",
+    "LightNet",
+    "LigerAttention",
+    "LinFusionAttention",
     "LinearAttention",
+    "LoLCATsAttention",
     "Mamba2",
     "Mixer",
+    "NormAttention",
     "RMSNorm",
     "RecurrentCache",
     "RetNet",
     "RoPE",
+    "SLAB",
     "ShortConv",
     "SlidingWindowAttention",
     "SoftmaxAttention",
+    "TNLAttention",
     "UnknownArgumentError",
     "available",
     "create",

@@ -391,15 +391,20 @@ class RoPE:
         """x [B, T, H, D] with D >= dim; pos [T] or [B, T] integer positions."""
         angle = pos.astype(jnp.float32)[..., None] * self.inv_freq()  # [(B,) T, d/2]
         angle = angle[None, :, None, :] if pos.ndim == 1 else angle[:, :, None, :]
-        cos, sin = jnp.cos(angle), jnp.sin(angle)
         rot, rest = x[..., : self.dim].astype(jnp.float32), x[..., self.dim :]
-        if self.interleaved:
-            x1, x2 = rot[..., 0::2], rot[..., 1::2]
-            out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(rot.shape)
-        else:
-            x1, x2 = jnp.split(rot, 2, axis=-1)
-            out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        out = rotate_pairs(rot, angle, interleaved=self.interleaved)
         return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+def rotate_pairs(x: jax.Array, angle: jax.Array, *, interleaved: bool) -> jax.Array:
+    """Rotate the feature pairs of x [..., d] by angle [..., d/2] (broadcast against x's leading axes): adjacent
+    pairs (x_2i, x_2i+1) when interleaved, else (x_i, x_{i+d/2}). Float32 in, float32 out."""
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x.shape)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
 def init_mamba_decay(

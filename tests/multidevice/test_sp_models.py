@@ -23,7 +23,9 @@ from seqlab.training import load_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, T, VOCAB = 2, 64, 32
 MIXER_ARGS = {"sliding_window": {"window": 8}, "based": {"feature_dim": 4}, "mamba2": {"d_state": 8},
-              "softmax": {}, "linear_attn": {}}
+              "softmax": {}, "linear_attn": {}, "transnormer_diag": {"block_size": 8},
+              "lightnet": {"feature_dim": 16, "gate_low_rank_dim": 8}, "slab": {"max_len": T},
+              "lolcats": {"window": 4, "num_features": 4}, "liger": {"window": 8}}
 
 
 def build(mixer_pattern: tuple[str, ...]) -> DecoderLM:
