@@ -6,7 +6,9 @@ sources, so it runs offline). Sample from a trained run with ``python -m seqlab.
     python -m seqlab.train --config=configs/bytes.py:softmax --config.data.bytes.files='/data/*.txt' --workdir=...
 
 The variant names the mixer of every layer; "based" is the Based pattern (BaseConv, Based linear attention,
-sliding window).
+sliding window), "hedgehog" is linear attention with Hedgehog feature maps, and "transnormer_t1" / "transnormer_t2"
+are TransNormer's layouts (the first half of the layers block-diagonal DiagAttention, the second half
+NormAttention; T1: ReLU local weights and plain-ELU linear layers, T2: softmax local weights and 1+ELU).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from seqlab.config import base_config, parse_variant, shrink
+from seqlab.mixers.transnormer import transnormer_layout
 
 VARIANTS = {
     "softmax": ("softmax",),
@@ -25,6 +28,17 @@ VARIANTS = {
     "retnet": ("retnet",),
     "based": ("baseconv", "based", "sliding_window"),
     "deltanet_hybrid": ("deltanet", "deltanet", "sliding_window"),
+    "tnl": ("tnl",),
+    "lolcats": ("lolcats",),
+    "liger": ("liger",),
+    "lightnet": ("lightnet",),
+    "flowformer": ("flowformer",),
+    "inline": ("inline",),
+    "slab": ("slab",),
+    "dsf": ("dsf",),
+    "hedgehog": ("linear_attn",),
+    "transnormer_t1": None,  # TransNormer's layout: the first half of the layers DiagAttention, then NormAttention
+    "transnormer_t2": None,
 }
 
 
@@ -33,9 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
     config.data.task = "bytes"
     config.data.bytes.update(seq_len=256)
-    config.model.update(d_model=256, num_layers=4, num_heads=4, mixers=VARIANTS[variant], mlp="swiglu",
-                        mlp_ratio=2.5, norm="rmsnorm")
+    config.model.update(d_model=256, num_layers=4, num_heads=4, mixers=VARIANTS[variant] or ("softmax",),
+                        mlp="swiglu", mlp_ratio=2.5, norm="rmsnorm")
     config.model.mixer_args.sliding_window.window = 64
+    config.model.mixer_args.linear_attn.update(feature_map="hedgehog", num_features=32)
+    config.model.mixer_args.slab.max_len = config.data.bytes.seq_len
+    if variant.startswith("transnormer_"):
+        pattern, mixer_args = transnormer_layout(config.model.num_layers, variant.removeprefix("transnormer_"))
+        config.model.mixers = pattern
+        for name, args in mixer_args.items():
+            config.model.mixer_args[name].update(args)
     config.optim.update(learning_rate=2e-3, warmup_steps=200, schedule="cosine", weight_decay=0.1)
     config.train.update(steps=2000, batch_size=16, eval_batch_size=64, eval_every=500, log_every=50,
                         checkpoint_every=500)
@@ -43,4 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         shrink(config)
         config.data.bytes.update(seq_len=32, num_eval=64)
         config.model.mixer_args.sliding_window.window = 8
+        config.model.mixer_args.slab.max_len = 32
+        for name in ("lolcats", "liger"):
+            config.model.mixer_args[name].window = 8
+        config.model.mixer_args.transnormer_diag.block_size = 8
     return config

@@ -3,6 +3,9 @@ classifier (mean pooling). LRA's own setting (lengths 500–2000, 4 layers, d 51
 1,000 warmup steps and inverse-sqrt decay, 5,000 steps) is ``:lra``.
 
     python -m seqlab.train --config=configs/listops.py:gla --workdir=/tmp/listops-gla
+    python -m seqlab.train --config=configs/listops.py:linfusion --workdir=/tmp/listops-linfusion   # non-causal
+
+Flowformer and InLine run their non-causal forms here; LinFusion is non-causal only.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import ml_collections
 from seqlab.config import base_config, parse_variant, shrink
 
 VARIANTS = {name: name for name in ("softmax", "linear_attn", "gla", "deltanet", "gated_deltanet", "mamba2",
-                                    "retnet", "lra")}
+                                    "retnet", "lra", "linfusion", "flowformer", "inline")}
+# Classification sees the whole sequence: the families with a non-causal form run it here.
+NONCAUSAL = ("flowformer", "inline")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,6 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.listops.update(min_length=50, max_length=200, num_train=20_000, num_eval=1_000)
     config.model.update(d_model=128, num_layers=2, num_heads=4, mlp="swiglu", mlp_ratio=2.0, pooling="mean",
                         mixers=("softmax",) if variant == "lra" else (variant,))
+    for name in NONCAUSAL:
+        config.model.mixer_args[name].causal = False
     config.optim.update(learning_rate=1e-3, warmup_steps=200, schedule="cosine", weight_decay=0.1)
     config.train.update(steps=3000, batch_size=32, eval_every=500, log_every=50, checkpoint_every=500)
     if variant == "lra":

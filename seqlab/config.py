@@ -139,7 +139,7 @@ def validate(config: ml_collections.ConfigDict) -> data.Task:
     _check_model(config.model, task)
     _check_train(config.train)
     _check_optim(config.optim, config.train.steps)
-    _check_mesh(config.mesh, config.train, task)
+    _check_mesh(config.mesh, config.train, task, config.model)
     return task
 
 
@@ -214,9 +214,13 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.compute_dtype: {train.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
 
 
-def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDict, task: data.Task) -> None:
+def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDict, task: data.Task,
+                model: ml_collections.ConfigDict) -> None:
     """The batch must split evenly over mesh.data and every sequence over mesh.seq."""
     _check_positive_ints(mesh, ("data", "seq"), "mesh")
+    if model.norm == "prepbn" and mesh.data * mesh.seq > 1:
+        raise ValueError("model.norm: 'prepbn' (BatchNorm statistics) runs on one device; set mesh.data = mesh.seq = 1 "
+                         "or use layernorm / rmsnorm")
     for key, value in (("train.batch_size", train.batch_size), ("train.eval_batch_size", train.eval_batch_size),
                        (f"data.{task.name}.num_eval", task.num_eval)):
         if value % mesh.data:

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -65,18 +65,22 @@ class _Run:
         self.mesh = make_mesh(config.mesh)
         if self.mesh is not None:
             shard_sequence(model, SEQUENCE_AXIS)
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.graphdef, params, batch_stats, self.rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        model.eval()  # evaluation: BatchNorm (PRepBN) reads its running statistics
+        eval_graphdef = nnx.graphdef(model)
         tx = optim.make_optimizer(config.optim, self.total)
         schedule = optim.learning_rate_schedule(config.optim, self.total)
         self.state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if jax.tree.leaves(batch_stats):
+            self.state["batch_stats"] = batch_stats
         if self.mesh is not None:
             self.state = replicate(self.state, self.mesh)
         self.train_iter = data.make_iterator(task, "train", batch_size=config.train.batch_size, seed=config.seed)
         self.checkpoints = Checkpoints(workdir, keep=config.train.keep_checkpoints)
         self.train_step = steps.make_train_step(
-            self.graphdef, self.rest, tx, task.kind, schedule, config.seed, self.mesh
+            self.graphdef, self.rest, tx, task.kind, schedule, config.seed, self.mesh, total_steps=self.total
         )
-        self.eval_step = steps.make_eval_step(self.graphdef, self.rest, task.kind, self.mesh)
+        self.eval_step = steps.make_eval_step(eval_graphdef, self.rest, task.kind, self.mesh)
         self._resume()
         self.logger = MetricsLogger(workdir, self.total, start_step=int(to_host(self.state["step"])))
 
@@ -138,7 +142,7 @@ class _Run:
         """Loss and accuracy over the whole held-out split."""
         totals: dict[str, float] = {}
         for batch in data.eval_batches(self.task, batch_size=self.config.train.eval_batch_size):
-            sums = to_host(self.eval_step(self.state["params"], self._place(batch)))
+            sums = to_host(self.eval_step(model_variables(self.state), self._place(batch)))
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         return self.logger.write(step, "eval", steps.means(totals))
@@ -153,6 +157,11 @@ class _Run:
     def close(self) -> None:
         self.checkpoints.close()
         self.logger.close()
+
+
+def model_variables(state: dict) -> Any:
+    """The model variables of a train state: its parameters, with its BatchNorm statistics when it has any."""
+    return (state["params"], state["batch_stats"]) if "batch_stats" in state else state["params"]
 
 
 @contextlib.contextmanager

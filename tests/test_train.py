@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from seqlab import config as config_lib, data
 from seqlab.train import NonFiniteLossError, train_and_evaluate
@@ -111,8 +112,12 @@ def test_tiny_variant_of_each_task_trains(spec, tmp_path):
     assert result["step"] == 4 and math.isfinite(result["eval_loss"]) and 0.0 <= result["eval_accuracy"] <= 1.0
 
 
-def test_resume_after_sigterm_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
-    config = load_config("configs/mqar.py:gla,tiny")
+@pytest.mark.parametrize("spec, norm", [("configs/mqar.py:gla,tiny", "layernorm"),
+                                        ("configs/listops.py:inline,tiny", "prepbn")])
+def test_resume_after_sigterm_repeats_the_uninterrupted_run(tmp_path, monkeypatch, spec, norm):
+    """Also with PRepBN, whose BatchNorm statistics travel in the train state and the checkpoints."""
+    config = load_config(spec)
+    config.model.norm = norm
     config.train.update(steps=16, log_every=1, eval_every=8, checkpoint_every=8)
     full = train_and_evaluate(config, str(tmp_path / "full"))
 
@@ -251,3 +256,39 @@ def test_load_metrics_reads_many_workdirs(tmp_path):
     assert [(os.path.basename(r["workdir"]), r["loss"]) for r in rows] == [("a", 3.0), ("b", 3.0)]
     with pytest.raises(ValueError, match="has no metrics.jsonl"):
         load_metrics(str(tmp_path / "missing"))
+
+
+def test_transnormer_layouts_and_noncausal_mixers_in_configs():
+    t1 = load_config("configs/bytes.py:transnormer_t1")
+    assert tuple(t1.model.mixers) == ("transnormer_diag",) * 2 + ("transnormer_norm",) * 2
+    assert t1.model.mixer_args.transnormer_norm.variant == "t1"
+    assert load_config("configs/bytes.py:transnormer_t2").model.mixer_args.transnormer_diag.variant == "t2"
+    config = load_config("configs/bytes.py:softmax,tiny")
+    config.model.mixers = ("linfusion",)
+    with pytest.raises(ValueError, match=r"^model.mixers: 'linfusion' is non-causal"):
+        config_lib.validate(config)
+    config.model.mixers = ("flowformer",)
+    config.model.mixer_args.flowformer.causal = False
+    with pytest.raises(ValueError, match=r"model.mixer_args.flowformer.causal=True"):
+        config_lib.validate(config)
+    config_lib.validate(load_config("configs/listops.py:flowformer,tiny"))  # classification: non-causal is fine
+
+
+def test_prepbn_models_carry_batch_statistics_and_set_lambda_from_the_step(tmp_path):
+    config = load_config("configs/listops.py:softmax,tiny")
+    config.model.norm = "prepbn"
+    train_and_evaluate(config, str(tmp_path))
+    model, _, task = restore_model(str(tmp_path))
+    norm = model.backbone.blocks[0].norm_mixer
+    assert not norm.training  # restored for evaluation: running statistics
+    assert float(jnp.max(jnp.abs(norm.repbn.bn.mean[...]))) > 0  # trained statistics were checkpointed
+    model.train()
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    sums = steps.stateful_sums(graphdef, rest, task.kind, total_steps=10)
+    batch = next(data.make_iterator(task, "train", batch_size=4, seed=0))
+    first, _ = sums(params, stats, batch, None, jnp.asarray(0))  # λ = 1: LayerNorm
+    last, _ = sums(params, stats, batch, None, jnp.asarray(10))  # λ = 0: RepBN
+    assert float(first["loss_sum"]) != float(last["loss_sum"])
+    config.mesh.seq = 2
+    with pytest.raises(ValueError, match=r"^model.norm: 'prepbn'"):
+        config_lib.validate(config)

@@ -62,6 +62,8 @@ class ProjectionMLP(nnx.Module):
 class LinFusionAttention(Mixer):
     """LinFusion's generalised linear attention (non-causal), x [B, T, D] -> [B, T, D]."""
 
+    causal = False
+
     def __init__(
         self,
         d_model: int,
@@ -80,7 +82,6 @@ class LinFusionAttention(Mixer):
     ):
         super().__init__(d_model, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
         rngs = default_rngs(rngs)
-        self.causal = False
         self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
         mlp_dim = d_model if mlp_dim is None else mlp_dim
         check_positive_int("mlp_dim", mlp_dim)

@@ -15,8 +15,9 @@ from flax import nnx
 
 from seqlab import mixers
 from seqlab.mixers.base import check_choice, check_positive
+from seqlab.models.prepbn import PRepBN
 
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "prepbn")
 MLPS = ("swiglu", "none")
 
 
@@ -35,8 +36,11 @@ class SwiGLU(nnx.Module):
 
 
 def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any) -> nnx.Module:
-    """A LayerNorm or RMSNorm over the last axis (computed in float32 by Flax)."""
+    """A LayerNorm, RMSNorm (computed in float32 by Flax) or PRepBN (SLAB's progressive LayerNorm -> BatchNorm,
+    `seqlab.models.prepbn`) over the last axis."""
     check_choice("model.norm", kind, NORMS)
+    if kind == "prepbn":
+        return PRepBN(d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     cls = nnx.LayerNorm if kind == "layernorm" else nnx.RMSNorm
     return cls(d_model, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 

@@ -69,7 +69,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_model(workdir: str):
-    """(model with the latest checkpoint's parameters, the run's config, its data Task) of the run in `workdir`."""
+    """(model with the latest checkpoint's parameters, in eval mode, the run's config, its data Task) of the run in
+    `workdir`."""
     from seqlab import config as config_lib, models
     from seqlab.training import optim
 
@@ -80,10 +81,14 @@ def restore_model(workdir: str):
     if step is None:
         raise ValueError(f"workdir: {workdir!r} has no checkpoint to restore")
     model = models.build_model(config, task, nnx.Rngs(config.seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     tx = optim.make_optimizer(config.optim, config.train.steps)
-    abstract = jax.eval_shape(lambda p: {"step": jax.numpy.zeros((), jax.numpy.int32), "params": p,
-                                         "opt_state": tx.init(p)}, params)
-    state, _ = checkpoints.restore(step, abstract)
+
+    def train_state(params, batch_stats):
+        state = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params, "opt_state": tx.init(params)}
+        return {**state, "batch_stats": batch_stats} if jax.tree.leaves(batch_stats) else state
+
+    state, _ = checkpoints.restore(step, jax.eval_shape(train_state, params, batch_stats))
     checkpoints.close()
-    return nnx.merge(graphdef, state["params"], rest), config, task
+    return nnx.merge(graphdef, state["params"], state.get("batch_stats", batch_stats), rest), config, task

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from seqlab.models.prepbn import set_progress
 from seqlab.parallel.mesh import DATA_AXIS, batch_spec
 
 IGNORE_LABEL = -100
@@ -77,10 +78,10 @@ def mesh_sums(
     """(params, global batch, dropout key) -> sums over the whole batch. On a mesh, each device runs its shard of
     the batch (rows over data, time over seq) inside shard_map and the sums are added over the mesh."""
 
-    def local(params, batch, rng):
+    def local(variables, batch, rng):
         if rng is not None and mesh is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
-        sums = batch_sums(nnx.merge(graphdef, params, rest), batch, kind, rng)
+        sums = batch_sums(nnx.merge(graphdef, *_as_states(variables), rest), batch, kind, rng)
         return sums if mesh is None else jax.lax.psum(sums, DATA_AXIS)
 
     if mesh is None:
@@ -94,6 +95,25 @@ def mesh_sums(
     return sharded
 
 
+def _as_states(variables: Any) -> tuple:
+    """The model variables a step merges: the parameters, or (parameters, BatchNorm statistics)."""
+    return variables if isinstance(variables, tuple) else (variables,)
+
+
+def stateful_sums(
+    graphdef: nnx.GraphDef, rest: nnx.State, kind: str, total_steps: int
+) -> Callable[[Any, Any, Batch, jax.Array, jax.Array], tuple[Sums, nnx.State]]:
+    """(params, batch_stats, batch, dropout key, step) -> (sums, updated batch_stats), for models whose BatchNorm
+    statistics change in train mode (PRepBN, whose λ is set from the step first). Single device only."""
+
+    def fn(params, stats, batch, rng, step):
+        model = nnx.merge(graphdef, params, stats, rest, copy=True)  # fresh variables of this trace, so λ can be set
+        set_progress(model, step, total_steps)
+        return batch_sums(model, batch, kind, rng), nnx.state(model, nnx.BatchStat)
+
+    return fn
+
+
 def means(sums: Sums) -> dict[str, float]:
     """loss = loss_sum / weight, accuracy = correct_sum / examples."""
     return {
@@ -104,24 +124,33 @@ def means(sums: Sums) -> dict[str, float]:
 
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, kind: str,
-    schedule: optax.Schedule, seed: int, mesh: Mesh | None = None,
+    schedule: optax.Schedule, seed: int, mesh: Mesh | None = None, total_steps: int | None = None,
 ) -> Callable[[dict[str, Any], Batch], tuple[dict[str, Any], dict[str, jax.Array]]]:
-    """A jitted step: (state {"step", "params", "opt_state"}, batch) -> (new state, metrics).
+    """A jitted step: (state {"step", "params", "opt_state"[, "batch_stats"]}, batch) -> (new state, metrics).
 
-    Dropout noise is a pure function of (seed, step), so a resumed run repeats an uninterrupted one exactly.
+    A state with "batch_stats" (a model with BatchNorm, i.e. PRepBN; single device) carries the running statistics
+    from step to step and sets PRepBN's λ for the step from `total_steps`. Dropout noise is a pure function of
+    (seed, step), so a resumed run repeats an uninterrupted one exactly.
     """
     sums_fn = mesh_sums(graphdef, rest, kind, mesh)
+    stateful_fn = stateful_sums(graphdef, rest, kind, total_steps or 1)
 
-    def loss_fn(params, batch, rng):
-        sums = sums_fn(params, batch, rng)
-        return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
+    def loss_fn(params, state, batch, rng):
+        if "batch_stats" in state:
+            sums, stats = stateful_fn(params, state["batch_stats"], batch, rng, state["step"])
+        else:
+            sums, stats = sums_fn(params, batch, rng), None
+        return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), (sums, stats)
 
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (sums, stats)), grads = grad_fn(state["params"], state, batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state}
+        if stats is not None:
+            new_state["batch_stats"] = stats
         metrics = {"loss": loss, "accuracy": sums["correct_sum"] / jnp.maximum(sums["examples"], 1.0),
                    "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"])}
         return new_state, metrics
@@ -132,6 +161,7 @@ def make_train_step(
 def make_eval_step(
     graphdef: nnx.GraphDef, rest: nnx.State, kind: str, mesh: Mesh | None = None
 ) -> Callable[[Any, Batch], Sums]:
-    """A jitted (params, batch) -> sums, without dropout."""
+    """A jitted (params or (params, batch_stats), batch) -> sums, without dropout (build `graphdef` from the model
+    in eval mode: BatchNorm then uses its running statistics)."""
     sums_fn = mesh_sums(graphdef, rest, kind, mesh)
     return jax.jit(lambda params, batch: sums_fn(params, batch, None))
