@@ -234,6 +234,32 @@ class Mixer(nnx.Module):
             in_features, out_features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs, **kw
         )
 
+    def _attention_projections(
+        self,
+        *,
+        num_kv_heads: int | None,
+        head_dim: int | None,
+        rope: bool,
+        rope_base: float,
+        rope_interleaved: bool,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+    ) -> None:
+        """The layout of softmax-style attention: head_dim, num_kv_heads (GQA: they divide num_heads), an optional
+        RoPE and the q [D, H d], k, v [D, H_kv d] and o [H d, D] projections."""
+        self.head_dim = resolve_dim("head_dim", head_dim, self.d_model, "d_model", self.num_heads, "num_heads")
+        self.num_kv_heads = self.num_heads if num_kv_heads is None else num_kv_heads
+        check_positive_int("num_kv_heads", self.num_kv_heads)
+        check_divisible("num_heads", self.num_heads, self.num_kv_heads, "num_kv_heads")
+        if rope:
+            check_even("head_dim", self.head_dim)
+        self.rope = RoPE(self.head_dim, base=rope_base, interleaved=rope_interleaved) if rope else None
+        d, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        self.q_proj = self._linear(self.d_model, hq * d, rngs, use_bias=use_bias)
+        self.k_proj = self._linear(self.d_model, hkv * d, rngs, use_bias=use_bias)
+        self.v_proj = self._linear(self.d_model, hkv * d, rngs, use_bias=use_bias)
+        self.o_proj = self._linear(hq * d, self.d_model, rngs, use_bias=use_bias)
+
     def _op_kwargs(self, state: jax.Array | None) -> dict:
         """Keyword arguments of a linear-family op: the training path, or the same form continuing from a cached
         `state` and returning the final state (a prefill; at T = 1, one recurrent step)."""

@@ -36,14 +36,10 @@ from flax import nnx
 from seqlab import ops
 from seqlab.mixers.base import (
     Mixer,
-    RoPE,
-    check_divisible,
-    check_even,
     check_positive,
     check_positive_int,
     default_rngs,
     positions,
-    resolve_dim,
 )
 from seqlab.mixers.lolcats import HybridCache, copy_projections, softmax_layout
 from seqlab.mixers.softmax_attention import SoftmaxAttention
@@ -81,22 +77,14 @@ class LigerAttention(Mixer):
     ):
         super().__init__(d_model, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
         rngs = default_rngs(rngs)
-        self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
-        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check_positive_int("num_kv_heads", self.num_kv_heads)
-        check_divisible("num_heads", num_heads, self.num_kv_heads, "num_kv_heads")
+        self._attention_projections(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope, rope_base=rope_base,
+            rope_interleaved=rope_interleaved, use_bias=use_bias, rngs=rngs,
+        )  # fmt: skip
         check_positive_int("window", window)
         check_fraction("mix", mix)
         check_positive("gate_logit_normalizer", gate_logit_normalizer)
-        if rope:
-            check_even("head_dim", self.head_dim)
         self.window, self.mix, self.gate_logit_normalizer = window, mix, gate_logit_normalizer
-        self.rope = RoPE(self.head_dim, base=rope_base, interleaved=rope_interleaved) if rope else None
-        d, hq, hkv = self.head_dim, num_heads, self.num_kv_heads
-        self.q_proj = self._linear(d_model, hq * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(hq * d, d_model, rngs, use_bias=use_bias)
 
     @classmethod
     def from_softmax(

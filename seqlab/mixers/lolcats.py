@@ -52,15 +52,11 @@ from flax import nnx, struct
 from seqlab import ops
 from seqlab.mixers.base import (
     Mixer,
-    RoPE,
     check_choice,
-    check_divisible,
-    check_even,
     check_input,
     check_positive_int,
     default_rngs,
     positions,
-    resolve_dim,
 )
 from seqlab.mixers.feature_maps import make_feature_map
 from seqlab.mixers.softmax_attention import SoftmaxAttention
@@ -188,27 +184,19 @@ class LoLCATsAttention(Mixer):
     ):
         super().__init__(d_model, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
         rngs = default_rngs(rngs)
-        self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
-        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check_positive_int("num_kv_heads", self.num_kv_heads)
-        check_divisible("num_heads", num_heads, self.num_kv_heads, "num_kv_heads")
+        self._attention_projections(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope, rope_base=rope_base,
+            rope_interleaved=rope_interleaved, use_bias=use_bias, rngs=rngs,
+        )  # fmt: skip
         check_positive_int("window", window)
         check_choice("kind", kind, KINDS)
         check_finite("window_factor_init", window_factor_init)
-        if rope:
-            check_even("head_dim", self.head_dim)
         self.window, self.kind = window, kind
         self.affine_attention_factors = affine_attention_factors
-        self.rope = RoPE(self.head_dim, base=rope_base, interleaved=rope_interleaved) if rope else None
-        d, hq, hkv = self.head_dim, num_heads, self.num_kv_heads
-        self.q_proj = self._linear(d_model, hq * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(hq * d, d_model, rngs, use_bias=use_bias)
-        fm = dict(num_heads=hq, num_features=num_features, rngs=rngs, param_dtype=param_dtype)
-        self.q_map = make_feature_map("hedgehog", d, **fm)
-        self.k_map = make_feature_map("hedgehog", d, **fm)
-        self.window_factor = nnx.Param(jnp.full((hq,), window_factor_init, param_dtype))  # the logit w_h of γ_h
+        fm = dict(num_heads=num_heads, num_features=num_features, rngs=rngs, param_dtype=param_dtype)
+        self.q_map = make_feature_map("hedgehog", self.head_dim, **fm)
+        self.k_map = make_feature_map("hedgehog", self.head_dim, **fm)
+        self.window_factor = nnx.Param(jnp.full((num_heads,), window_factor_init, param_dtype))  # the logit w_h of γ_h
 
     @classmethod
     def from_softmax(

@@ -33,15 +33,10 @@ from seqlab import ops
 from seqlab.parallel.attention import MODES as SEQUENCE_PARALLEL_MODES
 from seqlab.mixers.base import (
     Mixer,
-    RoPE,
     check_choice,
-    check_divisible,
-    check_even,
     check_optional_positive_int,
-    check_positive_int,
     default_rngs,
     positions,
-    resolve_dim,
 )
 
 
@@ -81,20 +76,12 @@ class SoftmaxAttention(Mixer):
         rngs = default_rngs(rngs)
         check_choice("sequence_parallel", sequence_parallel, SEQUENCE_PARALLEL_MODES)
         self.sequence_parallel = sequence_parallel
-        self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
-        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        check_positive_int("num_kv_heads", self.num_kv_heads)
-        check_divisible("num_heads", num_heads, self.num_kv_heads, "num_kv_heads")
+        self._attention_projections(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope, rope_base=rope_base,
+            rope_interleaved=rope_interleaved, use_bias=use_bias, rngs=rngs,
+        )  # fmt: skip
         check_optional_positive_int("window", window)
         self.window = window
-        if rope:
-            check_even("head_dim", self.head_dim)
-        self.rope = RoPE(self.head_dim, base=rope_base, interleaved=rope_interleaved) if rope else None
-        d, hq, hkv = self.head_dim, num_heads, self.num_kv_heads
-        self.q_proj = self._linear(d_model, hq * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, hkv * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(hq * d, d_model, rngs, use_bias=use_bias)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         self._check_cache_args(batch, max_len)
