@@ -47,3 +47,9 @@ def rng(request):
 # process, started by tests/test_multidevice.py with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", ""):
     collect_ignore = ["multidevice"]
+
+
+def pytest_collection_modifyitems(items):
+    """Start the 8-device subprocess suite (the longest single test) first, so that under `pytest -n 2` one worker
+    runs it while the other works through everything else."""
+    items.sort(key=lambda item: "test_multidevice.py" not in item.nodeid)

@@ -134,11 +134,11 @@ def test_lora_linear_formula():
 
 def test_linearize_bytes_script_runs_end_to_end(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "linearize_bytes.py"), "--tiny",
-           f"--workdir={tmp_path / 'teacher'}", "--targets=lolcats,liger"]
+           f"--workdir={tmp_path / 'teacher'}", "--targets=lolcats"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| lolcats") or line.startswith("| liger")]
-    assert len(rows) == 2
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| lolcats")]
+    assert len(rows) == 1
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         teacher_loss, swapped, final = float(cells[1]), float(cells[2]), float(cells[4])
