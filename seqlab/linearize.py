@@ -36,7 +36,7 @@ from flax import nnx
 
 from seqlab.data import Task, eval_batches
 from seqlab.mixers import LinearAttention, Mixer, SoftmaxAttention
-from seqlab.mixers.base import check_choice, check_positive, check_positive_int, positions
+from seqlab.mixers.base import check_choice, check_positive, check_positive_int, positions, repeat_kv_columns
 from seqlab.mixers.liger import LigerAttention
 from seqlab.mixers.lolcats import LoLCATsAttention
 from seqlab.training import distill
@@ -85,17 +85,10 @@ def hedgehog_from_softmax(
     )  # fmt: skip
     groups = h // softmax.num_kv_heads
     linear.q_proj.kernel[...] = softmax.q_proj.kernel[...]
-    linear.k_proj.kernel[...] = repeat_kv_kernel(softmax.k_proj.kernel[...], d, groups)
-    linear.v_proj.kernel[...] = repeat_kv_kernel(softmax.v_proj.kernel[...], d, groups)
+    linear.k_proj.kernel[...] = repeat_kv_columns(softmax.k_proj.kernel[...], d, groups)
+    linear.v_proj.kernel[...] = repeat_kv_columns(softmax.v_proj.kernel[...], d, groups)
     linear.o_proj.kernel[...] = softmax.o_proj.kernel[...]
     return linear
-
-
-def repeat_kv_kernel(kernel: jax.Array, head_dim: int, groups: int) -> jax.Array:
-    """[D, H_kv * d] -> [D, H_kv * groups * d]: each key/value head's columns repeated for its query heads (GQA)."""
-    rows = kernel.shape[0]
-    heads = kernel.reshape(rows, -1, 1, head_dim)
-    return jnp.broadcast_to(heads, (rows, heads.shape[1], groups, head_dim)).reshape(rows, -1)
 
 
 # --------------------------------------------------------------------------------------------------------------

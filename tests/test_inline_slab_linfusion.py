@@ -360,9 +360,9 @@ def test_slab_positions_beyond_max_len():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_linfusion_from_softmax_attention_copies_projections():
+def test_linfusion_from_softmax_copies_projections():
     teacher = SoftmaxAttention(D, 4, num_kv_heads=2, use_bias=True, rngs=nnx.Rngs(3))
-    student = LinFusionAttention.from_softmax_attention(teacher, chunk_size=8, rngs=nnx.Rngs(4))
+    student = LinFusionAttention.from_softmax(teacher, chunk_size=8, rngs=nnx.Rngs(4))
     x, _ = inputs(8)
     y, q_mlp, k_mlp = nnx.jit(lambda m, x: (m(x), m.q_mlp(x), m.k_mlp(x)))(student, x)
     assert float(jnp.max(jnp.abs(q_mlp))) == 0.0 and float(jnp.max(jnp.abs(k_mlp))) == 0.0
@@ -465,7 +465,7 @@ def test_prepbn_eval_mode_uses_running_averages(eval_norm):
         (lambda: SLAB(D, H, chunk_size=0), "chunk_size"),
         (lambda: LinFusionAttention(D, H, mlp_dim=0), "mlp_dim"),
         (lambda: LinFusionAttention(D, H, eps=-1.0), "eps"),
-        (lambda: LinFusionAttention.from_softmax_attention(SLAB(D, H)), "attention"),
+        (lambda: LinFusionAttention.from_softmax(SLAB(D, H)), "attention"),
         (lambda: PRepBN(D, r0=0.0, rngs=nnx.Rngs(0)), "r0"),
         (lambda: PRepBN(D, warmup_steps=-2, rngs=nnx.Rngs(0)), "warmup_steps"),
         (lambda: PRepBN(D, eval_norm="layernorm", rngs=nnx.Rngs(0)), "eval_norm"),

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from seqlab import linearize, mixers
+from seqlab.mixers.base import repeat_kv_columns
 from seqlab.models import DecoderLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,9 +43,9 @@ def flat(model, wrt=nnx.Param) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, wrt))}
 
 
-def test_repeat_kv_kernel_repeats_each_head_for_its_group():
+def test_repeat_kv_columns_repeats_each_head_for_its_group():
     kernel = jnp.arange(3 * 2 * 4, dtype=jnp.float32).reshape(3, 8)  # D=3, 2 kv heads of dim 4
-    out = np.asarray(linearize.repeat_kv_kernel(kernel, head_dim=4, groups=3))
+    out = np.asarray(repeat_kv_columns(kernel, head_dim=4, groups=3))
     expected = np.concatenate([np.asarray(kernel[:, :4])] * 3 + [np.asarray(kernel[:, 4:])] * 3, axis=1)
     np.testing.assert_array_equal(out, expected)
 

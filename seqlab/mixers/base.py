@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from seqlab.parallel.mesh import previous_segment_tail
+
 IMPLS = ("chunked", "recurrent", "parallel")
 
 
@@ -45,6 +47,16 @@ def check_optional_positive_int(name: str, value: Any) -> None:
 def check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def check_finite(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> None:
@@ -131,6 +143,20 @@ def positions(cache: Any, length: int, sequence_axis: str | None = None) -> jax.
     return start + jnp.arange(length, dtype=jnp.int32)
 
 
+def ring_write(
+    buffers: tuple[jax.Array, ...], values: tuple[jax.Array, ...], key_positions: jax.Array, pos: jax.Array
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Write the next T tokens (positions pos .. pos+T-1) of each values [B, T, ...] into its ring buffer [B, L, ...]
+    at slots p % L (of T > L tokens only the last L land). Returns the buffers and key_positions [L] (the absolute
+    position held by each slot, -1 = empty)."""
+    length, slots = values[0].shape[1], buffers[0].shape[1]
+    kept = min(length, slots)
+    written = pos + jnp.arange(length - kept, length, dtype=jnp.int32)
+    slot = written % slots
+    new = tuple(b.at[:, slot].set(v[:, length - kept :].astype(b.dtype)) for b, v in zip(buffers, values))
+    return new, key_positions.at[slot].set(written)
+
+
 def shard_sequence(module: nnx.Module, axis_name: str | None) -> None:
     """Run the training path of `module` (a mixer or a whole model) on a sequence split over the mesh axis
     `axis_name` — inside shard_map, each device holding a contiguous segment — or on whole sequences again with
@@ -139,16 +165,6 @@ def shard_sequence(module: nnx.Module, axis_name: str | None) -> None:
     for _, child in nnx.iter_modules(module):
         if hasattr(child, "sequence_axis"):
             child.sequence_axis = axis_name
-
-
-def previous_segment_tail(x: jax.Array, size: int, sequence_axis: str) -> jax.Array:
-    """The last `size` tokens of the previous device's segment of x [B, T_local, ...] (zeros on the first device):
-    one ppermute along `sequence_axis`. Needs T_local >= size."""
-    if x.shape[1] < size:
-        raise ValueError(f"x: a sequence shard of {x.shape[1]} tokens is shorter than the {size} tokens of context "
-                         f"this layer needs from the previous shard; use fewer devices on {sequence_axis!r}")
-    num = jax.lax.axis_size(sequence_axis)
-    return jax.lax.ppermute(x[:, x.shape[1] - size :], sequence_axis, [(i, i + 1) for i in range(num - 1)])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,11 +270,18 @@ class Mixer(nnx.Module):
         if rope:
             check_even("head_dim", self.head_dim)
         self.rope = RoPE(self.head_dim, base=rope_base, interleaved=rope_interleaved) if rope else None
-        d, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        self.q_proj = self._linear(self.d_model, hq * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(self.d_model, hkv * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(self.d_model, hkv * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(hq * d, self.d_model, rngs, use_bias=use_bias)
+        self._projections(self.head_dim, self.head_dim, rngs, kv_heads=self.num_kv_heads, use_bias=use_bias)
+
+    def _projections(
+        self, key_dim: int, value_dim: int, rngs: nnx.Rngs, *, kv_heads: int | None = None, use_bias: bool = False
+    ) -> None:
+        """q_proj [D, H key_dim], k_proj [D, H_kv key_dim], v_proj [D, H_kv value_dim], o_proj [H value_dim, D]
+        (H_kv = kv_heads, default num_heads)."""
+        hq, hkv = self.num_heads, self.num_heads if kv_heads is None else kv_heads
+        self.q_proj = self._linear(self.d_model, hq * key_dim, rngs, use_bias=use_bias)
+        self.k_proj = self._linear(self.d_model, hkv * key_dim, rngs, use_bias=use_bias)
+        self.v_proj = self._linear(self.d_model, hkv * value_dim, rngs, use_bias=use_bias)
+        self.o_proj = self._linear(hq * value_dim, self.d_model, rngs, use_bias=use_bias)
 
     def _op_kwargs(self, state: jax.Array | None) -> dict:
         """Keyword arguments of a linear-family op: the training path, or the same form continuing from a cached
@@ -450,6 +473,13 @@ def mamba_decay(dt_raw: jax.Array, a_log: nnx.Param, dt_bias: nnx.Param) -> tupl
     """Delta = softplus(dt_raw + dt_bias) and log alpha = -exp(A_log) * Delta, both [..., H] float32."""
     dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias[...])
     return dt, -jnp.exp(a_log[...]) * dt
+
+
+def repeat_kv_columns(weight: jax.Array, head_dim: int, groups: int) -> jax.Array:
+    """[..., H_kv·d] -> [..., H_kv·groups·d]: each key/value head's d columns repeated for the `groups` query heads
+    that read it (GQA head h reads key/value head h // groups); for kernels [D, H_kv·d] and biases [H_kv·d]."""
+    heads = weight.reshape(*weight.shape[:-1], -1, head_dim)
+    return jnp.repeat(heads, groups, axis=-2).reshape(*weight.shape[:-1], -1)
 
 
 def default_rngs(rngs: nnx.Rngs | None) -> nnx.Rngs:

@@ -65,11 +65,7 @@ class FlowAttention(Mixer):
         self.causal = causal
         self.eps = eps
         self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
-        width = num_heads * self.head_dim
-        self.q_proj = self._linear(d_model, width, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, width, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, width, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(width, d_model, rngs, use_bias=use_bias)
+        self._projections(self.head_dim, self.head_dim, rngs, use_bias=use_bias)
 
     def init_cache(self, batch: int, max_len: int) -> FlowCache:
         self._check_cache_args(batch, max_len)

@@ -114,10 +114,7 @@ class InLineAttention(Mixer):
         if local_conv_size != 0:
             check_positive_int("local_conv_size", local_conv_size)
         H, d = num_heads, self.head_dim
-        self.q_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(H * d, d_model, rngs, use_bias=use_bias)
+        self._projections(d, d, rngs, use_bias=use_bias)
         conv = dict(kernel_size=local_conv_size, activation=None, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.local_conv = ShortConv(H * d, **conv) if local_conv_size else None
 

@@ -36,6 +36,7 @@ from flax import nnx
 from seqlab import ops
 from seqlab.mixers.base import (
     Mixer,
+    check_fraction,
     check_positive,
     check_positive_int,
     default_rngs,
@@ -44,11 +45,6 @@ from seqlab.mixers.base import (
 from seqlab.mixers.lolcats import HybridCache, copy_projections, softmax_layout
 from seqlab.mixers.softmax_attention import SoftmaxAttention
 from seqlab.ops.window_hybrid import repeat_heads
-
-
-def check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 class LigerAttention(Mixer):

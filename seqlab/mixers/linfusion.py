@@ -16,7 +16,7 @@ LayerNorm eps 1e-5, no position encoding. The layer is non-causal (every token s
 replaces the self-attention of diffusion UNets): `causal` is False, and `init_cache` raises ValueError.
 
 MLP initialisation (`mlp_zero_init`): True (default) zeros the last Linear of both MLPs, so x + MLP(x) = x at init
-and a layer built from a softmax layer (`from_softmax_attention`) starts with exactly its q, k, v projections; False
+and a layer built from a softmax layer (`from_softmax`) starts with exactly its q, k, v projections; False
 gives it Flax's default (random) init like the first Linear, closer to the released code, whose MLPs keep PyTorch's
 random default init (so its converted layers do not start at x + MLP(x) = x).
 """
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqlab.mixers.base import Mixer, check_positive, check_positive_int, default_rngs, resolve_dim
+from seqlab.mixers.base import Mixer, check_positive, check_positive_int, default_rngs, repeat_kv_columns, resolve_dim
 from seqlab.mixers.feature_maps import make_feature_map
 from seqlab.mixers.inline import global_means
 from seqlab.mixers.softmax_attention import SoftmaxAttention
@@ -92,13 +92,10 @@ class LinFusionAttention(Mixer):
         self.q_mlp = ProjectionMLP(d_model, mlp_dim, **mlp)
         self.k_mlp = ProjectionMLP(d_model, mlp_dim, **mlp)
         self.kernel = make_feature_map("elu1", d, num_heads=H, rngs=rngs)
-        self.q_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(H * d, d_model, rngs, use_bias=use_bias)
+        self._projections(d, d, rngs, use_bias=use_bias)
 
     @classmethod
-    def from_softmax_attention(
+    def from_softmax(
         cls,
         attention: SoftmaxAttention,
         *,
@@ -122,9 +119,9 @@ class LinFusionAttention(Mixer):
         group = attention.num_heads // attention.num_kv_heads
         for name, repeats in (("q_proj", 1), ("k_proj", group), ("v_proj", group), ("o_proj", 1)):
             source, target = getattr(attention, name), getattr(linfusion, name)
-            target.kernel[...] = _repeat_heads(source.kernel[...], attention.head_dim, repeats)
+            target.kernel[...] = repeat_kv_columns(source.kernel[...], attention.head_dim, repeats)
             if source.bias is not None:
-                target.bias[...] = _repeat_heads(source.bias[...], attention.head_dim, repeats)
+                target.bias[...] = repeat_kv_columns(source.bias[...], attention.head_dim, repeats)
         return linfusion
 
     def init_cache(self, batch: int, max_len: int) -> None:
@@ -141,12 +138,3 @@ class LinFusionAttention(Mixer):
         numerator = jnp.einsum("bthk,bhkv->bthv", q32, means.kv)
         denominator = jnp.einsum("bthk,bhk->bth", q32, means.k)[..., None] + self.eps
         return self.o_proj(self._merge_heads((numerator / denominator).astype(x.dtype))), cache
-
-
-def _repeat_heads(weight: jax.Array, head_dim: int, repeats: int) -> jax.Array:
-    """[..., H_kv·d] -> [..., H_kv·repeats·d]: each head's d columns repeated `repeats` times in place (GQA head h
-    reads key/value head h // repeats)."""
-    if repeats == 1:
-        return weight
-    heads = weight.reshape(*weight.shape[:-1], -1, head_dim)
-    return jnp.repeat(heads, repeats, axis=-2).reshape(*weight.shape[:-1], -1)

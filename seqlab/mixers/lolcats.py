@@ -42,7 +42,6 @@ device and runs its linear part sequence-parallel; each device's segment must ho
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -53,10 +52,12 @@ from seqlab import ops
 from seqlab.mixers.base import (
     Mixer,
     check_choice,
+    check_finite,
     check_input,
     check_positive_int,
     default_rngs,
     positions,
+    ring_write,
 )
 from seqlab.mixers.feature_maps import make_feature_map
 from seqlab.mixers.softmax_attention import SoftmaxAttention
@@ -108,21 +109,14 @@ class HybridCache:
         """The cache after the next T tokens: k, v [B, T, H_kv, d] (and phi_k [B, T, H, F]) of positions pos..pos+T-1
         in slots p % L (of a prompt longer than the ring only the last L land); pos advances by T. The state is
         left to the caller."""
-        length, slots = k.shape[1], self.k.shape[1]
-        kept = min(length, slots)
-        pos = positions(self, length)[length - kept :]
-        slot = pos % slots
-
-        def put(buffer: jax.Array, new: jax.Array) -> jax.Array:
-            return buffer.at[:, slot].set(new[:, length - kept :].astype(buffer.dtype))
-
+        buffers, values = (self.k, self.v), (k, v)
+        if phi_k is not None:
+            buffers, values = buffers + (self.phi_k,), values + (phi_k,)
+        written, key_positions = ring_write(buffers, values, self.key_positions, self.pos)
         return self.replace(
-            k=put(self.k, k),
-            v=put(self.v, v),
-            phi_k=None if phi_k is None else put(self.phi_k, phi_k),
-            key_positions=self.key_positions.at[slot].set(pos),
-            pos=self.pos + length,
-        )
+            k=written[0], v=written[1], phi_k=written[2] if phi_k is not None else None,
+            key_positions=key_positions, pos=self.pos + k.shape[1],
+        )  # fmt: skip
 
 
 def softmax_layout(attn: SoftmaxAttention) -> dict:
@@ -149,11 +143,6 @@ def copy_projections(source: nnx.Module, target: nnx.Module) -> None:
     """Copy the q, k, v and o projections (kernels and biases) of `source` into `target`."""
     for name in PROJECTIONS:
         nnx.update(getattr(target, name), nnx.state(getattr(source, name)))
-
-
-def check_finite(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 class LoLCATsAttention(Mixer):

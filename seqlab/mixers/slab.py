@@ -79,10 +79,7 @@ class SLAB(Mixer):
         self.max_len, self.eps = max_len, eps
         H, d = num_heads, self.head_dim
         self.kernel = make_feature_map("relu", d, num_heads=H, rngs=rngs)
-        self.q_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, H * d, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(H * d, d_model, rngs, use_bias=use_bias)
+        self._projections(d, d, rngs, use_bias=use_bias)
         self.pos_embedding = nnx.Param(jnp.zeros((max_len, H * d), param_dtype))
         self.conv = ShortConv(
             d, kernel_size=conv_size, use_bias=True, activation=None, rngs=rngs, param_dtype=param_dtype, dtype=dtype

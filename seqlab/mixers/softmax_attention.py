@@ -37,6 +37,7 @@ from seqlab.mixers.base import (
     check_optional_positive_int,
     default_rngs,
     positions,
+    ring_write,
 )
 
 
@@ -126,15 +127,8 @@ class SoftmaxAttention(Mixer):
         T, slots = k.shape[1], cache.k.shape[1]
         if self.window is None and T > slots:
             raise ValueError(f"x: a prompt of {T} tokens does not fit a KV cache of max_len={slots}")
-        kept = min(T, slots)
-        pos = positions(cache, T)[T - kept :]
-        slot = pos % slots
-        return KVCache(
-            k=cache.k.at[:, slot].set(k[:, T - kept :].astype(cache.k.dtype)),
-            v=cache.v.at[:, slot].set(v[:, T - kept :].astype(cache.v.dtype)),
-            key_positions=cache.key_positions.at[slot].set(pos),
-            pos=cache.pos + T,
-        )
+        (k, v), key_positions = ring_write((cache.k, cache.v), (k, v), cache.key_positions, cache.pos)
+        return KVCache(k=k, v=v, key_positions=key_positions, pos=cache.pos + T)
 
 
 class SlidingWindowAttention(SoftmaxAttention):

@@ -103,7 +103,6 @@ class TNLAttention(Mixer):
         check_positive("norm_eps", norm_eps)
         self.decay, self.layer_index, self.num_layers, self.norm_eps = decay, layer_index, num_layers, norm_eps
         self.head_dim = resolve_dim("head_dim", None, d_model, "d_model", num_heads, "num_heads")
-        self.log_decays = tuple(tnl_log_decay(num_heads, layer_index, num_layers, decay))
         self.lrpe = LRPE(num_heads, self.head_dim, param_dtype=param_dtype) if use_lrpe else None
         self.key_dim = self.lrpe.out_dim if use_lrpe else self.head_dim
         self.qkvu_proj = self._linear(d_model, 4 * d_model, rngs)
@@ -111,7 +110,7 @@ class TNLAttention(Mixer):
 
     def log_decay(self) -> jax.Array:
         """log λ_h of this layer, [H] float32 (<= 0)."""
-        return jnp.asarray(self.log_decays, jnp.float32)
+        return jnp.asarray(tnl_log_decay(self.num_heads, self.layer_index, self.num_layers, self.decay), jnp.float32)
 
     def init_cache(self, batch: int, max_len: int) -> RecurrentCache:
         self._check_cache_args(batch, max_len)

@@ -105,10 +105,7 @@ class _TransNormerMixer(Mixer):
         self.variant, self.norm_eps = variant, norm_eps
         self.head_dim = resolve_dim("head_dim", None, d_model, "d_model", num_heads, "num_heads")
         self.urpe = URPE(self.head_dim, rngs=rngs, param_dtype=param_dtype) if use_urpe else None
-        self.q_proj = self._linear(d_model, d_model, rngs, use_bias=use_bias)
-        self.k_proj = self._linear(d_model, d_model, rngs, use_bias=use_bias)
-        self.v_proj = self._linear(d_model, d_model, rngs, use_bias=use_bias)
-        self.o_proj = self._linear(d_model, d_model, rngs, use_bias=use_bias)
+        self._projections(self.head_dim, self.head_dim, rngs, use_bias=use_bias)
 
     def _position_encode(self, q: jax.Array, k: jax.Array, cache: Any) -> tuple[jax.Array, jax.Array]:
         """URPE on q, k [B, T, H, d] at their absolute positions (identity without URPE)."""

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from seqlab.ops import _common
 from seqlab.ops.linear_attn import linear_attn
+from seqlab.parallel.mesh import previous_segment_tail
 
 Array = jax.Array
 
@@ -140,12 +141,7 @@ def _previous_tokens(x: Array, count: int, sequence_axis: str | None) -> tuple[A
     token."""
     if sequence_axis is None:
         return jnp.zeros((x.shape[0], count, *x.shape[2:]), x.dtype), 0
-    if x.shape[1] < count:
-        raise ValueError(f"sequence_axis: a segment of {x.shape[1]} tokens per device is shorter than the {count} "
-                         f"tokens of the band it needs from the previous device; use fewer devices on {sequence_axis!r}")
-    devices = jax.lax.axis_size(sequence_axis)
-    tail = jax.lax.ppermute(x[:, x.shape[1] - count :], sequence_axis, [(i, i + 1) for i in range(devices - 1)])
-    return tail, jax.lax.axis_index(sequence_axis) * x.shape[1]
+    return previous_segment_tail(x, count, sequence_axis), jax.lax.axis_index(sequence_axis) * x.shape[1]
 
 
 def _key_slabs(x: Array, num_blocks: int, window: int, back: int) -> Array:
