@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqlab import ops
+from seqlab import host_memory, ops
 
 FLOP_CHUNK = 64
 LINEAR_OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
@@ -92,10 +92,14 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--glibc_default_malloc", action="store_true",
+                        help="keep glibc's default allocator policy (see seqlab.host_memory) to show its cost")
     args = parser.parse_args()
+    retained = not args.glibc_default_malloc and host_memory.retain_freed_memory()
     peak = matmul_gflops()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {jax.device_count()} device(s)")
-    print(f"measured matmul: {peak:.1f} GFLOP/s (2048x2048 float32)")
+    print(f"measured matmul: {peak:.1f} GFLOP/s (2048x2048 float32); "
+          f"host allocator: {'seqlab.host_memory policy' if retained else 'glibc default'}")
     print(f"B=1 H={args.heads} K=V={args.dim}; FLOPs counted at C={FLOP_CHUNK}; fwd+bwd = 3x fwd FLOPs")
     print("| op | impl | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | GFLOP/s fwd | GFLOP/s fwd+bwd | % of matmul |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bench_ops import make_inputs
-from seqlab import ops
+from seqlab import host_memory, ops
 
 
 def gradient(attention):
@@ -26,6 +26,7 @@ def gradient(attention):
 
 
 def main() -> None:
+    host_memory.retain_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--heads", type=int, default=8)

@@ -7,7 +7,7 @@ head. A family provides exactly one function::
 
     chunk_terms(x: Mapping[str, Array]) -> ChunkTerms
 
-``x`` maps input names to one chunk of C tokens, each [..., C, feature] (leading axes B, H, N are batch axes;
+``x`` maps input names to one chunk of C tokens, each [..., C, feature] (leading axes N, B, H are batch axes;
 q is already scaled, everything is float32). It returns the chunk as an affine map of its incoming state S_in:
 
     o     = o_local + q_read @ S_in                      o_local [..., C, V], q_read [..., C, K]

@@ -101,8 +101,12 @@ def _summary_matrix(summary: Summary, key_dim: int) -> Array:
     return jnp.exp(summary.log_decay)[..., :, None] * jnp.eye(key_dim, dtype=jnp.float32)
 
 
+# Chunk layout: the chunk index leads, [N, B, H, C, ...], so the scan over chunk states needs no transposes.
+_CHUNK_ORDER = (1, 0, 3, 2)  # [B, N, C, H] <-> [N, B, H, C]; the permutation is its own inverse
+
+
 def _to_chunks(x: Array, num_chunks: int, chunk: int) -> Array:
-    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding T up to N * C.
+    """[B, T, H, ...] -> [N, B, H, C, ...], zero-padding T up to N * C.
 
     Zero padding is the identity for every family (no decay, no write, beta = 0), so padded tokens change nothing.
     """
@@ -110,30 +114,29 @@ def _to_chunks(x: Array, num_chunks: int, chunk: int) -> Array:
     if pad:
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     x = x.reshape(x.shape[0], num_chunks, chunk, *x.shape[2:])
-    return jnp.moveaxis(x, 3, 1)
+    return jnp.transpose(x, _CHUNK_ORDER + tuple(range(4, x.ndim)))
 
 
 def _from_chunks(o: Array, length: int) -> Array:
-    """[B, H, N, C, V] -> [B, T, H, V]."""
-    b, h, n, c, v = o.shape
-    return jnp.moveaxis(o, 1, 3).reshape(b, n * c, h, v)[:, :length]
+    """[N, B, H, C, V] -> [B, T, H, V]."""
+    n, b, h, c, v = o.shape
+    return jnp.transpose(o, _CHUNK_ORDER + (4,)).reshape(b, n * c, h, v)[:, :length]
 
 
 def propagate_states(terms: ChunkTerms, initial_state: Array) -> tuple[Array, Array]:
-    """Scan the chunk transitions: incoming state of every chunk [B, H, N, K, V] and the final state [B, H, K, V]."""
+    """Scan the chunk transitions: incoming state of every chunk [N, B, H, K, V] and the final state [B, H, K, V]."""
 
     def step(state, chunk):
         transition, s_local = chunk
         return transition.apply(state) + s_local, state
 
-    xs = jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), (terms.transition, terms.s_local))
-    final, incoming = jax.lax.scan(step, initial_state, xs)
-    return jnp.moveaxis(incoming, 0, 2), final
+    final, incoming = jax.lax.scan(step, initial_state, (terms.transition, terms.s_local))
+    return incoming, final
 
 
 def read_out(terms: ChunkTerms, incoming: Array) -> Array:
-    """o = o_local + q_read @ S_in for every chunk: [B, H, N, C, V]."""
-    return terms.o_local + jnp.einsum("bhnck,bhnkv->bhncv", terms.q_read, incoming)
+    """o = o_local + q_read @ S_in for every chunk: [N, B, H, C, V]."""
+    return terms.o_local + jnp.einsum("...ck,...kv->...cv", terms.q_read, incoming)
 
 
 def chunked(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int):
@@ -176,20 +179,19 @@ def segment_summary(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chun
 
 
 def summarize(terms: ChunkTerms) -> Summary:
-    """The summary of a run of chunks [B, H, N, ...]: its end state from a zero start and its whole transition
+    """The summary of a run of chunks [N, B, H, ...]: its end state from a zero start and its whole transition
     (diagonal transitions as a summed log decay; diagonal-plus-low-rank ones as a dense product, chunk by chunk)."""
-    _, state = propagate_states(terms, jnp.zeros_like(terms.s_local[:, :, 0]))
+    _, state = propagate_states(terms, jnp.zeros_like(terms.s_local[0]))
     transition = terms.transition
     if transition.left is None:
-        return Summary(jnp.sum(transition.log_decay, axis=2), None, state)
+        return Summary(jnp.sum(transition.log_decay, axis=0), None, state)
     key_dim = state.shape[-2]
-    per_chunk = jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), transition)
 
     def compose(matrix, chunk_transition):
         return chunk_transition.dense(key_dim) @ matrix, None
 
-    first = jax.tree.map(lambda a: a[0], per_chunk).dense(key_dim)
-    matrix, _ = jax.lax.scan(compose, first, jax.tree.map(lambda a: a[1:], per_chunk))
+    first = jax.tree.map(lambda a: a[0], transition).dense(key_dim)
+    matrix, _ = jax.lax.scan(compose, first, jax.tree.map(lambda a: a[1:], transition))
     return Summary(None, matrix, state)
 
 

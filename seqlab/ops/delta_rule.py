@@ -24,41 +24,43 @@ from seqlab.ops import _common
 Array = jax.Array
 
 
-BASE_BLOCK = 16
+BASE_BLOCK = 4
 
 
 def _invert_unit_lower(system: Array) -> Array:
-    """Inverse of a unit lower-triangular matrix [..., n, n], with matmuls only.
+    """Inverse of a unit lower-triangular matrix [..., n, n], by blocked doubling with batched matmuls only.
 
-    Blocks of 16 are inverted by forward substitution; larger sizes (padded with identity to 16·2^k) by
-    [[L11, 0], [L21, L22]]⁻¹ = [[X11, 0], [-X22 L21 X11, X22]]. (XLA's CPU triangular_solve can deadlock when two
-    run concurrently, so it is not used.)
+    Diagonal blocks of 4 are inverted in closed form: with A strictly lower (A⁴ = 0),
+    (I + A)⁻¹ = I - A + A² - A³ = (I - A)(I + A²). Then neighbouring inverses merge, all pairs of a level at once:
+    [[L11, 0], [L21, L22]]⁻¹ = [[X11, 0], [-X22 L21 X11, X22]] (sizes 4 -> 8 -> ... -> n, n padded with identity
+    to 4·2^k). No step is a triangular solve (XLA's CPU triangular_solve can deadlock when two run concurrently)
+    and there is no sequential loop over rows.
     """
     n = system.shape[-1]
     size = BASE_BLOCK
     while size < n:
         size *= 2
-    if size != n and n > BASE_BLOCK:
-        padded = jnp.pad(system, [(0, 0)] * (system.ndim - 2) + [(0, size - n), (0, size - n)])
-        padded = padded + jnp.diag(jnp.arange(size) >= n).astype(system.dtype)
-        return _invert_blocks(padded)[..., :n, :n]
-    return _invert_blocks(system)
+    if size != n:
+        system = jnp.pad(system, [(0, 0)] * (system.ndim - 2) + [(0, size - n), (0, size - n)])
+        system = system + jnp.diag(jnp.arange(size) >= n).astype(system.dtype)
+    eye = jnp.eye(BASE_BLOCK, dtype=system.dtype)
+    strict = _diagonal_blocks(system, BASE_BLOCK) - eye
+    inverse = (eye - strict) @ (eye + strict @ strict)  # [..., size / 4, 4, 4]
+    block = BASE_BLOCK
+    while block < size:
+        pairs = _diagonal_blocks(system, 2 * block)  # [..., m, 2b, 2b]
+        upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        corner = -lower @ pairs[..., block:, :block] @ upper
+        top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
+        inverse = jnp.concatenate([top, jnp.concatenate([corner, lower], axis=-1)], axis=-2)
+        block *= 2
+    return inverse[..., 0, :n, :n]
 
 
-def _invert_blocks(system: Array) -> Array:
-    n = system.shape[-1]
-    if n <= BASE_BLOCK:
-        inverse = jnp.broadcast_to(jnp.eye(n, dtype=system.dtype), system.shape)
-        for i in range(1, n):
-            row = -jnp.einsum("...j,...jk->...k", system[..., i, :i], inverse[..., :i, :])
-            inverse = inverse.at[..., i, :i].set(row[..., :i])
-        return inverse
-    h = n // 2
-    upper = _invert_blocks(system[..., :h, :h])
-    lower = _invert_blocks(system[..., h:, h:])
-    corner = -lower @ system[..., h:, :h] @ upper
-    top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
-    return jnp.concatenate([top, jnp.concatenate([corner, lower], axis=-1)], axis=-2)
+def _diagonal_blocks(matrix: Array, block: int) -> Array:
+    """The diagonal blocks [..., n / block, block, block] of a square matrix [..., n, n]."""
+    starts = range(0, matrix.shape[-1], block)
+    return jnp.stack([matrix[..., i : i + block, i : i + block] for i in starts], axis=-3)
 
 
 def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:

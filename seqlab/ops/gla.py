@@ -5,9 +5,10 @@
 Chunk form with b = within-chunk cumsum of gk (float32):
     intra: P_ij = Σ_d q_id k_jd exp(b_id - b_jd) (j <= i),  o_local = P V
     inter: q_read = Q ⊙ e^b;  S_out = e^{b_C} ⊙ S_in + (K ⊙ e^{b_C - b})ᵀ V.
-P is built with secondary chunking (sub-chunks of ``SUB_CHUNK``): off-diagonal sub-blocks are matmuls of
-(q ⊙ e^{b - b_r}) and (k ⊙ e^{b_r - b}) with b_r the gate sum at the start of the query's sub-chunk (both exponents
-<= 0); diagonal sub-blocks are evaluated elementwise, exactly.
+P is built by halving (see ``_intra_scores``): in a block of 2s rows, the pairs with the query in the second half and
+the key in the first are one matmul of (q ⊙ e^{b - b_r}) and (k ⊙ e^{b_r - b}), b_r the gate sum at the last row of
+the first half, so both exponents are <= 0; the two halves recurse, down to the diagonal. Every pair is exact and
+each level costs O(C·K) elementwise work plus a batched matmul, instead of a [C, sub-chunk, K] tensor.
 """
 
 from __future__ import annotations
@@ -23,27 +24,25 @@ from seqlab.ops import _common
 
 Array = jax.Array
 
-SUB_CHUNK = 16
 
-
-def _intra_scores(q: Array, k: Array, b: Array, sub: int) -> Array:
-    """P [..., C, C] for q, k, b: [..., C, K] with C a multiple of ``sub``."""
+def _intra_scores(q: Array, k: Array, b: Array) -> Array:
+    """P [..., C, C] (lower triangular, diagonal included) for q, k, b: [..., C, K] with C a power of two."""
     *lead, length, key_dim = q.shape
-    n = length // sub
-    qs, bs = (a.reshape(*lead, n, sub, key_dim) for a in (q, b))
-    ks = k.reshape(*lead, n, sub, key_dim)
-    ref = bs[..., :, 0, :]  # [..., n, K]: gate sum at the first row of each query sub-chunk
-    q_hat = qs * jnp.exp(bs - ref[..., :, None, :])
-    key_block = jnp.arange(length) // sub
-    earlier = key_block[None, :] < jnp.arange(n)[:, None]  # [n, C]: key lies in a sub-chunk before the query's
-    k_exp = jnp.where(earlier[:, :, None], ref[..., :, None, :] - b[..., None, :, :], -jnp.inf)
-    k_hat = k[..., None, :, :] * jnp.exp(k_exp)  # [..., n, C, K]
-    off_diag = jnp.einsum("...nik,...njk->...nij", q_hat, k_hat)  # [..., n, sub, C]
-    diff = bs[..., :, :, None, :] - bs[..., :, None, :, :]  # [..., n, sub, sub, K]
-    diff = jnp.where(chunk_math.causal_mask(sub)[:, :, None], diff, -jnp.inf)
-    diag = jnp.einsum("...nik,...njk,...nijk->...nij", qs, ks, jnp.exp(diff))  # [..., n, sub, sub]
-    diag = jnp.einsum("...nij,nm->...nimj", diag, jnp.eye(n, dtype=diag.dtype)).reshape(*lead, n, sub, length)
-    return (off_diag + diag).reshape(*lead, length, length)
+    scores = jnp.sum(q * k, axis=-1)[..., None, None]  # [..., C, 1, 1]: the diagonal, blocks of one row
+    size = 1
+    while size < length:
+        count = length // (2 * size)
+        qs, ks, bs = (a.reshape(*lead, count, 2, size, key_dim) for a in (q, k, b))
+        ref = bs[..., 0, -1:, :]  # [..., count, 1, K]: gate sum at the last row of each first half
+        q_hat = qs[..., 1, :, :] * jnp.exp(bs[..., 1, :, :] - ref)
+        k_hat = ks[..., 0, :, :] * jnp.exp(ref - bs[..., 0, :, :])
+        corner = jnp.einsum("...ik,...jk->...ij", q_hat, k_hat)  # [..., count, size, size]
+        halves = scores.reshape(*lead, count, 2, size, size)
+        top = jnp.concatenate([halves[..., 0, :, :], jnp.zeros_like(corner)], axis=-1)
+        bottom = jnp.concatenate([corner, halves[..., 1, :, :]], axis=-1)
+        scores = jnp.concatenate([top, bottom], axis=-2)  # [..., count, 2 size, 2 size]
+        size *= 2
+    return scores.reshape(*lead, length, length)
 
 
 def vector_gate_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
@@ -52,12 +51,11 @@ def vector_gate_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     b = chunk_math.chunk_cumsum(x["gk"], axis=-2)
     b_last = b[..., -1, :]
     length = q.shape[-2]
-    sub = min(SUB_CHUNK, length)
-    pad = -length % sub
-    # zero q, k but edge-padded b: padded rows then decay by nothing, so no exponent turns positive
+    pad = (1 << (length - 1).bit_length()) - length
+    # zero q, k but edge-padded b up to a power of two: padded rows then decay by nothing, so no exponent turns positive
     widths = [(0, 0)] * (q.ndim - 2) + [(0, pad), (0, 0)]
     padded = [jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(b, widths, mode="edge")]
-    scores = _intra_scores(*padded, sub)[..., :length, :length]
+    scores = _intra_scores(*padded)[..., :length, :length]
     k_write = k * jnp.exp(b_last[..., None, :] - b)
     return ChunkTerms(scores @ v, q * jnp.exp(b), Transition(b_last), jnp.einsum("...ck,...cv->...kv", k_write, v))
 
