@@ -21,6 +21,8 @@ import pytest
 import reference as ref
 from reference import rel_err
 from seqlab import ops
+from seqlab.core import online_softmax
+from seqlab.ops.softmax_attn import DEFAULT_BLOCK_SIZE, MIN_WINDOW_BLOCK_SIZE, default_block_size
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -163,6 +165,67 @@ def test_defaults(rng):
     o = jax.jit(ops.softmax_attn)(q, k, v)
     assert not isinstance(o, tuple)
     assert rel_err(o, ref.np_softmax_attn(q, k, v)) <= FWD_TOL
+
+
+# More blocks than MAX_ROW_CLASSES distinct row widths: widths are rounded up into classes and rows read
+# front-padded key windows.
+MANY_BLOCKS = (
+    (300, 2, 1, True, None, 16, None),  # 19 causal rows of widths 1..19 in 8 classes
+    (300, 2, 2, True, 40, 8, None),  # sliding window over 38 blocks
+    (300, 4, 2, False, 40, 16, None),  # non-causal window: spans clipped at both ends
+    (300, 2, 1, False, None, 32, 0.3),  # non-causal: every row reads every block
+)
+
+
+@pytest.mark.parametrize("config", MANY_BLOCKS, ids=config_id)
+def test_chunked_many_blocks(config, rng):
+    check_forward_and_grads("chunked", config, rng)
+
+
+def _visible_pairs(T, causal, window):
+    t, s = np.arange(T)[:, None], np.arange(T)[None]
+    ok = s <= t if causal else np.ones((T, T), bool)
+    if window is not None:
+        ok &= (t - s < window) if causal else (np.abs(t - s) < window)
+    return ok
+
+
+PLANS = [(300, 16, True, None), (300, 8, True, 40), (300, 16, False, 40), (300, 32, False, None),
+         (100, 32, True, None), (100, 16, True, 7), (50, 16, False, 7), (64, 64, True, None)]
+
+
+@pytest.mark.parametrize("T,block,causal,window", PLANS)
+def test_block_plan_reads_every_visible_key_and_skips_empty_blocks(T, block, causal, window):
+    """Each query block's key window covers every block holding a key visible to it, and its last block is
+    non-empty; with no more distinct widths than classes, rows read exactly their non-empty blocks, and with
+    rounding (19 causal rows in 8 classes) at most 10% more than that."""
+    plan = online_softmax.BlockPlan(T, block, causal, window)
+    visible = _visible_pairs(T, causal, window)
+    n = -(-T // block)
+    assert len(plan.classes) <= online_softmax.MAX_ROW_CLASSES
+    assert sorted(r for c in plan.classes for r in c.rows) == list(range(n))
+    needed_total = read_total = 0
+    widths = set()
+    for row_class in plan.classes:
+        for row, last in zip(row_class.rows, row_class.last_keys):
+            tile = visible[row * block : (row + 1) * block]
+            needed = {kb for kb in range(n) if tile[:, kb * block : (kb + 1) * block].any()}
+            read = set(range(last + 1 - row_class.width, last + 1))
+            assert needed <= read and last in needed, (row, sorted(needed), sorted(read))
+            assert last + 1 - row_class.width >= -plan.front_pad
+            needed_total, read_total = needed_total + len(needed), read_total + len(read)
+            widths.add(len(needed))
+    if len(widths) <= online_softmax.MAX_ROW_CLASSES:
+        assert read_total == needed_total
+    else:
+        assert read_total <= 1.1 * needed_total
+
+
+def test_default_block_size():
+    assert default_block_size(None) == DEFAULT_BLOCK_SIZE
+    assert default_block_size(100) == 128
+    assert default_block_size(3) == MIN_WINDOW_BLOCK_SIZE
+    assert default_block_size(10**6) == DEFAULT_BLOCK_SIZE
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -28,9 +28,11 @@ What a family gets, with no code of its own (``seqlab.core.recurrence``):
 
 Softmax attention (``seqlab.core.online_softmax``)
 --------------------------------------------------
-The same loop over key/value blocks with an online-softmax ``Partial`` (running max, normaliser, output) as its
-carry and ``merge`` as its associative combine. A static ``BlockSchedule`` lists only the (query block, key block)
-pairs that a mask (causal, sliding window, non-causal) leaves non-empty, so masked blocks cost nothing.
+Each query block against the contiguous key blocks a mask (causal, sliding window, non-causal) leaves visible, from a
+static ``BlockPlan``, so masked blocks cost nothing; an exact softmax per row, and a flash-attention backward
+(``jax.custom_vjp``) that recomputes scores from the log-normaliser. An online-softmax ``Partial`` (running max,
+normaliser, output) with ``merge`` as its associative combine is the chunk summary the decode step and sequence
+parallelism use.
 """
 
 from seqlab.core.online_softmax import Partial, merge

@@ -1,19 +1,22 @@
-"""Softmax attention on the engine: a loop over key/value blocks with an online-softmax carry.
+"""Softmax attention on the engine: blocks of queries against the key blocks they can see.
 
 A ``Partial`` (running max m, normaliser l, unnormalised output acc, all float32) is softmax attention's chunk
-summary: partials over disjoint key sets merge associatively (``merge``), which the blockwise form, the KV-cache
-decode step and the sequence-parallel forms (``seqlab.parallel.attention``: all-gather, ring, halo) all use.
+summary: partials over disjoint key sets merge associatively (``merge``), which the KV-cache decode step and the
+sequence-parallel forms (``seqlab.parallel.attention``: all-gather, ring, halo) use.
 
-The blockwise (chunked) form walks a static ``BlockSchedule``: rows of (query block, key block) pairs in which every
-pair can hold a visible key. Fully masked blocks are never visited, and rows have equal length, so one ``lax.scan``
-over rows covers any mask. Causal attention pairs query block i with block n-1-i (i+1 plus n-i key blocks, the same
-for every row); windowed and non-causal attention take one query block per row. The T×T scores are never formed.
+The blockwise (chunked) form follows a static ``BlockPlan``: query block i reads only the contiguous key blocks a
+mask (causal, sliding window, non-causal) leaves visible to it, so fully masked blocks are never visited. Rows of
+similar width share one ``lax.scan`` (at most ``MAX_ROW_CLASSES`` of them). Each row is one query block against its
+key window: a single matmul for the scores, an exact softmax, a single matmul for the output; the backward pass
+(``jax.custom_vjp``, flash-attention style) keeps only the output and the log-normaliser and recomputes scores row
+by row. The T×T scores are never formed: memory is O(T · block) per row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,28 +74,6 @@ def visibility(q_pos: Array, k_pos: Array, length: int, causal: bool, window: in
     return ok
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSchedule:
-    """Static walk over the non-empty (query block, key block) pairs.
-
-    queries: [rows, G] query block of each of a row's G segments (-1: unused segment).
-    slot_segment: [rows, R] segment (0..G-1) a slot's scores belong to, -1 for an unused slot.
-    slot_key: [rows, R] key block of each slot.
-    """
-
-    queries: np.ndarray
-    slot_segment: np.ndarray
-    slot_key: np.ndarray
-
-    @property
-    def inverse(self) -> np.ndarray:
-        """For each query block, its flat index in [rows * G]."""
-        flat = self.queries.reshape(-1)
-        order = np.full(flat.max() + 1, -1)
-        order[flat[flat >= 0]] = np.nonzero(flat >= 0)[0]
-        return order
-
-
 def key_span(block: int, num_blocks: int, block_size: int, causal: bool, window: int | None) -> tuple[int, int]:
     """Inclusive range of key blocks that query block ``block`` can see."""
     first_q, last_q = block * block_size, (block + 1) * block_size - 1
@@ -106,71 +87,191 @@ def key_span(block: int, num_blocks: int, block_size: int, causal: bool, window:
     return lo, hi
 
 
-def block_schedule(length: int, block_size: int, causal: bool, window: int | None) -> BlockSchedule:
-    """The schedule for self-attention over ``length`` tokens in blocks of ``block_size``."""
-    n = -(-length // block_size)
-    spans = [key_span(i, n, block_size, causal, window) for i in range(n)]
-    if causal and window is None and n > 1:
-        groups = [(i, n - 1 - i) for i in range(n // 2)] + ([(n // 2,)] if n % 2 else [])
-    else:
-        groups = [(i,) for i in range(n)]
-    width = max(sum(spans[i][1] - spans[i][0] + 1 for i in g) for g in groups)
-    segments = max(len(g) for g in groups)
-    queries = np.full((len(groups), segments), -1)
-    slot_segment = np.full((len(groups), width), -1)
-    slot_key = np.zeros((len(groups), width), dtype=np.int64)
-    for row, group in enumerate(groups):
-        slot = 0
-        for seg, block in enumerate(group):
-            queries[row, seg] = block
-            lo, hi = spans[block]
-            for key in range(lo, hi + 1):
-                slot_segment[row, slot], slot_key[row, slot] = seg, key
-                slot += 1
-    return BlockSchedule(queries, slot_segment, slot_key)
+MAX_ROW_CLASSES = 8  # scans per blockwise call: row widths are rounded up into at most this many classes
+
+
+@dataclasses.dataclass(frozen=True)
+class RowClass:
+    """Query blocks whose visible key blocks all fit in ``width`` key blocks ending at the row's last one."""
+
+    width: int
+    rows: tuple[int, ...]  # query block of each row
+    last_keys: tuple[int, ...]  # last key block each row sees
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """Static plan of a blockwise attention call: which key blocks each query block reads.
+
+    Query block i sees the contiguous key blocks ``key_span(i)``; rows are grouped into at most
+    ``MAX_ROW_CLASSES`` classes of equal width (a width is rounded up to its class's), and each class is one
+    ``lax.scan``. Keys are padded in front by ``front_pad`` blocks so that every row's window starts in range.
+    """
+
+    length: int
+    block: int
+    causal: bool
+    window: int | None
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.block)
+
+    @functools.cached_property
+    def classes(self) -> tuple[RowClass, ...]:
+        spans = [key_span(i, self.count, self.block, self.causal, self.window) for i in range(self.count)]
+        widths = sorted({hi - lo + 1 for lo, hi in spans})
+        groups = np.array_split(np.array(widths), min(len(widths), MAX_ROW_CLASSES))
+        class_width = {int(w): int(group[-1]) for group in groups for w in group}
+        classes = []
+        for width in sorted(set(class_width.values())):
+            rows = tuple(i for i, (lo, hi) in enumerate(spans) if class_width[hi - lo + 1] == width)
+            classes.append(RowClass(width, rows, tuple(spans[i][1] for i in rows)))
+        return tuple(classes)
+
+    @functools.cached_property
+    def front_pad(self) -> int:
+        return max(max(0, c.width - 1 - last) for c in self.classes for last in c.last_keys)
+
+    @functools.cached_property
+    def inverse(self) -> np.ndarray:
+        """For each query block, its position in the class-by-class order of rows."""
+        return np.argsort(np.concatenate([c.rows for c in self.classes]))
 
 
 def blockwise_attention(
     q: Array, k: Array, v: Array, *, causal: bool, window: int | None, block_size: int
 ) -> Array:
-    """Chunked softmax attention following a block schedule.
+    """Chunked softmax attention over the key blocks each query block can see, with a flash-attention backward.
 
     q: [B, Hkv, G, T, D] (G query heads per key/value head, already scaled); k: [B, Hkv, T, D]; v: [B, Hkv, T, V].
     Returns o [B, Hkv, G, T, V] float32.
+
+    A row is one query block (its G heads stacked, [G*block, D]) against its key window ([width*block, D]): one
+    matmul for the scores, an exact softmax over the row, one matmul for the output. Only o and the
+    log-normaliser are kept for the backward pass, which recomputes each row's scores transposed ([keys,
+    queries]) so that dK and dV are plain matmuls.
     """
-    batch, kv_heads, group, length, _ = q.shape
-    block = min(block_size, length)
-    schedule = block_schedule(length, block, causal, window)
+    plan = BlockPlan(q.shape[3], min(block_size, q.shape[3]), causal, window)
+    return _blockwise(plan, q, k, v)
+
+
+def _query_blocks(x: Array, block: int) -> Array:
+    """[B, Hkv, G, T, D] -> [n, B, Hkv, G*block, D], zero-padded to n*block tokens."""
+    batch, kv_heads, group, length, _ = x.shape
     n = -(-length // block)
-    pad = n * block - length
-    qb = jnp.pad(q, [(0, 0)] * 3 + [(0, pad), (0, 0)]).reshape(batch, kv_heads, group, n, block, -1)
-    qb = jnp.moveaxis(qb, 3, 0).reshape(n, batch, kv_heads, group * block, -1)  # [n, B, Hkv, G*block, D]
-    kb, vb = (jnp.moveaxis(jnp.pad(x, [(0, 0)] * 2 + [(0, pad), (0, 0)]).reshape(batch, kv_heads, n, block, -1), 2, 0)
-              for x in (k, v))  # [n, B, Hkv, block, D or V]
-    offsets = jnp.arange(block)
+    x = jnp.pad(x, [(0, 0)] * 3 + [(0, n * block - length), (0, 0)]).reshape(batch, kv_heads, group, n, block, -1)
+    return jnp.moveaxis(x, 3, 0).reshape(n, batch, kv_heads, group * block, -1)
 
-    @jax.checkpoint
-    def row(_, xs):
-        queries, slot_segment, slot_key = xs  # [S], [R], [R]
-        slot_query = queries[jnp.maximum(slot_segment, 0)]  # [R]
-        scores = jnp.einsum("rbhqd,rbhkd->rbhqk", qb[slot_query], kb[slot_key])  # [R, B, Hkv, G*block, block]
-        q_pos = slot_query[:, None] * block + offsets
-        k_pos = jnp.where(slot_segment[:, None] >= 0, slot_key[:, None] * block + offsets, -1)
-        visible = jnp.tile(visibility(q_pos, k_pos, length, causal, window), (1, group, 1))[:, None, None]
-        part = partial_from_scores(scores, visible, vb[slot_key])  # m, l [R, B, Hkv, G*block]; acc [.., V]
-        owner = (slot_segment[:, None] == jnp.arange(queries.shape[0]))[:, :, None, None, None]  # [R, S, 1, 1, 1]
-        m = jnp.max(jnp.where(owner, part.m[:, None], _MASKED), axis=0)  # [S, B, Hkv, G*block]
-        weight = jnp.exp(jnp.where(owner, part.m[:, None] - m[None], _MASKED))  # [R, S, ...]; exponents <= 0
-        l = jnp.sum(weight * part.l[:, None], axis=0)
-        acc = jnp.einsum("rsbhq,rbhqv->sbhqv", weight, part.acc)
-        return None, finalize(Partial(m, l, acc))
 
-    xs = tuple(jnp.asarray(a) for a in (schedule.queries, schedule.slot_segment, schedule.slot_key))
-    _, out = jax.lax.scan(row, None, xs)  # [rows, S, B, Hkv, G*block, V]
-    out = out.reshape(-1, *out.shape[2:])[jnp.asarray(schedule.inverse)]  # [n, B, Hkv, G*block, V]
-    out = out.reshape(n, batch, kv_heads, group, block, -1)
-    out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, group, n * block, -1)
-    return out[..., :length, :]
+def _from_query_blocks(x: Array, group: int, length: int) -> Array:
+    """[n, B, Hkv, G*block, V] -> [B, Hkv, G, T, V]."""
+    n, batch, kv_heads, rows, _ = x.shape
+    x = jnp.moveaxis(x.reshape(n, batch, kv_heads, group, rows // group, -1), 0, 3)
+    return x.reshape(batch, kv_heads, group, n * (rows // group), -1)[..., :length, :]
+
+
+def _padded_keys(x: Array, plan: BlockPlan) -> Array:
+    """[B, Hkv, T, D] -> [B, Hkv, (front_pad + n) * block, D]."""
+    front = plan.front_pad * plan.block
+    return jnp.pad(x, [(0, 0), (0, 0), (front, plan.count * plan.block - plan.length), (0, 0)])
+
+
+class _Window(NamedTuple):
+    """Where one row reads its keys: ``start`` in the padded keys; ``visible`` [G*block, width*block] bool."""
+
+    start: Array
+    visible: Array
+
+
+def _window(plan: BlockPlan, width: int, group: int, query_block: Array, last_key: Array) -> _Window:
+    first_key = last_key + 1 - width
+    q_pos = query_block * plan.block + jnp.arange(plan.block)
+    k_pos = first_key * plan.block + jnp.arange(width * plan.block)
+    visible = visibility(q_pos, k_pos, plan.length, plan.causal, plan.window)
+    return _Window((first_key + plan.front_pad) * plan.block, jnp.tile(visible, (group, 1)))
+
+
+def _read(x: Array, window: _Window, width: int, block: int) -> Array:
+    """The row's keys or values [B, Hkv, width*block, D] out of the padded [B, Hkv, (P+n)*block, D]."""
+    return jax.lax.dynamic_slice_in_dim(x, window.start, width * block, axis=2)
+
+
+def _scan_rows(row_class: RowClass, step: Callable, carry: Any) -> tuple[Any, Any]:
+    """``lax.scan`` of step((carry), (query block, last key block)) over a class's rows."""
+    return jax.lax.scan(step, carry, (jnp.asarray(row_class.rows), jnp.asarray(row_class.last_keys)))
+
+
+def _in_block_order(plan: BlockPlan, per_class: list[Array]) -> Array:
+    """Per-class scan outputs [rows_c, ...] -> per query block [n, ...]."""
+    return jnp.concatenate(per_class)[jnp.asarray(plan.inverse)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blockwise(plan: BlockPlan, q: Array, k: Array, v: Array) -> Array:
+    return _blockwise_forward(plan, q, k, v)[0]
+
+
+def _blockwise_forward(plan: BlockPlan, q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
+    group, block = q.shape[2], plan.block
+    qb, kp, vp = _query_blocks(q, block), _padded_keys(k, plan), _padded_keys(v, plan)
+    outputs, normalisers = [], []
+    for row_class in plan.classes:
+
+        def step(_, xs, width=row_class.width):
+            query_block, last_key = xs
+            window = _window(plan, width, group, query_block, last_key)
+            scores = jnp.einsum("bhqd,bhkd->bhqk", qb[query_block], _read(kp, window, width, block))
+            scores = scores + jnp.where(window.visible, 0.0, _MASKED)
+            m = jnp.max(scores, axis=-1)  # [B, Hkv, G*block]
+            p = jnp.exp(scores - m[..., None])
+            l = jnp.sum(p, axis=-1)  # >= 1: the row's maximum contributes exp(0)
+            o = jnp.einsum("bhqk,bhkv->bhqv", p, _read(vp, window, width, block)) / l[..., None]
+            return None, (o, m + jnp.log(l))
+
+        _, (o, lse) = _scan_rows(row_class, step, None)
+        outputs.append(o)
+        normalisers.append(lse)
+    ob, lse = _in_block_order(plan, outputs), _in_block_order(plan, normalisers)  # [n, B, Hkv, G*block, (V)]
+    return _from_query_blocks(ob, group, plan.length), (q, k, v, ob, lse)
+
+
+def _blockwise_backward(plan: BlockPlan, residuals: tuple, do: Array) -> tuple[Array, Array, Array]:
+    """Flash-attention backward, per row with the scores transposed (Sᵀ = K Qᵀ, [keys, queries]):
+    Pᵀ = exp(Sᵀ − lse); dV += Pᵀ dO; dSᵀ = Pᵀ ∘ (V dOᵀ − rowsum(dO ∘ O)); dK += dSᵀ Q; dQ = (dSᵀ)ᵀ K.
+    dK and dV of the padded key range accumulate in the scan carry."""
+    q, k, v, ob, lse = residuals
+    group, block = q.shape[2], plan.block
+    qb, dob, kp, vp = _query_blocks(q, block), _query_blocks(do, block), _padded_keys(k, plan), _padded_keys(v, plan)
+    delta = jnp.sum(dob * ob, axis=-1)  # [n, B, Hkv, G*block]
+    carry, dq_rows = (jnp.zeros_like(kp), jnp.zeros_like(vp)), []
+    for row_class in plan.classes:
+
+        def step(carry, xs, width=row_class.width):
+            query_block, last_key = xs
+            window = _window(plan, width, group, query_block, last_key)
+            keys, values = _read(kp, window, width, block), _read(vp, window, width, block)
+            q_i, do_i = qb[query_block], dob[query_block]
+            scores_t = jnp.einsum("bhkd,bhqd->bhkq", keys, q_i) + jnp.where(window.visible.T, 0.0, _MASKED)
+            p_t = jnp.exp(scores_t - lse[query_block][..., None, :])  # [B, Hkv, width*block, G*block]
+            ds_t = p_t * (jnp.einsum("bhkv,bhqv->bhkq", values, do_i) - delta[query_block][..., None, :])
+            dq = jnp.einsum("bhkq,bhkd->bhqd", ds_t, keys)
+            carry = tuple(
+                jax.lax.dynamic_update_slice_in_dim(acc, _read(acc, window, width, block) + grad, window.start, axis=2)
+                for acc, grad in zip(carry, (jnp.einsum("bhkq,bhqd->bhkd", ds_t, q_i),
+                                             jnp.einsum("bhkq,bhqv->bhkv", p_t, do_i)))
+            )
+            return carry, dq
+
+        carry, dq = _scan_rows(row_class, step, carry)
+        dq_rows.append(dq)
+    dq = _from_query_blocks(_in_block_order(plan, dq_rows), group, plan.length)
+    front = plan.front_pad * block
+    dk, dv = (x[:, :, front : front + plan.length] for x in carry)
+    return dq, dk, dv
+
+
+_blockwise.defvjp(_blockwise_forward, _blockwise_backward)
 
 
 def dense_attention(q: Array, k: Array, v: Array, *, causal: bool, window: int | None) -> Array:

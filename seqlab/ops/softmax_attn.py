@@ -23,7 +23,16 @@ from seqlab.parallel import attention as sequence_attention
 Array = jax.Array
 
 SOFTMAX_FORMS = ("chunked", "parallel", "recurrent")
-DEFAULT_BLOCK_SIZE = 128
+DEFAULT_BLOCK_SIZE = 512  # XLA:CPU runs [512, D] x [D, L] score matmuls near its square-matmul rate (BENCHMARKS.md)
+MIN_WINDOW_BLOCK_SIZE = 64
+
+
+def default_block_size(window: int | None) -> int:
+    """DEFAULT_BLOCK_SIZE, or for a sliding window the window rounded up to a power of two (at least
+    MIN_WINDOW_BLOCK_SIZE) when smaller: a row then reads about two windows of keys, not two default blocks."""
+    if window is None:
+        return DEFAULT_BLOCK_SIZE
+    return min(DEFAULT_BLOCK_SIZE, max(MIN_WINDOW_BLOCK_SIZE, 1 << (window - 1).bit_length()))
 
 
 def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: bool, block_size: int | None) -> None:
@@ -77,7 +86,8 @@ def softmax_attn(
     sequence_axis: a mesh axis name; q, k, v are then this device's segment [B, T_local, ...] of a sequence split
     contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
     sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
-    impl "chunked" loops over blocks of ``block_size``, "parallel" over blocks of T_local.
+    impl "chunked" loops over blocks of ``block_size`` (None: ``default_block_size(window)``), "parallel" over
+    blocks of T_local.
     """
     _check(q, k, v, window, impl, causal, block_size)
     _check_sequence(impl, sequence_axis, sequence_parallel)
@@ -88,11 +98,11 @@ def softmax_attn(
     if sequence_axis is not None:
         o = sequence_attention.sequence_parallel_attention(
             qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, causal=causal, window=window,
-            block_size=(block_size or DEFAULT_BLOCK_SIZE) if impl == "chunked" else None,
+            block_size=(block_size or default_block_size(window)) if impl == "chunked" else None,
         )
     elif impl == "chunked":
         o = online_softmax.blockwise_attention(
-            qg, kt, vt, causal=causal, window=window, block_size=block_size or DEFAULT_BLOCK_SIZE
+            qg, kt, vt, causal=causal, window=window, block_size=block_size or default_block_size(window)
         )
     elif impl == "parallel":
         o = online_softmax.dense_attention(qg, kt, vt, causal=causal, window=window)

@@ -75,7 +75,7 @@ def test_sequence_parallel_equals_single_device(family, num_devices, impl):
     op, _ = FAMILIES[family]
     args, s0 = make_inputs(family)
     kwargs = dict(impl=impl, chunk_size=CHUNK)
-    o_ref, s_ref = op(*args, initial_state=s0, output_final_state=True, **kwargs)
+    o_ref, s_ref = jax.jit(functools.partial(op, output_final_state=True, **kwargs))(*args, initial_state=s0)
     o_sp, s_sp = jax.jit(sharded(op, num_devices, len(args), **kwargs))(args, s0)
     assert rel(o_sp, o_ref) < 1e-5 and rel(s_sp, s_ref) < 1e-5
 
@@ -84,7 +84,7 @@ def test_sequence_parallel_equals_single_device(family, num_devices, impl):
         return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * s)
 
     ref_fn = lambda a, s: op(*a, initial_state=s, output_final_state=True, **kwargs)  # noqa: E731
-    g_ref = jax.grad(functools.partial(loss, ref_fn), argnums=(0, 1))(args, s0)
+    g_ref = jax.jit(jax.grad(functools.partial(loss, ref_fn), argnums=(0, 1)))(args, s0)
     g_sp = jax.jit(jax.grad(functools.partial(loss, sharded(op, num_devices, len(args), **kwargs)), argnums=(0, 1)))(
         args, s0
     )
