@@ -29,9 +29,9 @@ def test_two_processes_train_like_one(tmp_path):
     port = free_port()
     procs = []
     for pid in range(2):
+        xla_flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(pid), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-               "JAX_PLATFORMS": "cpu"}
+               "JAX_PROCESS_ID": str(pid), "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
         cmd = [sys.executable, os.path.join(ROOT, "tests", "distributed_worker.py"), str(tmp_path / "two"), ROOT]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]

@@ -5,6 +5,7 @@ import re
 
 import jax
 import numpy as np
+from flax import nnx
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -22,9 +23,10 @@ def test_readme_mixer_decode_matches_full_sequence():
     x = jax.random.normal(jax.random.key(0), (2, 37, 32))
     full = np.asarray(mixer(x))
     cache = mixer.init_cache(2, 37)
+    step = nnx.jit(lambda module, x_t, cache: module.step(x_t, cache))
     steps = []
     for t in range(x.shape[1]):
-        y, cache = mixer.step(x[:, t], cache)
+        y, cache = step(mixer, x[:, t], cache)
         steps.append(np.asarray(y))
     decoded = np.stack(steps, axis=1)
     assert np.linalg.norm(decoded - full) / np.linalg.norm(full) < 1e-4
