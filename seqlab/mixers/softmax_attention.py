@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from seqlab import ops
+from seqlab.ops.softmax_attn import default_block_size
 from seqlab.parallel.attention import MODES as SEQUENCE_PARALLEL_MODES
 from seqlab.mixers.base import (
     Mixer,
@@ -68,11 +69,14 @@ class SoftmaxAttention(Mixer):
         use_bias: bool = False,
         sequence_parallel: str = "allgather",
         impl: str = "chunked",
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
     ):
+        check_optional_positive_int("window", window)
+        if chunk_size is None:  # the op's default: 512-token blocks, or window-sized ones for a short window
+            chunk_size = default_block_size(window)
         super().__init__(d_model, num_heads, impl=impl, chunk_size=chunk_size, dtype=dtype, param_dtype=param_dtype)
         rngs = default_rngs(rngs)
         check_choice("sequence_parallel", sequence_parallel, SEQUENCE_PARALLEL_MODES)
@@ -81,7 +85,6 @@ class SoftmaxAttention(Mixer):
             num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope, rope_base=rope_base,
             rope_interleaved=rope_interleaved, use_bias=use_bias, rngs=rngs,
         )  # fmt: skip
-        check_optional_positive_int("window", window)
         self.window = window
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
