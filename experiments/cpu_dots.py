@@ -5,7 +5,8 @@
 Prints wall and user CPU time per call for: the 2048x2048 square matmul (the "% of matmul" reference of
 bench_ops.py); one batched [1024, 64, 64] @ [1024, 64, 64] dot (a per-chunk matmul of B=1, H=8 at T=8k, C=64);
 the same batch as 2, 4, 8 and 16 independent slices in one jitted function; other per-chunk tile shapes; and the
-same FLOPs as one tall unbatched [65536, 64] @ [64, 64] dot. user/wall near 1 means one core was busy.
+same FLOPs as one tall unbatched [65536, 64] @ [64, 64] dot; the batched dot with a transposed operand; and the
+matmuls of softmax_attn's chunked rows. user/wall near 1 means one core was busy.
 """
 
 from __future__ import annotations
@@ -67,6 +68,30 @@ def main() -> None:
         _row(f"batched {batch} x ({m}x{k} @ {k}x{n})", lambda x, y: x @ y, (x, y), 2 * batch * m * k * n)
     tall, weight = normal(65536, 64), normal(64, 64)
     _row("unbatched 65536x64 @ 64x64", lambda x, w: x @ w, (tall, weight), batch_flops)
+    _transposed_operands(normal(1024, 64, 64), normal(1024, 64, 64), batch_flops)
+    _attention_rows(normal)
+
+
+def _transposed_operands(a: jax.Array, b: jax.Array, flops: float) -> None:
+    """The batched per-chunk dot with each operand layout: N = as stored, T = contracted over its first axis."""
+    for name, spec in (("NN", "bik,bkj->bij"), ("NT", "bik,bjk->bij"), ("TN", "bki,bkj->bij")):
+        _row(f"batched 1024 x 64x64x64, {name}", lambda x, y, spec=spec: jnp.einsum(spec, x, y), (a, b), flops)
+
+
+def _attention_rows(normal: Callable) -> None:
+    """softmax_attn's chunked rows at T = 4k (H = 8, D = 64, 512-query blocks) against the slot layout it replaced:
+    the 36 causal 512x512 tiles as one batched dot of 72 tiles, and as rows of one query block against L keys."""
+    tiles_q, tiles_k = normal(72, 512, 64), normal(72, 512, 64)
+    _row("72 tiles (512x64 @ 64x512), NT", lambda x, y: jnp.einsum("rqd,rkd->rqk", x, y), (tiles_q, tiles_k),
+         2 * 72 * 512 * 512 * 64)
+    for keys in (512, 2048, 4096):
+        q, k, scores_t = normal(8, 512, 64), normal(8, keys, 64), normal(8, keys, 512)
+        flops = 2 * 8 * 512 * keys * 64
+        _row(f"row of 8 heads: S = Q K^T, 512 x {keys}", lambda x, y: jnp.einsum("hqd,hkd->hqk", x, y), (q, k), flops)
+        _row(f"row: dK = dS^T Q, NN on [{keys}, 512]", lambda s, x: jnp.einsum("hkq,hqd->hkd", s, x), (scores_t, q),
+             flops)
+        _row(f"row: dQ = dS K, TN on [{keys}, 512]", lambda s, y: jnp.einsum("hkq,hkd->hqd", s, y), (scores_t, k),
+             flops)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Shared test configuration for the seqlab op tests."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import zlib
 
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -21,6 +24,14 @@ if (os.environ.get("SEQLAB_TEST_XLA_OPT", "0") != "1"
     _flags += " --xla_backend_optimization_level=0"
 # Must be in the environment before the XLA backend starts.
 os.environ["XLA_FLAGS"] = _flags.strip()
+# One persistent compilation cache per test run, shared by the xdist workers and the subprocesses they start
+# (training runs that resume, CLI runs, the 8-device suite): a program compiled once is not compiled again in a
+# later process. It starts empty, so no run depends on another's cache. (The workers inherit the variable from
+# the pytest process that imports this file first.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="seqlab-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

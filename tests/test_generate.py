@@ -215,6 +215,7 @@ def test_sample_cli_requires_its_flags():
     assert result.returncode != 0 and "--workdir" in result.stderr
 
 
+@pytest.mark.slow  # a benchmark script's smoke run
 def test_bench_decode_smoke_run():
     result = run_script(
         "experiments/bench_decode.py", "--contexts=256", "--new_tokens=8", "--mixers=softmax,gla", "--repeats=1"

@@ -133,6 +133,7 @@ def test_lora_linear_formula():
     np.testing.assert_allclose(lora(x), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the script end to end (27 s of CI time); its stages are tested above
 def test_linearize_bytes_script_runs_end_to_end(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "linearize_bytes.py"), "--tiny",
            f"--workdir={tmp_path / 'teacher'}", "--targets=lolcats"]
