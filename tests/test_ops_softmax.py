@@ -182,6 +182,19 @@ def test_chunked_many_blocks(config, rng):
     check_forward_and_grads("chunked", config, rng)
 
 
+def test_chunked_second_order_gradient_matches_parallel(rng):
+    """The chunked form's flash-attention VJP is itself differentiable (grad of a function of the gradient)."""
+    q, k, v = make_qkv(rng, B=1, T=40, H=4, H_kv=2, K=8, V=8)
+
+    def grad_norm(impl, **kw):
+        loss = lambda q, k, v: jnp.sum(jnp.sin(ops.softmax_attn(q, k, v, impl=impl, window=24, **kw)))  # noqa: E731
+        return jax.jit(jax.grad(lambda *a: sum(jnp.sum(g * g) for g in jax.grad(loss, argnums=(0, 1, 2))(*a)),
+                                argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(grad_norm("chunked", block_size=16), grad_norm("parallel")):
+        assert rel_err(got, want) <= GRAD_TOL
+
+
 def _visible_pairs(T, causal, window):
     t, s = np.arange(T)[:, None], np.arange(T)[None]
     ok = s <= t if causal else np.ones((T, T), bool)

@@ -87,7 +87,8 @@ def softmax_attn(
     contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
     sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
     impl "chunked" loops over blocks of ``block_size`` (None: ``default_block_size(window)``), "parallel" over
-    blocks of T_local.
+    blocks of T_local. The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
+    nested) works, forward mode (``jax.jvp``) does not; use impl="parallel" for that.
     """
     _check(q, k, v, window, impl, causal, block_size)
     _check_sequence(impl, sequence_axis, sequence_parallel)
