@@ -5,6 +5,7 @@ applying the result to an initial state S0 must give the reference loop's final 
 contract sequence parallelism (LASP-2) relies on.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -45,9 +46,14 @@ def _inputs(rng, family):
 @pytest.mark.parametrize("family", ["linear", "simple_gla", "gla", "delta_rule", "gated_delta_rule"])
 def test_combined_segment_summaries_give_the_final_state(family, chunk_size, rng):
     (chunk_terms, inputs, reference), s0 = _inputs(rng, family)
-    first = segment_summary(chunk_terms, {n: x[:, :SPLIT] for n, x in inputs.items()}, chunk_size)
-    second = segment_summary(chunk_terms, {n: x[:, SPLIT:] for n, x in inputs.items()}, chunk_size)
-    combined = combine_summaries(first, second)
+
+    @jax.jit
+    def combined_summary(inputs):
+        first = segment_summary(chunk_terms, {n: x[:, :SPLIT] for n, x in inputs.items()}, chunk_size)
+        second = segment_summary(chunk_terms, {n: x[:, SPLIT:] for n, x in inputs.items()}, chunk_size)
+        return combine_summaries(first, second)
+
+    combined = combined_summary(inputs)
     assert (combined.matrix is None) == family.endswith(("linear", "gla")), "diagonal families stay in log space"
     _, final_ref = reference()
     err = rel_err(np.asarray(combined.apply(s0)), final_ref)

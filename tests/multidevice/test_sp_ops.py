@@ -60,7 +60,7 @@ def sharded(op, num_devices: int, num_args: int, **kwargs):
     return jax.shard_map(local, mesh=mesh, in_specs=((seq,) * num_args, P()), out_specs=(seq, P()))
 
 
-CI_AT_EVERY_SIZE = ("gla", "gated_delta_rule")  # the other families run at 2 and 8 devices under `pytest -m slow`
+CI_AT_EVERY_SIZE = ("gla",)  # the other families run at 2 and 8 devices under `pytest -m slow`
 CASES = [
     pytest.param(family, n, "chunked", marks=() if n == 4 or family in CI_AT_EVERY_SIZE else pytest.mark.slow)
     for family in FAMILIES for n in (2, 4, 8)
