@@ -112,6 +112,7 @@ class BlockPlan:
     block: int
     causal: bool
     window: int | None
+    group: int  # query heads per key/value head, stacked in a query block's rows
 
     @property
     def count(self) -> int:
@@ -152,23 +153,35 @@ def blockwise_attention(
     log-normaliser are kept for the backward pass, which recomputes each row's scores transposed ([keys,
     queries]) so that dK and dV are plain matmuls.
     """
-    plan = BlockPlan(q.shape[3], min(block_size, q.shape[3]), causal, window)
+    plan = BlockPlan(q.shape[3], min(block_size, q.shape[3]), causal, window, q.shape[2])
     return _blockwise(plan, q, k, v)
 
 
+def split_blocks(x: Array, axis: int, block: int) -> Array:
+    """Split ``axis`` (zero-padded to a multiple of ``block``) into blocks, the block index first:
+    [..., T, ...] -> [n, ..., block, ...]."""
+    n = -(-x.shape[axis] // block)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * block - x.shape[axis])
+    x = jnp.pad(x, pad)
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:]), axis, 0)
+
+
+def join_blocks(x: Array, length: int) -> Array:
+    """[n, B, Hkv, G, block, ...] -> [B, Hkv, G, length, ...]: the inverse of ``split_blocks`` on axis 3."""
+    x = jnp.moveaxis(x, 0, 3)
+    return x.reshape(*x.shape[:3], -1, *x.shape[5:])[:, :, :, :length]
+
+
 def _query_blocks(x: Array, block: int) -> Array:
-    """[B, Hkv, G, T, D] -> [n, B, Hkv, G*block, D], zero-padded to n*block tokens."""
-    batch, kv_heads, group, length, _ = x.shape
-    n = -(-length // block)
-    x = jnp.pad(x, [(0, 0)] * 3 + [(0, n * block - length), (0, 0)]).reshape(batch, kv_heads, group, n, block, -1)
-    return jnp.moveaxis(x, 3, 0).reshape(n, batch, kv_heads, group * block, -1)
+    """[B, Hkv, G, T, D] -> [n, B, Hkv, G*block, D] (a block's G heads stacked), zero-padded to n*block tokens."""
+    blocks = split_blocks(x, 3, block)  # [n, B, Hkv, G, block, D]
+    return blocks.reshape(*blocks.shape[:3], -1, blocks.shape[-1])
 
 
 def _from_query_blocks(x: Array, group: int, length: int) -> Array:
     """[n, B, Hkv, G*block, V] -> [B, Hkv, G, T, V]."""
-    n, batch, kv_heads, rows, _ = x.shape
-    x = jnp.moveaxis(x.reshape(n, batch, kv_heads, group, rows // group, -1), 0, 3)
-    return x.reshape(batch, kv_heads, group, n * (rows // group), -1)[..., :length, :]
+    return join_blocks(x.reshape(*x.shape[:3], group, -1, x.shape[-1]), length)
 
 
 def _padded_keys(x: Array, plan: BlockPlan) -> Array:
@@ -184,12 +197,12 @@ class _Window(NamedTuple):
     visible: Array
 
 
-def _window(plan: BlockPlan, width: int, group: int, query_block: Array, last_key: Array) -> _Window:
+def _window(plan: BlockPlan, width: int, query_block: Array, last_key: Array) -> _Window:
     first_key = last_key + 1 - width
     q_pos = query_block * plan.block + jnp.arange(plan.block)
     k_pos = first_key * plan.block + jnp.arange(width * plan.block)
     visible = visibility(q_pos, k_pos, plan.length, plan.causal, plan.window)
-    return _Window((first_key + plan.front_pad) * plan.block, jnp.tile(visible, (group, 1)))
+    return _Window((first_key + plan.front_pad) * plan.block, jnp.tile(visible, (plan.group, 1)))
 
 
 def _read(x: Array, window: _Window, width: int, block: int) -> Array:
@@ -213,14 +226,14 @@ def _blockwise(plan: BlockPlan, q: Array, k: Array, v: Array) -> Array:
 
 
 def _blockwise_forward(plan: BlockPlan, q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
-    group, block = q.shape[2], plan.block
+    block = plan.block
     qb, kp, vp = _query_blocks(q, block), _padded_keys(k, plan), _padded_keys(v, plan)
     outputs, normalisers = [], []
     for row_class in plan.classes:
 
         def step(_, xs, width=row_class.width):
             query_block, last_key = xs
-            window = _window(plan, width, group, query_block, last_key)
+            window = _window(plan, width, query_block, last_key)
             scores = jnp.einsum("bhqd,bhkd->bhqk", qb[query_block], _read(kp, window, width, block))
             scores = scores + jnp.where(window.visible, 0.0, _MASKED)
             m = jnp.max(scores, axis=-1)  # [B, Hkv, G*block]
@@ -233,23 +246,23 @@ def _blockwise_forward(plan: BlockPlan, q: Array, k: Array, v: Array) -> tuple[A
         outputs.append(o)
         normalisers.append(lse)
     ob, lse = _in_block_order(plan, outputs), _in_block_order(plan, normalisers)  # [n, B, Hkv, G*block, (V)]
-    return _from_query_blocks(ob, group, plan.length), (q, k, v, ob, lse)
+    return _from_query_blocks(ob, plan.group, plan.length), (qb, kp, vp, ob, lse)
 
 
 def _blockwise_backward(plan: BlockPlan, residuals: tuple, do: Array) -> tuple[Array, Array, Array]:
     """Flash-attention backward, per row with the scores transposed (Sᵀ = K Qᵀ, [keys, queries]):
     Pᵀ = exp(Sᵀ − lse); dV += Pᵀ dO; dSᵀ = Pᵀ ∘ (V dOᵀ − rowsum(dO ∘ O)); dK += dSᵀ Q; dQ = (dSᵀ)ᵀ K.
     dK and dV of the padded key range accumulate in the scan carry."""
-    q, k, v, ob, lse = residuals
-    group, block = q.shape[2], plan.block
-    qb, dob, kp, vp = _query_blocks(q, block), _query_blocks(do, block), _padded_keys(k, plan), _padded_keys(v, plan)
+    qb, kp, vp, ob, lse = residuals  # queries in blocks, padded keys and values, output in blocks, log-normaliser
+    block = plan.block
+    dob = _query_blocks(do, block)
     delta = jnp.sum(dob * ob, axis=-1)  # [n, B, Hkv, G*block]
     carry, dq_rows = (jnp.zeros_like(kp), jnp.zeros_like(vp)), []
     for row_class in plan.classes:
 
         def step(carry, xs, width=row_class.width):
             query_block, last_key = xs
-            window = _window(plan, width, group, query_block, last_key)
+            window = _window(plan, width, query_block, last_key)
             keys, values = _read(kp, window, width, block), _read(vp, window, width, block)
             q_i, do_i = qb[query_block], dob[query_block]
             scores_t = jnp.einsum("bhkd,bhqd->bhkq", keys, q_i) + jnp.where(window.visible.T, 0.0, _MASKED)
@@ -265,7 +278,7 @@ def _blockwise_backward(plan: BlockPlan, residuals: tuple, do: Array) -> tuple[A
 
         carry, dq = _scan_rows(row_class, step, carry)
         dq_rows.append(dq)
-    dq = _from_query_blocks(_in_block_order(plan, dq_rows), group, plan.length)
+    dq = _from_query_blocks(_in_block_order(plan, dq_rows), plan.group, plan.length)
     front = plan.front_pad * block
     dk, dv = (x[:, :, front : front + plan.length] for x in carry)
     return dq, dk, dv

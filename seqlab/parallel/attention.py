@@ -24,7 +24,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from seqlab.core.online_softmax import Partial, empty_partial, finalize, merge, partial_from_scores, visibility
+from seqlab.core.online_softmax import (
+    Partial, empty_partial, finalize, join_blocks, merge, partial_from_scores, split_blocks, visibility,
+)
 
 Array = jax.Array
 
@@ -129,7 +131,7 @@ def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start:
     Returns Partial: m, l [B, Hkv, G, Tq]; acc [B, Hkv, G, Tq, V].
     """
     block, (tq, tk) = mask.block, (q.shape[3], k.shape[2])
-    qb, kb, vb = _blocks(q, 3, block), _blocks(k, 2, block), _blocks(v, 2, block)
+    qb, kb, vb = split_blocks(q, 3, block), split_blocks(k, 2, block), split_blocks(v, 2, block)
     reach = mask.reach(kb.shape[0])
 
     @jax.checkpoint
@@ -153,26 +155,10 @@ def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start:
         return None, part
 
     _, parts = jax.lax.scan(query_block, None, (qb, jnp.arange(qb.shape[0])))  # each [n_q, B, Hkv, G, block, ...]
-    return jax.tree.map(lambda x: _unblock(x, tq), parts)
+    return jax.tree.map(lambda x: join_blocks(x, tq), parts)
 
 
 def _positions(start: Array | int, index: Array, block: int, count: int) -> Array:
     """[block] absolute positions of block ``index`` of a run starting at ``start``; -1 past its ``count`` tokens."""
     local = index * block + jnp.arange(block)
     return jnp.where(local < count, start + local, -1)
-
-
-def _blocks(x: Array, axis: int, block: int) -> Array:
-    """Split ``axis`` (zero-padded to a multiple of ``block``) into blocks, the block index first:
-    [..., T, ...] -> [n, ..., block, ...]."""
-    n = -(-x.shape[axis] // block)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, n * block - x.shape[axis])
-    x = jnp.pad(x, pad)
-    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, block, *x.shape[axis + 1:]), axis, 0)
-
-
-def _unblock(x: Array, length: int) -> Array:
-    """[n, B, Hkv, G, block, ...] -> [B, Hkv, G, length, ...]: the inverse of ``_blocks`` on axis 3."""
-    x = jnp.moveaxis(x, 0, 3)
-    return x.reshape(*x.shape[:3], -1, *x.shape[5:])[:, :, :, :length]
