@@ -11,7 +11,7 @@ import pytest
 
 import reference as ref
 from reference import rel_err
-from seqlab.core import combine_summaries, segment_summary
+from seqlab.core import chunk_math, combine_summaries, segment_summary
 from seqlab.ops.delta_rule import delta_chunk_terms
 from seqlab.ops.gla import vector_gate_chunk_terms
 from seqlab.ops.simple_gla import scalar_decay_chunk_terms
@@ -58,3 +58,14 @@ def test_combined_segment_summaries_give_the_final_state(family, chunk_size, rng
     _, final_ref = reference()
     err = rel_err(np.asarray(combined.apply(s0)), final_ref)
     assert err <= 1e-5, f"final state rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("length", [1, 13, 64, 300])  # 300 > TRIANGULAR_MAX: the cumsum path
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_chunk_cumsums_match_numpy(length, axis, rng):
+    x = rng.uniform(-20, 0, (3, length, 5) if axis == -2 else (3, 5, length)).astype(np.float32)
+    expected = np.cumsum(x.astype(np.float64), axis=axis)
+    expected_reverse = np.flip(np.cumsum(np.flip(x.astype(np.float64), axis), axis), axis)
+    scale = np.abs(expected).max()
+    assert np.abs(np.asarray(chunk_math.chunk_cumsum(x, axis)) - expected).max() <= 1e-6 * scale
+    assert np.abs(np.asarray(chunk_math.chunk_reverse_cumsum(x, axis)) - expected_reverse).max() <= 1e-6 * scale

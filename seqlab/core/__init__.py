@@ -21,7 +21,8 @@ take within-chunk cumulative sums in float32 and exponentiate only non-positive 
 What a family gets, with no code of its own (``seqlab.core.recurrence``):
 - ``recurrent``: a scan over tokens with chunks of one token — constant memory, the decode path;
 - ``chunked``: all chunks' terms at once (masked matmuls), a scan over chunk states, then the read-out — the
-  default training path;
+  default training path; a diagonal-gated family that declares ``DiagonalGate(name)`` gets the engine's own
+  backward pass, which takes the gate's gradient from q·dq - k·dk instead of differentiating the chunk math;
 - ``parallel``: the whole sequence as one chunk (the quadratic, materialised form);
 - ``segment_summary`` / ``combine_summaries``: what a segment does to the state, (transition, state), with an
   associative combine (P_b P_a, P_b S_a + S_b) — the object sequence parallelism and kernels plug into.
@@ -36,6 +37,8 @@ parallelism use.
 """
 
 from seqlab.core.online_softmax import Partial, merge
-from seqlab.core.recurrence import ChunkTerms, Summary, Transition, combine_summaries, segment_summary
+from seqlab.core.recurrence import ChunkTerms, DiagonalGate, Summary, Transition, combine_summaries, segment_summary
 
-__all__ = ["ChunkTerms", "Partial", "Summary", "Transition", "combine_summaries", "merge", "segment_summary"]
+__all__ = [
+    "ChunkTerms", "DiagonalGate", "Partial", "Summary", "Transition", "combine_summaries", "merge", "segment_summary",
+]

@@ -15,10 +15,13 @@ combines associatively — the object sequence parallelism exchanges).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from seqlab.core import chunk_math
 
 Array = jax.Array
 
@@ -139,15 +142,111 @@ def read_out(terms: ChunkTerms, incoming: Array) -> Array:
     return terms.o_local + jnp.einsum("...ck,...kv->...cv", terms.q_read, incoming)
 
 
-def chunked(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int):
+class DiagonalGate(NamedTuple):
+    """Declares a family *diagonal-gated*: S_t = diag(exp(a_t)) S_{t-1} + k_t v_tᵀ, o_t = S_tᵀ q_t, where a_t is the
+    input ``name`` ([B, T, H]: one gate per head, or [B, T, H, K]: one per key dim; None: no decay) and enters the
+    chunk terms only through exp(G_t - G_s), G the running sum of a (linear attention, simple_gla, GLA).
+
+    Then o_t = Σ_{s<=t} Σ_d q_td k_sd exp(G_td - G_sd) v_s (+ the initial state's term), so G_t appears with a plus
+    sign wherever q_t does and a minus sign wherever k_t does, and the gate's gradient follows from the others':
+        ∂L/∂G_t = q_t ⊙ ∂L/∂q_t - k_t ⊙ ∂L/∂k_t  (summed over K for a per-head gate),  plus S_T ⊙ ∂L/∂S_T at t = T,
+        ∂L/∂a_s = Σ_{t>=s} ∂L/∂G_t.
+    The chunked form uses this in its backward pass (``jax.custom_vjp``) instead of differentiating the chunk math
+    through the gate.
+    """
+
+    name: str | None = None
+
+
+def chunked(
+    chunk_terms: ChunkTermsFn,
+    inputs: Mapping[str, Array],
+    initial_state: Array,
+    chunk_size: int,
+    gate: DiagonalGate | None = None,
+):
     """Chunked form: every chunk's terms at once (masked matmuls), then a scan over chunk states.
 
-    inputs: per-token arrays [B, T, H, ...]; initial_state [B, H, K, V] float32.
+    inputs: per-token arrays [B, T, H, ...]; initial_state [B, H, K, V] float32. With ``gate`` (a diagonal-gated
+    family) the backward pass is the engine's own (see ``DiagonalGate``); otherwise JAX differentiates the forward.
     Returns o [B, T, H, V] float32 and the final state [B, H, K, V].
     """
-    terms, length = _chunk_terms(chunk_terms, inputs, chunk_size)
+    chunks, length = _split_chunks(inputs, chunk_size)
+    if gate is None:
+        o, final = _chunked_forward(chunk_terms, chunks, initial_state)
+    else:
+        o, final = _diagonal_chunked(chunk_terms, gate.name, chunks, initial_state)
+    return _from_chunks(o, length), final
+
+
+def _chunked_forward(chunk_terms: ChunkTermsFn, chunks: Mapping[str, Array], initial_state: Array):
+    """Chunk layout in ([N, B, H, C, ...]) and out: o [N, B, H, C, V] and the final state."""
+    terms = chunk_terms(chunks)
     incoming, final = propagate_states(terms, initial_state)
-    return _from_chunks(read_out(terms, incoming), length), final
+    return read_out(terms, incoming), final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _diagonal_chunked(chunk_terms: ChunkTermsFn, gate_name: str | None, chunks: Mapping[str, Array], initial_state):
+    return _chunked_forward(chunk_terms, chunks, initial_state)
+
+
+def _diagonal_forward(chunk_terms: ChunkTermsFn, gate_name: str | None, chunks: Mapping[str, Array], initial_state):
+    """The forward pass, linearising the chunk terms in every input but the gate (held constant)."""
+    gate = {name: x for name, x in chunks.items() if name == gate_name}
+    others = {name: x for name, x in chunks.items() if name != gate_name}
+    terms, terms_vjp = jax.vjp(lambda xs: chunk_terms({**xs, **gate}), others)
+    incoming, final = propagate_states(terms, initial_state)
+    residuals = (terms_vjp, terms.q_read, terms.transition.log_decay, incoming, final, others["q"], others["k"])
+    return (read_out(terms, incoming), final), residuals
+
+
+def _diagonal_backward(chunk_terms: ChunkTermsFn, gate_name: str | None, residuals, cotangents):
+    """Read-out and state scan by hand, the chunk terms by their VJP, the gate by ``DiagonalGate``'s identity."""
+    del chunk_terms
+    terms_vjp, q_read, log_decay, incoming, final, q, k = residuals
+    d_o, d_final = cotangents
+    d_q_read = jnp.einsum("...cv,...kv->...ck", d_o, incoming)
+    d_read_state = jnp.einsum("...ck,...cv->...kv", q_read, d_o)
+    d_s_local, d_initial = _reverse_state_scan(d_read_state, log_decay, d_final)
+    (grads,) = terms_vjp(ChunkTerms(d_o, d_q_read, Transition(jnp.zeros_like(log_decay)), d_s_local))
+    if gate_name is not None:
+        per_key = log_decay.shape[-1] > 1
+        grads = {**grads, gate_name: _gate_gradient(q, k, grads["q"], grads["k"], final, d_final, per_key)}
+    return grads, d_initial
+
+
+_diagonal_chunked.defvjp(_diagonal_forward, _diagonal_backward)
+
+
+def _reverse_state_scan(d_read_state: Array, log_decay: Array, d_final: Array) -> tuple[Array, Array]:
+    """Cotangents of every chunk's outgoing state [N, B, H, K, V] (= of its s_local) and of the initial state.
+
+    d_read_state [N, B, H, K, V]: q_readᵀ d_o per chunk; log_decay [N, B, H, K or 1]. Chunk n maps
+    S_in -> exp(log_decay_n) S_in + s_local_n, so ∂S_in,n = d_read_state_n + exp(log_decay_n) ∂S_out,n, with
+    ∂S_out,n = ∂S_in,n+1 and ∂S_out,N-1 = d_final.
+    """
+
+    def step(d_outgoing, chunk):
+        d_read, decay = chunk
+        return d_read + jnp.exp(decay)[..., :, None] * d_outgoing, d_outgoing
+
+    d_initial, d_outgoing = jax.lax.scan(step, d_final, (d_read_state, log_decay), reverse=True)
+    return d_outgoing, d_initial
+
+
+def _gate_gradient(q: Array, k: Array, dq: Array, dk: Array, final: Array, d_final: Array, per_key: bool) -> Array:
+    """∂L/∂a in chunk layout, [N, B, H, C, K] (per_key) or [N, B, H, C], from ``DiagonalGate``'s identity."""
+    d_running = q * dq - k * dk  # [N, B, H, C, K]
+    d_last = jnp.sum(final * d_final, axis=-1)  # [B, H, K]: S_T ⊙ ∂L/∂S_T
+    if not per_key:
+        d_running, d_last = jnp.sum(d_running, -1, keepdims=True), jnp.sum(d_last, -1, keepdims=True)
+    d_running = d_running.at[-1, :, :, -1].add(d_last)
+    within = chunk_math.chunk_reverse_cumsum(d_running, axis=-2)
+    first = within[..., 0, :]  # [N, B, H, K or 1]: each chunk's total
+    later = jnp.cumsum(first[::-1], axis=0)[::-1] - first  # the totals of the chunks after each chunk
+    d_gate = within + later[..., None, :]
+    return d_gate if per_key else d_gate[..., 0]
 
 
 def parallel(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array):
@@ -174,8 +273,8 @@ def segment_summary(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chun
 
     Its size does not depend on T; summaries of consecutive segments combine with ``combine_summaries``.
     """
-    terms, _ = _chunk_terms(chunk_terms, inputs, chunk_size)
-    return summarize(terms)
+    chunks, _ = _split_chunks(inputs, chunk_size)
+    return summarize(chunk_terms(chunks))
 
 
 def summarize(terms: ChunkTerms) -> Summary:
@@ -207,7 +306,8 @@ def sequence_parallel(
     the cheap state scan from there and reads out. Returns this segment's o [B, T_local, H, V] float32 and the
     final state of the whole sequence (replicated).
     """
-    terms, length = _chunk_terms(chunk_terms, inputs, chunk_size)
+    chunks, length = _split_chunks(inputs, chunk_size)
+    terms = chunk_terms(chunks)
     gathered = jax.lax.all_gather(summarize(terms), axis_name)
     index = jax.lax.axis_index(axis_name)
     incoming_state, final = _fold_gathered(gathered, initial_state, index)
@@ -229,12 +329,12 @@ def _fold_gathered(gathered: Summary, initial_state: Array, index: Array) -> tup
     return incoming, state
 
 
-def _chunk_terms(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int) -> tuple[ChunkTerms, int]:
-    """The terms of every chunk of per-token inputs [B, T, H, ...] (T zero-padded to chunks), and T."""
+def _split_chunks(inputs: Mapping[str, Array], chunk_size: int) -> tuple[dict[str, Array], int]:
+    """Per-token inputs [B, T, H, ...] in chunk layout [N, B, H, C, ...] (T zero-padded to chunks), and T."""
     length = next(iter(inputs.values())).shape[1]
     chunk = min(chunk_size, length)
     num_chunks = -(-length // chunk)
-    return chunk_terms({name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()}), length
+    return {name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()}, length
 
 
 FORMS = ("chunked", "recurrent", "parallel")
@@ -247,9 +347,11 @@ def run(
     impl: str,
     chunk_size: int,
     sequence_axis: str | None = None,
+    gate: DiagonalGate | None = None,
 ):
     """Dispatch to a form by name (see ``FORMS``); with ``sequence_axis`` the sequence is split along that mesh
-    axis and the chunked or parallel form runs as ``sequence_parallel`` (inside ``shard_map``)."""
+    axis and the chunked or parallel form runs as ``sequence_parallel`` (inside ``shard_map``). ``gate`` declares a
+    diagonal-gated family, whose single-device chunked form then uses the engine's backward (``DiagonalGate``)."""
     if impl not in FORMS:
         raise ValueError(f"impl must be one of {FORMS}, got {impl!r}")
     if sequence_axis is not None:
@@ -258,7 +360,7 @@ def run(
         local_chunk = chunk_size if impl == "chunked" else next(iter(inputs.values())).shape[1]
         return sequence_parallel(chunk_terms, inputs, initial_state, local_chunk, sequence_axis)
     if impl == "chunked":
-        return chunked(chunk_terms, inputs, initial_state, chunk_size)
+        return chunked(chunk_terms, inputs, initial_state, chunk_size, gate)
     if impl == "recurrent":
         return recurrent(chunk_terms, inputs, initial_state)
     return parallel(chunk_terms, inputs, initial_state)

@@ -55,9 +55,11 @@ def run_linear_op(
     impl: str,
     chunk_size: int,
     sequence_axis: str | None = None,
+    gate: recurrence.DiagonalGate | None = None,
 ) -> tuple[Array, Array | None]:
     """Check the common arguments, scale q, run the requested form (split over the mesh axis ``sequence_axis``
-    when it is given; see ``recurrence.sequence_parallel``).
+    when it is given; see ``recurrence.sequence_parallel``). ``gate`` declares a diagonal-gated family
+    (``recurrence.DiagonalGate``).
 
     Returns o [B, T, H, V] in float32 (callers cast to the value dtype) and the final state or None.
     """
@@ -68,5 +70,5 @@ def run_linear_op(
     scale = key_dim**-0.5 if scale is None else scale
     inputs = {"q": q.astype(jnp.float32) * scale, "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)}
     inputs.update({name: g.astype(jnp.float32) for name, g in gates.items()})
-    o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis)
+    o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis, gate)
     return o, (final if output_final_state else None)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from seqlab.core import chunk_math
-from seqlab.core.recurrence import ChunkTerms, Transition
+from seqlab.core.recurrence import ChunkTerms, DiagonalGate, Transition
 from seqlab.ops import _common
 
 Array = jax.Array
@@ -83,5 +83,6 @@ def gla(
     o, state = _common.run_linear_op(
         vector_gate_chunk_terms, q, k, v, {"gk": gk}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        gate=DiagonalGate("gk"),
     )
     return o.astype(v.dtype), state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from seqlab.core.recurrence import DiagonalGate
 from seqlab.ops import _common
 from seqlab.ops.simple_gla import scalar_decay_chunk_terms
 
@@ -42,6 +43,7 @@ def linear_attn(
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, values, {}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        gate=DiagonalGate(None),
     )
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)

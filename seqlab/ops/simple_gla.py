@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from seqlab.core import chunk_math
-from seqlab.core.recurrence import ChunkTerms, Transition
+from seqlab.core.recurrence import ChunkTerms, DiagonalGate, Transition
 from seqlab.ops import _common
 
 Array = jax.Array
@@ -59,5 +59,6 @@ def simple_gla(
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, v, {"g": g}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        gate=DiagonalGate("g"),
     )
     return o.astype(v.dtype), state
