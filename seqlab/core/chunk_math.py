@@ -54,6 +54,6 @@ def _triangular_sum(x: Array, axis: int, reverse: bool) -> Array:
     highest = jax.lax.Precision.HIGHEST
     if axis in (-1, x.ndim - 1):
         return jnp.einsum("...j,ji->...i", x, ones, precision=highest)
-    if axis in (-2, x.ndim - 2):
-        return jnp.einsum("...jk,ji->...ik", x, ones, precision=highest)
+    if axis in (-2, x.ndim - 2):  # as [..., K, C] @ ones: each [C, K] tile transposed in cache, then one matmul
+        return jnp.swapaxes(jnp.einsum("...kj,ji->...ki", jnp.swapaxes(x, -1, -2), ones, precision=highest), -1, -2)
     raise ValueError(f"axis must be -1 or -2, got {axis}")

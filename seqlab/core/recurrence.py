@@ -244,7 +244,9 @@ def _gate_gradient(q: Array, k: Array, dq: Array, dk: Array, final: Array, d_fin
     d_running = d_running.at[-1, :, :, -1].add(d_last)
     within = chunk_math.chunk_reverse_cumsum(d_running, axis=-2)
     first = within[..., 0, :]  # [N, B, H, K or 1]: each chunk's total
-    later = jnp.cumsum(first[::-1], axis=0)[::-1] - first  # the totals of the chunks after each chunk
+    # The totals of the chunks after each chunk. The barrier keeps XLA from fusing this cumsum's windowed reduction
+    # into the [N, B, H, C, K] sum below, which would recompute it for every element.
+    later = jax.lax.optimization_barrier(jnp.cumsum(first[::-1], axis=0)[::-1] - first)
     d_gate = within + later[..., None, :]
     return d_gate if per_key else d_gate[..., 0]
 
