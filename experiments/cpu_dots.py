@@ -5,8 +5,9 @@
 Prints wall and user CPU time per call for: the 2048x2048 square matmul (the "% of matmul" reference of
 bench_ops.py); one batched [1024, 64, 64] @ [1024, 64, 64] dot (a per-chunk matmul of B=1, H=8 at T=8k, C=64);
 the same batch as 2, 4, 8 and 16 independent slices in one jitted function; other per-chunk tile shapes; and the
-same FLOPs as one tall unbatched [65536, 64] @ [64, 64] dot; the batched dot with a transposed operand; and the
-matmuls of softmax_attn's chunked rows. user/wall near 1 means one core was busy.
+same FLOPs as one tall unbatched [65536, 64] @ [64, 64] dot; the batched dot with a transposed operand; the
+matmuls of softmax_attn's chunked rows; and 1, 2 and 4 independent chains of 6 dependent batched dots in one jitted
+function (whether XLA's executor runs independent work on both cores). user/wall near 1 means one core was busy.
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ def main() -> None:
     _row("unbatched 65536x64 @ 64x64", lambda x, w: x @ w, (tall, weight), batch_flops)
     _transposed_operands(normal(1024, 64, 64), normal(1024, 64, 64), batch_flops)
     _attention_rows(normal)
+    _independent_chains(normal)
+
+
+def _independent_chains(normal: Callable, length: int = 6) -> None:
+    """``chains`` independent chains of ``length`` dependent batched dots (each x <- x @ w + 1), one jitted function."""
+
+    def run(*pairs):
+        outs = []
+        for x, w in zip(pairs[::2], pairs[1::2]):
+            for _ in range(length):
+                x = x @ w + 1.0
+            outs.append(x)
+        return outs
+
+    for chains in (1, 2, 4):
+        pairs = tuple(0.1 * normal(1024, 64, 64) for _ in range(2 * chains))
+        _row(f"{chains} independent chain(s) of {length} batched 1024 x 64^3 dots", run, pairs,
+             chains * length * 2 * 1024 * 64**3)
 
 
 def _transposed_operands(a: jax.Array, b: jax.Array, flops: float) -> None:
