@@ -368,6 +368,14 @@ def test_long_sequence_bf16(variant, impl):
 
 
 @pytest.mark.parametrize("variant", ("simple_gla", "gla"))
+def test_key_dim_one(variant, rng):
+    """K = 1: a per-key gate [B, T, H, 1] must not be mistaken for a per-head one in the chunked backward pass."""
+    args = make_inputs(rng, variant, B=1, T=40, H=2, K=1, V=3)
+    Wo, Ws = functional_weights(rng, args, variant)
+    check_forward_and_grads(variant, args, Wo, Ws, {"impl": "chunked", "chunk_size": 16}, {})
+
+
+@pytest.mark.parametrize("variant", ("simple_gla", "gla"))
 def test_long_sequence_gate_gradients(variant):
     """The chunked form takes the gate's gradient from the identity dL/dG_t = q_t·dq_t - k_t·dk_t and one running
     sum over the whole sequence (``recurrence.DiagonalGate``), not by differentiating the chunk math: at T = 4096,

@@ -175,7 +175,8 @@ def chunked(
     if gate is None:
         o, final = _chunked_forward(chunk_terms, chunks, initial_state)
     else:
-        o, final = _diagonal_chunked(chunk_terms, gate.name, chunks, initial_state)
+        per_key = gate.name is not None and chunks[gate.name].ndim == chunks["q"].ndim
+        o, final = _diagonal_chunked(chunk_terms, gate.name, per_key, chunks, initial_state)
     return _from_chunks(o, length), final
 
 
@@ -186,12 +187,17 @@ def _chunked_forward(chunk_terms: ChunkTermsFn, chunks: Mapping[str, Array], ini
     return read_out(terms, incoming), final
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _diagonal_chunked(chunk_terms: ChunkTermsFn, gate_name: str | None, chunks: Mapping[str, Array], initial_state):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _diagonal_chunked(
+    chunk_terms: ChunkTermsFn, gate_name: str | None, per_key: bool, chunks: Mapping[str, Array], initial_state: Array
+):
+    """``_chunked_forward`` of a diagonal-gated family; ``per_key``: the gate is [N, B, H, C, K], not [N, B, H, C]."""
     return _chunked_forward(chunk_terms, chunks, initial_state)
 
 
-def _diagonal_forward(chunk_terms: ChunkTermsFn, gate_name: str | None, chunks: Mapping[str, Array], initial_state):
+def _diagonal_forward(
+    chunk_terms: ChunkTermsFn, gate_name: str | None, per_key: bool, chunks: Mapping[str, Array], initial_state: Array
+):
     """The forward pass, linearising the chunk terms in every input but the gate (held constant)."""
     gate = {name: x for name, x in chunks.items() if name == gate_name}
     others = {name: x for name, x in chunks.items() if name != gate_name}
@@ -201,7 +207,7 @@ def _diagonal_forward(chunk_terms: ChunkTermsFn, gate_name: str | None, chunks: 
     return (read_out(terms, incoming), final), residuals
 
 
-def _diagonal_backward(chunk_terms: ChunkTermsFn, gate_name: str | None, residuals, cotangents):
+def _diagonal_backward(chunk_terms: ChunkTermsFn, gate_name: str | None, per_key: bool, residuals, cotangents):
     """Read-out and state scan by hand, the chunk terms by their VJP, the gate by ``DiagonalGate``'s identity."""
     del chunk_terms
     terms_vjp, q_read, log_decay, incoming, final, q, k = residuals
@@ -211,7 +217,6 @@ def _diagonal_backward(chunk_terms: ChunkTermsFn, gate_name: str | None, residua
     d_s_local, d_initial = _reverse_state_scan(d_read_state, log_decay, d_final)
     (grads,) = terms_vjp(ChunkTerms(d_o, d_q_read, Transition(jnp.zeros_like(log_decay)), d_s_local))
     if gate_name is not None:
-        per_key = log_decay.shape[-1] > 1
         grads = {**grads, gate_name: _gate_gradient(q, k, grads["q"], grads["k"], final, d_final, per_key)}
     return grads, d_initial
 
@@ -244,9 +249,7 @@ def _gate_gradient(q: Array, k: Array, dq: Array, dk: Array, final: Array, d_fin
     d_running = d_running.at[-1, :, :, -1].add(d_last)
     within = chunk_math.chunk_reverse_cumsum(d_running, axis=-2)
     first = within[..., 0, :]  # [N, B, H, K or 1]: each chunk's total
-    # The totals of the chunks after each chunk. The barrier keeps XLA from fusing this cumsum's windowed reduction
-    # into the [N, B, H, C, K] sum below, which would recompute it for every element.
-    later = jax.lax.optimization_barrier(jnp.cumsum(first[::-1], axis=0)[::-1] - first)
+    later = jnp.cumsum(first[::-1], axis=0)[::-1] - first  # the totals of the chunks after each chunk
     d_gate = within + later[..., None, :]
     return d_gate if per_key else d_gate[..., 0]
 
