@@ -74,16 +74,20 @@ def _invert_by_doubling(system: Array) -> Array:
     while block < size:
         pairs = _diagonal_blocks(system, 2 * block)  # [..., m, 2b, 2b]
         upper, lower = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
-        corner = -lower @ pairs[..., block:, :block] @ upper
+        matmul = _tiny_matmul if block <= TINY_BLOCK else jnp.matmul
+        corner = -matmul(matmul(lower, pairs[..., block:, :block]), upper)
         top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
         inverse = jnp.concatenate([top, jnp.concatenate([corner, lower], axis=-1)], axis=-2)
         block *= 2
     return inverse[..., 0, :n, :n]
 
 
+TINY_BLOCK = 8
+
+
 def _tiny_matmul(a: Array, b: Array) -> Array:
-    """a @ b for batches of 4x4 blocks, as broadcast products: XLA:CPU runs a batched dot of 4x4 tiles at a tiny
-    fraction of its matmul rate (26-40 ms for the 16k blocks of T = 8k, H = 8)."""
+    """a @ b for batches of blocks up to ``TINY_BLOCK``, as broadcast products: XLA:CPU runs a batched dot of 4x4
+    tiles at a tiny fraction of its matmul rate (26-40 ms for the 16k blocks of T = 8k, H = 8)."""
     return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 
