@@ -25,6 +25,9 @@ def decay_matrix(log_cumsum: Array) -> Array:
     return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
 
+TRIANGULAR_MAX = 256  # longest axis summed as a product with a triangular matrix of ones
+
+
 def chunk_cumsum(log_gate: Array, axis: int = -1) -> Array:
     """Cumulative sum of log gates along a chunk axis (-1 or -2), in float32.
 
@@ -39,9 +42,6 @@ def chunk_cumsum(log_gate: Array, axis: int = -1) -> Array:
 def chunk_reverse_cumsum(x: Array, axis: int = -1) -> Array:
     """Σ_{j >= i} x_j along a chunk axis (-1 or -2), in float32 (as ``chunk_cumsum``, from the end)."""
     return _triangular_sum(x.astype(jnp.float32), axis, reverse=True)
-
-
-TRIANGULAR_MAX = 256
 
 
 def _triangular_sum(x: Array, axis: int, reverse: bool) -> Array:

@@ -152,7 +152,8 @@ class DiagonalGate(NamedTuple):
         ∂L/∂G_t = q_t ⊙ ∂L/∂q_t - k_t ⊙ ∂L/∂k_t  (summed over K for a per-head gate),  plus S_T ⊙ ∂L/∂S_T at t = T,
         ∂L/∂a_s = Σ_{t>=s} ∂L/∂G_t.
     The chunked form uses this in its backward pass (``jax.custom_vjp``) instead of differentiating the chunk math
-    through the gate.
+    through the gate. q and k are the engine inputs named "q" and "k", read as they are: a family that maps them
+    (a feature map inside ``chunk_terms``) is not diagonal-gated in this sense and must not declare it.
     """
 
     name: str | None = None

@@ -25,6 +25,7 @@ Array = jax.Array
 
 
 BASE_BLOCK = 4
+TINY_BLOCK = 8  # blocks up to this size multiply as broadcast products (``_tiny_matmul``)
 
 
 @jax.custom_vjp
@@ -80,9 +81,6 @@ def _invert_by_doubling(system: Array) -> Array:
         inverse = jnp.concatenate([top, jnp.concatenate([corner, lower], axis=-1)], axis=-2)
         block *= 2
     return inverse[..., 0, :n, :n]
-
-
-TINY_BLOCK = 8
 
 
 def _tiny_matmul(a: Array, b: Array) -> Array:
