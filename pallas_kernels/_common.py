@@ -81,19 +81,24 @@ def from_kernel_layout(x: Array, length: int, feature: int | None = None) -> Arr
     return jnp.swapaxes(x, 1, 2)
 
 
+def _common_dtype(a: Array, b: Array) -> tuple[Array, Array]:
+    dtype = jnp.promote_types(a.dtype, b.dtype)
+    return a.astype(dtype), b.astype(dtype)
+
+
 def matmul(a: Array, b: Array) -> Array:
-    """a [M, K] @ b [K, N] in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """a [M, K] @ b [K, N], accumulated in float32 (mixed operands are promoted to their common dtype)."""
+    return jax.lax.dot_general(*_common_dtype(a, b), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def matmul_nt(a: Array, b: Array) -> Array:
-    """a [M, K] @ bᵀ (b [N, K]) in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    """a [M, K] @ bᵀ (b [N, K]), accumulated in float32."""
+    return jax.lax.dot_general(*_common_dtype(a, b), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def matmul_tn(a: Array, b: Array) -> Array:
-    """aᵀ (a [K, M]) @ b [K, N] in float32."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """aᵀ (a [K, M]) @ b [K, N], accumulated in float32."""
+    return jax.lax.dot_general(*_common_dtype(a, b), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def causal_mask(rows: int, cols: int, row_offset: int | Array = 0, col_offset: int | Array = 0, strict: bool = False) -> Array:

@@ -1,0 +1,478 @@
+"""Chunked delta rule and gated delta rule (WY/UT form) in Pallas, forward and backward under ``jax.custom_vjp``.
+
+    S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ,   o_t = S_tᵀ (scale · q_t)   (g = 0: DeltaNet)
+
+"Parallelizing Linear Transformers with the Delta Rule over Sequence Length" (DeltaNet) and "Gated Delta Networks:
+Improving Mamba2 with Delta Rule" (Gated DeltaNet). Per head and chunk of C tokens, with γ the within-chunk cumsum
+of g, Γ_ij = exp(γ_i - γ_j) (j <= i, masked before the exponential), M causal and S_n the chunk's incoming state:
+
+    A = StrictTril(diag(β)(Γ ⊙ K Kᵀ)),  T = (I + A)⁻¹ (forward substitution over rows)
+    W = T diag(β)(K ⊙ e^γ),  U = T diag(β) V,  ν = U - W S_n
+    o = (Q ⊙ e^γ) S_n + (Q Kᵀ ⊙ Γ ⊙ M) ν,   S_{n+1} = e^{γ_C} S_n + (K ⊙ e^{γ_C - γ})ᵀ ν
+
+Forward: ``_wy_kernel`` (W, U; grid B, H, N), ``_state_kernel`` (a loop over chunks per (B, H): each chunk's
+incoming state and the final state), ``_output_kernel`` (grid B, H, N). Backward, at the backward chunk size: W, U
+and the states are recomputed, ``_state_grad_kernel`` runs the cotangent of the state backwards over chunks
+(dν = (QKᵀ⊙Γ⊙M)ᵀ dO + (K⊙e^{γ_C-γ}) dS_{n+1}; dS_n = (Q⊙e^γ)ᵀ dO + e^{γ_C} dS_{n+1} - Wᵀ dν), and
+``_chunk_grad_kernel`` takes every input's gradient per chunk in parallel (through T by dA = -Tᵀ dT Tᵀ).
+
+Kernel layout: q, k [B, H, T', K'], v [B, H, T', V'] (K', V' = ``padded_feature``; T' a multiple of the chunk, padded
+with zeros: β = 0 and g = 0 are the identity); β and γ [B, H, N, C]; states [B, H, N·K', V'] (chunk n's state in
+rows n·K' to (n+1)·K'). Everything is float32 inside except matmul operands that arrive as bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common
+from pallas_kernels._common import causal_mask, masked_exp, matmul, matmul_nt, matmul_tn
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaRuleBlocks:
+    """Chunk sizes of the forward (``chunk``) and backward (``chunk_bwd``) passes; Triton launch parameters."""
+
+    chunk: int = 64
+    chunk_bwd: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "chunk_bwd"):
+            size = getattr(self, name)
+            if not isinstance(size, int) or size < 16 or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {size!r}")
+        for name in ("num_warps", "num_stages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static arguments of the custom VJP."""
+
+    scale: float
+    blocks: DeltaRuleBlocks
+    backend: str
+
+
+def delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    *,
+    g: Array | None = None,
+    scale: float,
+    initial_state: Array | None = None,
+    blocks: DeltaRuleBlocks = DeltaRuleBlocks(),
+    backend: str | None = None,
+) -> tuple[Array, Array]:
+    """q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; g [B, T, H] log decay <= 0 or None (DeltaNet);
+    initial_state [B, H, K, V] float32 or None (zeros). scale multiplies q. Returns o [B, T, H, V] float32 and the
+    final state [B, H, K, V] float32."""
+    if not isinstance(blocks, DeltaRuleBlocks):
+        raise ValueError(f"blocks must be a DeltaRuleBlocks, got {blocks!r}")
+    config = _Config(float(scale), blocks, _common.resolve_backend(backend))
+    batch, _, heads, key_dim = q.shape
+    if g is None:
+        g = jnp.zeros(beta.shape, jnp.float32)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
+    return _delta_rule(q, k, v, beta, g, initial_state.astype(jnp.float32), config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunk math on kernel values (one chunk of C tokens)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _last(x: Array) -> Array:
+    """The last entry of a vector [C], as a scalar (a masked sum: no value slicing)."""
+    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == x.shape[0] - 1, x, 0.0))
+
+
+def _row(matrix: Array, index: Array | int) -> Array:
+    """Row ``index`` of a matrix [C, D] as a vector [D]."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, matrix.shape, 0)
+    return jnp.sum(jnp.where(rows == index, matrix, 0.0), axis=0)
+
+
+def _invert_unit_lower(strict_lower: Array) -> Array:
+    """T = (I + A)⁻¹ [C, C] for strictly lower A, by forward substitution over rows: T_i = e_i - Σ_{j<i} A_ij T_j.
+
+    Rows i and below of T are still identity rows when row i is computed, and A_ij = 0 there, so each row is one
+    product of A's row with all of T."""
+    size = strict_lower.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    identity = (rows == jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)).astype(jnp.float32)
+
+    def substitute(i: Array, inverse: Array) -> Array:
+        combination = jnp.sum(_row(strict_lower, i)[:, None] * inverse, axis=0)
+        return jnp.where(rows == i, _row(identity, i)[None, :] - combination[None, :], inverse)
+
+    return jax.lax.fori_loop(1, size, substitute, identity)
+
+
+def _decays(gamma: Array) -> tuple[Array, Array, Array]:
+    """Γ ⊙ M [C, C] (diagonal included), Γ on the strictly lower part [C, C], and e^{γ_C - γ} [C]."""
+    size = gamma.shape[0]
+    diff = gamma[:, None] - gamma[None, :]
+    causal = masked_exp(diff, causal_mask(size, size))
+    strict = masked_exp(diff, causal_mask(size, size, strict=True))
+    return causal, strict, jnp.exp(_last(gamma) - gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WY:
+    """A chunk's WY terms: the masked Gram matrix Γ ⊙ K Kᵀ (strictly lower) [C, C], T [C, C], W [C, K], U [C, V]."""
+
+    gram: Array
+    inverse: Array
+    w: Array
+    u: Array
+
+
+def _wy_terms(k: Array, v: Array, beta: Array, gamma: Array, strict_decay: Array) -> _WY:
+    """W = T diag(β)(K ⊙ e^γ), U = T diag(β) V for k [C, K], v [C, V], beta, gamma [C]."""
+    gram = matmul_nt(k, k) * strict_decay
+    inverse = _invert_unit_lower(beta[:, None] * gram)
+    w = matmul(inverse, (beta * jnp.exp(gamma))[:, None] * k.astype(jnp.float32))
+    u = matmul(inverse, beta[:, None] * v.astype(jnp.float32))
+    return _WY(gram, inverse, w, u)
+
+
+def _chunk_read(q: Array, k: Array, gamma: Array, scale: float, causal_decay: Array) -> tuple[Array, Array]:
+    """Q ⊙ e^γ [C, K] and the scores Q Kᵀ ⊙ Γ ⊙ M [C, C], q scaled."""
+    q_read = scale * q.astype(jnp.float32) * jnp.exp(gamma)[:, None]
+    scores = scale * matmul_nt(q, k) * causal_decay
+    return q_read, scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref) -> None:
+    gamma = gamma_ref[...]
+    _, strict_decay, _ = _decays(gamma)
+    wy = _wy_terms(k_ref[...], v_ref[...], beta_ref[...], gamma, strict_decay)
+    w_ref[...] = wy.w
+    u_ref[...] = wy.u
+
+
+def _state_kernel(k_ref, w_ref, u_ref, gamma_ref, initial_ref, states_ref, final_ref, *, chunk: int, chunks: int) -> None:
+    """Each chunk's incoming state into ``states_ref`` [N·K, V], the final state into ``final_ref`` [K, V]."""
+    key_dim = initial_ref.shape[0]
+
+    def step(n: Array, state: Array) -> Array:
+        tokens = pl.ds(n * chunk, chunk)
+        states_ref[pl.ds(n * key_dim, key_dim), :] = state
+        gamma = gamma_ref[n, :]
+        nu = u_ref[tokens, :] - matmul(w_ref[tokens, :], state)
+        k_write = k_ref[tokens, :].astype(jnp.float32) * jnp.exp(_last(gamma) - gamma)[:, None]
+        return jnp.exp(_last(gamma)) * state + matmul_tn(k_write, nu)
+
+    final_ref[...] = jax.lax.fori_loop(0, chunks, step, initial_ref[...])
+
+
+def _output_kernel(q_ref, k_ref, w_ref, u_ref, gamma_ref, state_ref, o_ref, *, scale: float) -> None:
+    gamma = gamma_ref[...]
+    causal_decay, _, _ = _decays(gamma)
+    q_read, scores = _chunk_read(q_ref[...], k_ref[...], gamma, scale, causal_decay)
+    state = state_ref[...]
+    nu = u_ref[...] - matmul(w_ref[...], state)
+    o_ref[...] = matmul(q_read, state) + matmul(scores, nu)
+
+
+def _state_grad_kernel(
+    q_ref, k_ref, w_ref, do_ref, gamma_ref, d_final_ref, d_states_ref, d_initial_ref, *, scale: float, chunk: int, chunks: int
+) -> None:
+    """Backwards over chunks: each chunk's outgoing-state cotangent dS_{n+1} into ``d_states_ref`` [N·K, V], dS_0 into
+    ``d_initial_ref``."""
+    key_dim = d_final_ref.shape[0]
+
+    def step(i: Array, d_state: Array) -> Array:
+        n = chunks - 1 - i
+        tokens = pl.ds(n * chunk, chunk)
+        d_states_ref[pl.ds(n * key_dim, key_dim), :] = d_state
+        gamma = gamma_ref[n, :]
+        causal_decay, _, write_decay = _decays(gamma)
+        k = k_ref[tokens, :]
+        q_read, scores = _chunk_read(q_ref[tokens, :], k, gamma, scale, causal_decay)
+        d_out = do_ref[tokens, :].astype(jnp.float32)
+        d_nu = matmul_tn(scores, d_out) + matmul(k.astype(jnp.float32) * write_decay[:, None], d_state)
+        return matmul_tn(q_read, d_out) + jnp.exp(_last(gamma)) * d_state - matmul_tn(w_ref[tokens, :], d_nu)
+
+    d_initial_ref[...] = jax.lax.fori_loop(0, chunks, step, d_final_ref[...])
+
+
+def _gate_grad(weighted: Array) -> Array:
+    """Σ_j E_ij - Σ_j E_ji for E = (cotangent ⊙ value) of a matrix whose entries carry exp(γ_i - γ_j)."""
+    return jnp.sum(weighted, axis=1) - jnp.sum(weighted, axis=0)
+
+
+def _chunk_grad_kernel(
+    q_ref, k_ref, v_ref, beta_ref, gamma_ref, state_ref, d_next_ref, do_ref,
+    dq_ref, dk_ref, dv_ref, d_beta_ref, dg_ref, *, scale: float,
+) -> None:
+    """Gradients of one chunk's q, k, v, β and g (the reverse within-chunk cumsum of γ's gradient)."""
+    q, k, v, beta, gamma = q_ref[...], k_ref[...], v_ref[...], beta_ref[...], gamma_ref[...]
+    state, d_next, d_out = state_ref[...], d_next_ref[...], do_ref[...].astype(jnp.float32)
+    k32 = k.astype(jnp.float32)
+    causal_decay, strict_decay, write_decay = _decays(gamma)
+    decay_last = jnp.exp(_last(gamma))
+    wy = _wy_terms(k, v, beta, gamma, strict_decay)
+    q_read, scores = _chunk_read(q, k, gamma, scale, causal_decay)
+    k_write = k32 * write_decay[:, None]
+    nu = wy.u - matmul(wy.w, state)
+    d_nu = matmul_tn(scores, d_out) + matmul(k_write, d_next)
+
+    d_q_read = matmul_nt(d_out, state)
+    d_scores = matmul_nt(d_out, nu)
+    d_k_write = matmul_nt(nu, d_next)
+    d_w = -matmul_nt(d_nu, state)
+    d_u = d_nu
+
+    k_in = (beta * jnp.exp(gamma))[:, None] * k32  # W = T k_in
+    v_in = beta[:, None] * v.astype(jnp.float32)  # U = T v_in
+    d_inverse = matmul_nt(d_w, k_in) + matmul_nt(d_u, v_in)
+    d_k_in = matmul_tn(wy.inverse, d_w)
+    d_v_in = matmul_tn(wy.inverse, d_u)
+    strict = causal_mask(*strict_decay.shape, strict=True)
+    d_system = jnp.where(strict, -matmul_nt(matmul_tn(wy.inverse, d_inverse), wy.inverse), 0.0)
+    d_gram = beta[:, None] * d_system
+    d_kk = d_gram * strict_decay
+    d_qk = d_scores * causal_decay * scale
+
+    dq = scale * (d_q_read * jnp.exp(gamma)[:, None]) + matmul(d_qk, k32)
+    dk = (
+        matmul_tn(d_qk, q.astype(jnp.float32))
+        + matmul(d_kk, k32) + matmul_tn(d_kk, k32)
+        + d_k_in * (beta * jnp.exp(gamma))[:, None]
+        + d_k_write * write_decay[:, None]
+    )
+    dv = beta[:, None] * d_v_in
+    d_beta = (
+        jnp.sum(d_system * wy.gram, axis=1)
+        + jnp.sum(d_k_in * k32, axis=1) * jnp.exp(gamma)
+        + jnp.sum(d_v_in * v.astype(jnp.float32), axis=1)
+    )
+    d_write = jnp.sum(d_k_write * k_write, axis=1)
+    d_gamma = (
+        _gate_grad(d_scores * scores)
+        + _gate_grad(d_gram * wy.gram)
+        + jnp.sum(d_k_in * k_in, axis=1)
+        + jnp.sum(d_q_read * q_read, axis=1)
+        - d_write
+    )
+    d_gamma_last = jnp.sum(d_write) + decay_last * jnp.sum(state * d_next)
+    is_last = jax.lax.broadcasted_iota(jnp.int32, d_gamma.shape, 0) == d_gamma.shape[0] - 1
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dv_ref[...] = dv
+    d_beta_ref[...] = d_beta
+    dg_ref[...] = _reverse_cumsum(d_gamma + jnp.where(is_last, d_gamma_last, 0.0))
+
+
+def _reverse_cumsum(x: Array) -> Array:
+    """Σ_{j >= i} x_j for a vector [C] (a masked sum: g_i enters γ_j for every j >= i)."""
+    size = x.shape[0]
+    later = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1) >= jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    return jnp.sum(jnp.where(later, x[None, :], 0.0), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pallas_call wrappers (kernel layout) and the custom VJP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tile(rows: int, cols: int) -> pl.BlockSpec:
+    """Rows n·rows to (n+1)·rows of a [B, H, ·, cols] array at grid point (b, h, n)."""
+    return pl.BlockSpec((None, None, rows, cols), lambda b, h, n: (b, h, n, 0))
+
+
+def _chunk_gate(chunk: int) -> pl.BlockSpec:
+    """Chunk n [C] of a gate [B, H, N, C] at grid point (b, h, n)."""
+    return pl.BlockSpec((None, None, None, chunk), lambda b, h, n: (b, h, n, 0))
+
+
+def _whole(rows: int, cols: int) -> pl.BlockSpec:
+    """All of (b, h)'s [rows, cols] of a [B, H, rows, cols] array at grid point (b, h)."""
+    return pl.BlockSpec((None, None, rows, cols), lambda b, h: (b, h, 0, 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Inputs in kernel layout for one chunk size: q, k [B, H, T', K'], v [B, H, T', V'], beta, gamma [B, H, N, C]."""
+
+    q: Array
+    k: Array
+    v: Array
+    beta: Array
+    gamma: Array
+
+    @property
+    def chunk(self) -> int:
+        return self.beta.shape[-1]
+
+    @property
+    def chunks(self) -> int:
+        return self.beta.shape[-2]
+
+
+def _to_layout(q: Array, k: Array, v: Array, beta: Array, g: Array, chunk: int) -> _Layout:
+    length = _common.padded_length(q.shape[1], chunk)
+    key_dim, value_dim = _common.padded_feature(k.shape[-1]), _common.padded_feature(v.shape[-1])
+    batch, _, heads = beta.shape
+    gates = (batch, heads, length // chunk, chunk)
+    beta = _common.to_kernel_layout(beta.astype(jnp.float32), length).reshape(gates)
+    gamma = jnp.cumsum(_common.to_kernel_layout(g.astype(jnp.float32), length).reshape(gates), axis=-1)
+    return _Layout(
+        _common.to_kernel_layout(q, length, key_dim), _common.to_kernel_layout(k, length, key_dim),
+        _common.to_kernel_layout(v, length, value_dim), beta, gamma,
+    )
+
+
+def _call(kernel, config: _Config, grid: tuple[int, ...], in_specs, out_specs, out_shape, name: str):
+    blocks = config.blocks
+    return _common.pallas_call(
+        kernel, backend=config.backend, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name=name,
+    )
+
+
+def _wy(x: _Layout, config: _Config) -> tuple[Array, Array]:
+    """W [B, H, T', K'] and U [B, H, T', V'] (float32)."""
+    batch, heads, length, key_dim = x.k.shape
+    value_dim, chunk = x.v.shape[-1], x.chunk
+    shapes = [jax.ShapeDtypeStruct((batch, heads, length, d), jnp.float32) for d in (key_dim, value_dim)]
+    return _call(
+        _wy_kernel, config, (batch, heads, x.chunks),
+        [_tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk), _chunk_gate(chunk)],
+        [_tile(chunk, key_dim), _tile(chunk, value_dim)], shapes, "delta_rule_wy",
+    )(x.k, x.v, x.beta, x.gamma)
+
+
+def _states(x: _Layout, w: Array, u: Array, initial_state: Array, config: _Config) -> tuple[Array, Array]:
+    """Each chunk's incoming state [B, H, N·K', V'] and the final state [B, H, K', V'] (float32)."""
+    batch, heads, length, key_dim = x.k.shape
+    value_dim, chunks = x.v.shape[-1], x.chunks
+    kernel = functools.partial(_state_kernel, chunk=x.chunk, chunks=chunks)
+    return _call(
+        kernel, config, (batch, heads),
+        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim), _whole(chunks, x.chunk),
+         _whole(key_dim, value_dim)],
+        [_whole(chunks * key_dim, value_dim), _whole(key_dim, value_dim)],
+        [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
+         jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
+        "delta_rule_states",
+    )(x.k, w, u, x.gamma, initial_state)
+
+
+def _outputs(x: _Layout, w: Array, u: Array, states: Array, config: _Config) -> Array:
+    """o [B, H, T', V'] float32."""
+    batch, heads, length, key_dim = x.k.shape
+    value_dim, chunk = x.v.shape[-1], x.chunk
+    kernel = functools.partial(_output_kernel, scale=config.scale)
+    return _call(
+        kernel, config, (batch, heads, x.chunks),
+        [_tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, value_dim),
+         _chunk_gate(chunk), _tile(key_dim, value_dim)],
+        _tile(chunk, value_dim), jax.ShapeDtypeStruct((batch, heads, length, value_dim), jnp.float32),
+        "delta_rule_output",
+    )(x.q, x.k, w, u, x.gamma, states)
+
+
+def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Config) -> tuple[Array, Array]:
+    """Each chunk's outgoing-state cotangent [B, H, N·K', V'] and the initial state's [B, H, K', V']."""
+    batch, heads, length, key_dim = x.k.shape
+    value_dim, chunks = x.v.shape[-1], x.chunks
+    kernel = functools.partial(_state_grad_kernel, scale=config.scale, chunk=x.chunk, chunks=chunks)
+    return _call(
+        kernel, config, (batch, heads),
+        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim),
+         _whole(chunks, x.chunk), _whole(key_dim, value_dim)],
+        [_whole(chunks * key_dim, value_dim), _whole(key_dim, value_dim)],
+        [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
+         jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
+        "delta_rule_state_grads",
+    )(x.q, x.k, w, d_out, x.gamma, d_final)
+
+
+def _chunk_grads(x: _Layout, states: Array, d_states: Array, d_out: Array, config: _Config) -> tuple[Array, ...]:
+    """dq, dk [B, H, T', K'], dv [B, H, T', V'], d beta and dg [B, H, N, C] (float32)."""
+    batch, heads, length, key_dim = x.k.shape
+    value_dim, chunk = x.v.shape[-1], x.chunk
+    kernel = functools.partial(_chunk_grad_kernel, scale=config.scale)
+    features = [jax.ShapeDtypeStruct((batch, heads, length, d), jnp.float32) for d in (key_dim, key_dim, value_dim)]
+    gates = [jax.ShapeDtypeStruct(x.beta.shape, jnp.float32)] * 2
+    return _call(
+        kernel, config, (batch, heads, x.chunks),
+        [_tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk),
+         _chunk_gate(chunk), _tile(key_dim, value_dim), _tile(key_dim, value_dim), _tile(chunk, value_dim)],
+        [_tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk),
+         _chunk_gate(chunk)],
+        features + gates, "delta_rule_chunk_grads",
+    )(x.q, x.k, x.v, x.beta, x.gamma, states, d_states, d_out)
+
+
+def _pad_state(state: Array, key_dim: int, value_dim: int) -> Array:
+    """[B, H, K, V] -> [B, H, K', V'] with zeros."""
+    return jnp.pad(state, [(0, 0), (0, 0), (0, key_dim - state.shape[2]), (0, value_dim - state.shape[3])])
+
+
+def _forward(q, k, v, beta, g, initial_state, config: _Config) -> tuple[Array, Array]:
+    x = _to_layout(q, k, v, beta, g, config.blocks.chunk)
+    key_dim, value_dim = x.k.shape[-1], x.v.shape[-1]
+    w, u = _wy(x, config)
+    states, final = _states(x, w, u, _pad_state(initial_state, key_dim, value_dim), config)
+    o = _outputs(x, w, u, states, config)
+    length, (state_keys, state_values) = q.shape[1], initial_state.shape[2:]
+    return _common.from_kernel_layout(o, length, v.shape[-1]), final[:, :, :state_keys, :state_values]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _delta_rule(q, k, v, beta, g, initial_state, config: _Config) -> tuple[Array, Array]:
+    return _forward(q, k, v, beta, g, initial_state, config)
+
+
+def _delta_rule_fwd(q, k, v, beta, g, initial_state, config: _Config):
+    return _forward(q, k, v, beta, g, initial_state, config), (q, k, v, beta, g, initial_state)
+
+
+def _delta_rule_bwd(config: _Config, residuals, cotangents):
+    """Recompute W, U and the states at the backward chunk size, run the state cotangent back, then every chunk's
+    gradients in parallel."""
+    q, k, v, beta, g, initial_state = residuals
+    d_out, d_final = cotangents
+    x = _to_layout(q, k, v, beta, g, config.blocks.chunk_bwd)
+    batch, heads, length, key_dim = x.k.shape
+    value_dim = x.v.shape[-1]
+    w, u = _wy(x, config)
+    states, _ = _states(x, w, u, _pad_state(initial_state, key_dim, value_dim), config)
+    d_out = _common.to_kernel_layout(d_out.astype(jnp.float32), length, value_dim)
+    d_states, d_initial = _state_grads(x, w, d_out, _pad_state(d_final, key_dim, value_dim), config)
+    dq, dk, dv, d_beta, dg = _chunk_grads(x, states, d_states, d_out, config)
+    tokens = q.shape[1]
+    gate = lambda d: _common.from_kernel_layout(d.reshape(batch, heads, length), tokens)  # noqa: E731
+    return (
+        _common.from_kernel_layout(dq, tokens, q.shape[-1]).astype(q.dtype),
+        _common.from_kernel_layout(dk, tokens, k.shape[-1]).astype(k.dtype),
+        _common.from_kernel_layout(dv, tokens, v.shape[-1]).astype(v.dtype),
+        gate(d_beta).astype(beta.dtype),
+        gate(dg).astype(g.dtype),
+        d_initial[:, :, : initial_state.shape[2], : initial_state.shape[3]],
+    )
+
+
+_delta_rule.defvjp(_delta_rule_fwd, _delta_rule_bwd)

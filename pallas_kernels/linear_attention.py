@@ -1,0 +1,352 @@
+"""Chunked linear attention with a diagonal gate, in Pallas — linear attention, scalar decay and vector gates
+("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention"; "Retentive Network: A Successor to
+Transformer for Large Language Models"; "Gated Linear Attention Transformers with Hardware-Efficient Training").
+
+    S_t = diag(exp a_t) S_{t-1} + k_t v_tᵀ,   o_t = S_tᵀ (scale · q_t),   a_t <= 0: none, one per head, or one per key.
+
+Per chunk of C tokens with b the within-chunk cumsum of a (float32) and S_n the chunk's incoming state:
+    o = (Q ⊙ e^b) S_n + P V,   P_ij = Σ_d q_id k_jd exp(b_id - b_jd) (j <= i),
+    S_{n+1} = e^{b_C} ⊙ S_n + (K ⊙ e^{b_C - b})ᵀ V.
+Kernels: ``_state_kernel`` scans the chunks of one (batch, head) and stores every incoming state; ``_output_kernel``
+reads out each chunk in parallel. For a per-key gate P is built from sub-chunks of ``sub_chunk`` rows as in GLA:
+a pair of sub-chunks (I, J < I) is one matmul of (q ⊙ e^{b - b_r}) and (k ⊙ e^{b_r - b}), b_r the gate sum at the
+row before sub-chunk I, so both exponents are <= 0; a diagonal pair is an explicit [c, c, K] product with
+mask-then-exp. A scalar gate needs no sub-chunks: P = (Q Kᵀ) ⊙ exp(b_i - b_j) masked.
+
+Backward (``jax.custom_vjp``): the states are recomputed with the backward chunk size; ``_state_gradient_kernel``
+scans the chunks in reverse for each chunk's outgoing-state cotangent; ``_gradient_kernel`` gives dq, dk, dv per
+chunk; the gate's gradient follows from the diagonal-gate identity ∂L/∂G_t = q_t ⊙ ∂q_t - k_t ⊙ ∂k_t (plus
+S_T ⊙ ∂S_T at the end), summed backwards over the sequence (``seqlab.core.recurrence.DiagonalGate``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common
+from seqlab.core import chunk_math
+from pallas_kernels._common import masked_exp, matmul, matmul_nt, matmul_tn
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionBlocks:
+    """Chunk and sub-chunk sizes of the forward and backward kernels (powers of two >= 16, sub-chunk <= chunk;
+    the sub-chunk matters only for per-key gates), and the GPU launch parameters."""
+
+    chunk: int = 64
+    sub_chunk: int = 16
+    chunk_bwd: int = 64
+    sub_chunk_bwd: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for field in ("chunk", "sub_chunk", "chunk_bwd", "sub_chunk_bwd"):
+            size = getattr(self, field)
+            if not isinstance(size, int) or size < _common.MIN_FEATURE or size & (size - 1):
+                raise ValueError(f"LinearAttentionBlocks.{field} must be a power of two >= {_common.MIN_FEATURE}, got {size!r}")
+        if self.sub_chunk > self.chunk or self.sub_chunk_bwd > self.chunk_bwd:
+            raise ValueError(f"LinearAttentionBlocks: a sub-chunk must not exceed its chunk, got {self}")
+
+    def forward(self) -> tuple[int, int]:
+        return self.chunk, self.sub_chunk
+
+    def backward(self) -> tuple[int, int]:
+        return self.chunk_bwd, self.sub_chunk_bwd
+
+
+class _Chunk:
+    """One chunk's kernel views: q, k [C, K], v, do [C, V] refs and the within-chunk gate cumsum b [C, G] (G = K or
+    1); sub-chunk rows load straight from the refs (no slicing of kernel values)."""
+
+    def __init__(self, refs: dict, scale: float, sub: int):
+        self.refs, self.scale, self.sub = refs, scale, sub
+
+    def rows(self, name: str, index: int) -> Array:
+        x = self.refs[name][pl.ds(index * self.sub, self.sub), :]
+        return (x.astype(jnp.float32) * self.scale).astype(x.dtype) if name == "q" else x
+
+    def reference(self, index: int) -> Array:
+        """The gate sum at the row before sub-chunk ``index`` [1, G]."""
+        return self.refs["b"][pl.ds(index * self.sub - 1, 1), :]
+
+
+def _diagonal_scores(q: Array, k: Array, b: Array) -> tuple[Array, Array]:
+    """Scores P [c, c] of a diagonal sub-chunk pair and the masked decay: [c, c, K] (per-key b) or [c, c]."""
+    rows = q.shape[0]
+    mask = _common.causal_mask(rows, rows)
+    if b.shape[-1] == 1:
+        decay = masked_exp(b - b.reshape(1, rows), mask)
+        return matmul_nt(q, k) * decay, decay
+    decay = masked_exp(b[:, None, :] - b[None, :, :], mask[:, :, None])
+    return jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None, :, :] * decay, axis=-1), decay
+
+
+def _referenced(chunk: _Chunk, query: int, key: int) -> tuple[Array, Array, Array, Array]:
+    """For sub-chunks query > key: q ⊙ e^{b - b_r}, k ⊙ e^{b_r - b} (both exponents <= 0) and the two factors."""
+    ref = chunk.reference(query)
+    q_factor = jnp.exp(chunk.rows("b", query) - ref)
+    k_factor = jnp.exp(ref - chunk.rows("b", key))
+    return chunk.rows("q", query) * q_factor, chunk.rows("k", key) * k_factor, q_factor, k_factor
+
+
+def _intra_output(chunk: _Chunk, query: int) -> Array:
+    """P V for the rows of sub-chunk ``query`` [c, V]."""
+    v = chunk.refs["v"]
+    scores, _ = _diagonal_scores(chunk.rows("q", query), chunk.rows("k", query), chunk.rows("b", query))
+    out = matmul(scores.astype(v.dtype), chunk.rows("v", query))
+    for key in range(query):
+        q_hat, k_hat, _, _ = _referenced(chunk, query, key)
+        out += matmul(matmul_nt(q_hat, k_hat).astype(v.dtype), chunk.rows("v", key))
+    return out
+
+
+def _gate_rows(b: Array, last: Array) -> tuple[Array, Array]:
+    """e^b and e^{b_C - b} for a chunk's gate sums b [C, G] and last row [1, G]."""
+    return jnp.exp(b), jnp.exp(last - b)
+
+
+def _state_kernel(k_ref, v_ref, b_ref, initial_ref, states_ref, final_ref, *, chunk: int):
+    """One (batch, head): k [T, K], v [T, V], b [T, G] -> incoming state of every chunk [N, K, V], final [K, V]."""
+    key_dim = k_ref.shape[-1]
+
+    def step(n, state):
+        rows = pl.ds(n * chunk, chunk)
+        last = b_ref[pl.ds(n * chunk + chunk - 1, 1), :]
+        _, k_decay = _gate_rows(b_ref[rows, :], last)
+        states_ref[n] = state
+        k_write = (k_ref[rows, :].astype(jnp.float32) * k_decay).astype(v_ref.dtype)
+        return jnp.exp(last).reshape(-1, 1) * jnp.ones((key_dim, 1)) * state + matmul_tn(k_write, v_ref[rows, :])
+
+    final_ref[...] = jax.lax.fori_loop(0, k_ref.shape[0] // chunk, step, initial_ref[...])
+
+
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, state_ref, o_ref, *, scale: float, sub: int):
+    """One chunk: q, k [C, K], v [C, V], b [C, G], incoming state [K, V] -> o [C, V] float32."""
+    chunk = _Chunk({"q": q_ref, "k": k_ref, "v": v_ref, "b": b_ref}, scale, sub)
+    for query in range(q_ref.shape[0] // sub):
+        rows = pl.ds(query * sub, sub)
+        q_read = chunk.rows("q", query) * jnp.exp(b_ref[rows, :])
+        o_ref[rows, :] = matmul(q_read, state_ref[...]) + _intra_output(chunk, query)
+
+
+def _state_gradient_kernel(q_ref, b_ref, do_ref, d_final_ref, d_states_ref, d_initial_ref, *, chunk: int, scale: float):
+    """One (batch, head), chunks in reverse: cotangent of every chunk's outgoing state [N, K, V] and of the
+    initial state [K, V]. ∂S_in,n = (Q ⊙ e^b)ᵀ dO + e^{b_C} ∂S_out,n and ∂S_out,n = ∂S_in,n+1."""
+    num_chunks = q_ref.shape[0] // chunk
+    key_dim = q_ref.shape[-1]
+
+    def step(i, d_state):
+        n = num_chunks - 1 - i
+        rows = pl.ds(n * chunk, chunk)
+        last = b_ref[pl.ds(n * chunk + chunk - 1, 1), :]
+        q_decay, _ = _gate_rows(b_ref[rows, :], last)
+        d_states_ref[n] = d_state
+        q_read = q_ref[rows, :].astype(jnp.float32) * scale * q_decay
+        return jnp.exp(last).reshape(-1, 1) * jnp.ones((key_dim, 1)) * d_state + matmul_tn(q_read, do_ref[rows, :].astype(jnp.float32))
+
+    d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, step, d_final_ref[...])
+
+
+def _gradient_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, state_ref, d_state_ref, dq_ref, dk_ref, dv_ref, *, scale: float, sub: int):
+    """One chunk: ∂q (of the scaled q), ∂k [C, K] and ∂v [C, V] in float32, from the incoming state [K, V] and the
+    outgoing state's cotangent [K, V]."""
+    chunk = _Chunk({"q": q_ref, "k": k_ref, "v": v_ref, "b": b_ref, "do": do_ref}, scale, sub)
+    length = q_ref.shape[0]
+    last = b_ref[pl.ds(length - 1, 1), :]
+    q_decay, k_decay = _gate_rows(b_ref[...], last)
+    do, v = do_ref[...].astype(jnp.float32), v_ref[...].astype(jnp.float32)
+    dq_ref[...] = matmul_nt(do, state_ref[...]) * q_decay
+    dk_ref[...] = matmul_nt(v, d_state_ref[...]) * k_decay
+    dv_ref[...] = matmul(k_ref[...].astype(jnp.float32) * k_decay, d_state_ref[...])
+    for query in range(length // sub):
+        _add_intra_gradients(chunk, query, dq_ref, dk_ref, dv_ref)
+
+
+def _add_intra_gradients(chunk: _Chunk, query: int, dq_ref, dk_ref, dv_ref) -> None:
+    """Adds the P V term's gradients for the rows of sub-chunk ``query`` and every key sub-chunk before it."""
+    sub = chunk.sub
+    q, k, b, do = (chunk.rows(name, query) for name in ("q", "k", "b", "do"))
+    do = do.astype(jnp.float32)
+    own = pl.ds(query * sub, sub)
+    scores, decay = _diagonal_scores(q, k, b)
+    d_scores = matmul_nt(do, chunk.rows("v", query).astype(jnp.float32))
+    if decay.ndim == 2:
+        weighted = d_scores * decay
+        dq = matmul(weighted, k.astype(jnp.float32))
+        dk_ref[own, :] += matmul_tn(weighted, q)
+    else:
+        weighted = d_scores[:, :, None] * decay
+        dq = jnp.sum(weighted * k.astype(jnp.float32)[None, :, :], axis=1)
+        dk_ref[own, :] += jnp.sum(weighted * q[:, None, :], axis=0)
+    dv_ref[own, :] += matmul_tn(scores, do)
+    for key in range(query):
+        rows = pl.ds(key * sub, sub)
+        q_hat, k_hat, q_factor, k_factor = _referenced(chunk, query, key)
+        d_scores = matmul_nt(do, chunk.rows("v", key).astype(jnp.float32))
+        dq += matmul(d_scores, k_hat) * q_factor
+        dk_ref[rows, :] += matmul_tn(d_scores, q_hat) * k_factor
+        dv_ref[rows, :] += matmul_tn(matmul_nt(q_hat, k_hat), do)
+    dq_ref[own, :] += dq
+
+
+def _specs(chunk: int, key_dim: int, value_dim: int, gate_dim: int):
+    """BlockSpecs of a per-chunk kernel on the grid (B, H, N)."""
+    rows = lambda width: pl.BlockSpec((None, None, chunk, width), lambda b, h, n: (b, h, n, 0))  # noqa: E731
+    state = pl.BlockSpec((None, None, None, key_dim, value_dim), lambda b, h, n: (b, h, n, 0, 0))
+    return rows(key_dim), rows(value_dim), rows(gate_dim), state
+
+
+def _whole(length: int, width: int) -> pl.BlockSpec:
+    """A (batch, head)'s whole sequence [T, width] on the grid (B, H)."""
+    return pl.BlockSpec((None, None, length, width), lambda b, h: (b, h, 0, 0))
+
+
+def _square(rows: int, cols: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, None, rows, cols), lambda b, h: (b, h, 0, 0))
+
+
+def chunk_gate_sums(gate: Array, chunk: int) -> Array:
+    """Within-chunk cumulative sums [B, H, T, G] of log gates [B, H, T, G] (T a multiple of ``chunk``), float32."""
+    b, h, length, width = gate.shape
+    chunks = gate.reshape(b, h, length // chunk, chunk, width)
+    return chunk_math.chunk_cumsum(chunks, axis=-2).reshape(gate.shape)
+
+
+def _states(k: Array, v: Array, b: Array, initial: Array, chunk: int, backend: str, blocks: LinearAttentionBlocks):
+    batch, heads, length, key_dim = k.shape
+    value_dim = v.shape[-1]
+    num_chunks = length // chunk
+    states_spec = pl.BlockSpec((None, None, num_chunks, key_dim, value_dim), lambda i, j: (i, j, 0, 0, 0))
+    return _common.pallas_call(
+        functools.partial(_state_kernel, chunk=chunk), backend=backend, grid=(batch, heads),
+        in_specs=[_whole(length, key_dim), _whole(length, value_dim), _whole(length, b.shape[-1]), _square(key_dim, value_dim)],
+        out_specs=[states_spec, _square(key_dim, value_dim)],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(initial.shape, jnp.float32)],
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name="linear_attention_states",
+    )(k, v, b, initial)
+
+
+def _forward(q, k, v, gate, initial, scale: float, blocks: LinearAttentionBlocks, backend: str):
+    chunk, sub = blocks.forward()
+    b = chunk_gate_sums(gate, chunk)
+    states, final = _states(k, v, b, initial, chunk, backend, blocks)
+    batch, heads, length, key_dim = q.shape
+    value_dim = v.shape[-1]
+    rows_k, rows_v, rows_g, state = _specs(chunk, key_dim, value_dim, gate.shape[-1])
+    o = _common.pallas_call(
+        functools.partial(_output_kernel, scale=scale, sub=sub if gate.shape[-1] > 1 else chunk), backend=backend,
+        grid=(batch, heads, length // chunk), in_specs=[rows_k, rows_k, rows_v, rows_g, state], out_specs=rows_v,
+        out_shape=jax.ShapeDtypeStruct((batch, heads, length, value_dim), jnp.float32),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name="linear_attention_output",
+    )(q, k, v, b, states)
+    return o, final
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _linear_attention(q, k, v, gate, initial, scale: float, blocks: LinearAttentionBlocks, backend: str):
+    """Kernel layout: q, k [B, H, T, K]; v [B, H, T, V]; gate [B, H, T, G] raw log gates; initial [B, H, K, V];
+    T a multiple of both chunk sizes. Returns o [B, H, T, V] float32 and the final state [B, H, K, V]."""
+    return _forward(q, k, v, gate, initial, scale, blocks, backend)
+
+
+def _linear_attention_fwd(q, k, v, gate, initial, scale, blocks, backend):
+    o, final = _forward(q, k, v, gate, initial, scale, blocks, backend)
+    return (o, final), (q, k, v, gate, initial, final)
+
+
+def _linear_attention_bwd(scale, blocks, backend, residuals, cotangents):
+    q, k, v, gate, initial, final = residuals
+    d_o, d_final = cotangents
+    chunk, sub = blocks.backward()
+    b = chunk_gate_sums(gate, chunk)
+    states, _ = _states(k, v, b, initial, chunk, backend, blocks)
+    d_states, d_initial = _state_gradients(q, b, d_o, d_final, chunk, scale, backend, blocks)
+    batch, heads, length, key_dim = q.shape
+    value_dim = v.shape[-1]
+    rows_k, rows_v, rows_g, state = _specs(chunk, key_dim, value_dim, gate.shape[-1])
+    dq, dk, dv = _common.pallas_call(
+        functools.partial(_gradient_kernel, scale=scale, sub=sub if gate.shape[-1] > 1 else chunk), backend=backend,
+        grid=(batch, heads, length // chunk), in_specs=[rows_k, rows_k, rows_v, rows_g, rows_v, state, state],
+        out_specs=[rows_k, rows_k, rows_v],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(v.shape, jnp.float32)],
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name="linear_attention_gradients",
+    )(q, k, v, b, d_o, states, d_states)
+    d_gate = _gate_gradient(q.astype(jnp.float32) * scale, k.astype(jnp.float32), dq, dk, final, d_final, gate.shape[-1])
+    return (dq * scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_gate, d_initial
+
+
+def _state_gradients(q, b, d_o, d_final, chunk: int, scale: float, backend: str, blocks: LinearAttentionBlocks):
+    batch, heads, length, key_dim = q.shape
+    value_dim = d_o.shape[-1]
+    num_chunks = length // chunk
+    states_spec = pl.BlockSpec((None, None, num_chunks, key_dim, value_dim), lambda i, j: (i, j, 0, 0, 0))
+    return _common.pallas_call(
+        functools.partial(_state_gradient_kernel, chunk=chunk, scale=scale), backend=backend, grid=(batch, heads),
+        in_specs=[_whole(length, key_dim), _whole(length, b.shape[-1]), _whole(length, value_dim), _square(key_dim, value_dim)],
+        out_specs=[states_spec, _square(key_dim, value_dim)],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(d_final.shape, jnp.float32)],
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name="linear_attention_state_gradients",
+    )(q, b, d_o, d_final)
+
+
+def _gate_gradient(q: Array, k: Array, dq: Array, dk: Array, final: Array, d_final: Array, gate_dim: int) -> Array:
+    """∂L/∂a [B, H, T, G] from the diagonal-gate identity: q, k, dq, dk [B, H, T, K] (q scaled, dq its cotangent)."""
+    d_running = q * dq - k * dk
+    d_last = jnp.sum(final * d_final, axis=-1)  # [B, H, K]
+    if gate_dim == 1:
+        d_running, d_last = jnp.sum(d_running, -1, keepdims=True), jnp.sum(d_last, -1, keepdims=True)
+    d_running = d_running.at[:, :, -1].add(d_last)
+    return jax.lax.cumsum(d_running, axis=2, reverse=True)
+
+
+_linear_attention.defvjp(_linear_attention_fwd, _linear_attention_bwd)
+
+
+def linear_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    log_gate: Array | None = None,
+    *,
+    scale: float,
+    initial_state: Array | None = None,
+    blocks: LinearAttentionBlocks = LinearAttentionBlocks(),
+    backend: str | None = None,
+) -> tuple[Array, Array]:
+    """Diagonal-gated chunked linear attention with Pallas kernels.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; log_gate: None (linear attention), [B, T, H] (scalar decay, simple_gla) or
+    [B, T, H, K] (GLA), natural-log gates <= 0; scale multiplies q; initial_state: [B, H, K, V] or None (zeros).
+    backend: "gpu", "tpu", "cpu" (interpret mode) or None (the default backend).
+    Returns o [B, T, H, V] float32 and the final state [B, H, K, V] float32.
+    """
+    if not isinstance(blocks, LinearAttentionBlocks):
+        raise ValueError(f"blocks must be a LinearAttentionBlocks, got {type(blocks).__name__}")
+    backend = _common.resolve_backend(backend)
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    kp, vp = _common.padded_feature(key_dim), _common.padded_feature(value_dim)
+    padded = _common.padded_length(length, max(blocks.chunk, blocks.chunk_bwd))
+    if log_gate is None:
+        log_gate = jnp.zeros((batch, length, heads, 1), jnp.float32)
+    elif log_gate.ndim == 3:
+        log_gate = log_gate[..., None]
+    gate = _common.to_kernel_layout(log_gate.astype(jnp.float32), padded, kp if log_gate.shape[-1] > 1 else 1)
+    initial = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32) if initial_state is None else initial_state
+    initial = jnp.pad(initial.astype(jnp.float32), [(0, 0), (0, 0), (0, kp - key_dim), (0, vp - value_dim)])
+    o, final = _linear_attention(
+        _common.to_kernel_layout(q, padded, kp), _common.to_kernel_layout(k, padded, kp),
+        _common.to_kernel_layout(v, padded, vp), gate, initial, float(scale), blocks, backend,
+    )
+    return _common.from_kernel_layout(o, length, value_dim), final[:, :, :key_dim, :value_dim]
