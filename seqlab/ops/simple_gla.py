@@ -45,7 +45,7 @@ def simple_gla(
     scale: float | None = None,
     initial_state: Array | None = None,
     output_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
@@ -59,6 +59,6 @@ def simple_gla(
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, v, {"g": g}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
-        gate=DiagonalGate("g"),
+        gate=DiagonalGate("g"), kernel=_common.diagonal_kernel("g"),
     )
     return o.astype(v.dtype), state

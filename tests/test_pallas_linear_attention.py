@@ -1,0 +1,186 @@
+"""Pallas chunked linear attention (linear_attn, simple_gla, gla) in interpret mode against the float64 per-token
+loops of tests/reference.py and against the XLA chunked path, forward and backward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import _common
+from pallas_kernels.linear_attention import LinearAttentionBlocks, linear_attention
+from seqlab import ops
+from seqlab.ops import _common as ops_common
+from tests import reference
+
+FAMILIES = ("linear_attn", "simple_gla", "gla")
+BLOCKS = [
+    LinearAttentionBlocks(chunk=16, sub_chunk=16, chunk_bwd=32, sub_chunk_bwd=16),
+    LinearAttentionBlocks(chunk=32, sub_chunk=16, chunk_bwd=16, sub_chunk_bwd=16),
+    LinearAttentionBlocks(chunk=64, sub_chunk=32, chunk_bwd=64, sub_chunk_bwd=16),
+]
+
+
+def _inputs(family, batch, length, heads, key_dim, value_dim, seed=0, low=-5.0):
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((batch, length, heads, key_dim)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((batch, length, heads, value_dim)).astype(np.float32)
+    state = rng.standard_normal((batch, heads, key_dim, value_dim)).astype(np.float32)
+    gate_shape = {"linear_attn": None, "simple_gla": (batch, length, heads), "gla": (batch, length, heads, key_dim)}[family]
+    gate = None if gate_shape is None else rng.uniform(low, 0.0, gate_shape).astype(np.float32)
+    return q, k, v, gate, state
+
+
+def _numpy_reference(family, q, k, v, gate, state):
+    if family == "linear_attn":
+        return reference.np_linear_attn(q, k, v, initial_state=state)
+    if family == "simple_gla":
+        return reference.np_simple_gla(q, k, v, gate, initial_state=state)
+    return reference.np_gla(q, k, v, gate, initial_state=state)
+
+
+def _op(family, impl, chunk_size=16):
+    """(q, k, v, gate, state) -> (o, final) through seqlab.ops with ``impl``."""
+    op = getattr(ops, family)
+
+    def run(q, k, v, gate, state):
+        gates = () if gate is None else (gate,)
+        return op(q, k, v, *gates, initial_state=state, output_final_state=True, impl=impl, chunk_size=chunk_size)
+
+    return run
+
+
+def _kernel(blocks, backend="cpu"):
+    def run(q, k, v, gate, state):
+        return linear_attention(q, k, v, gate, scale=q.shape[-1] ** -0.5, initial_state=state, blocks=blocks, backend=backend)
+
+    return run
+
+
+def _loss(fn):
+    def loss(*xs):
+        o, final = fn(*xs)
+        weights = jnp.cos(jnp.arange(o.shape[-1], dtype=jnp.float32))
+        return jnp.sum(o.astype(jnp.float32) * weights) + jnp.sum(jnp.sin(final))
+
+    return loss
+
+
+def _gradients(fn, q, k, v, gate, state):
+    argnums = (0, 1, 2, 4) if gate is None else (0, 1, 2, 3, 4)
+    return jax.grad(_loss(fn), argnums)(q, k, v, gate, state)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("blocks, length", zip(BLOCKS, [37, 70, 70]), ids=["c16-bwd32-T37", "c32-bwd16-T70", "c64s32-T70"])
+def test_kernel_matches_references(family, blocks, length):
+    x = _inputs(family, 2, length, 2, 12, 20)
+    o, final = _kernel(blocks)(*x)
+    o_np, final_np = _numpy_reference(family, *x)
+    assert reference.rel_err(o, o_np) <= 1e-5
+    assert reference.rel_err(final, final_np) <= 1e-5
+    o_xla, final_xla = _op(family, "chunked")(*x)
+    assert reference.rel_err(o, o_xla) <= 1e-5
+    assert reference.rel_err(final, final_xla) <= 1e-5
+    for got, want in zip(_gradients(_kernel(blocks), *x), _gradients(_op(family, "chunked"), *x)):
+        assert reference.rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["simple_gla", "gla"])
+def test_extreme_gates(family):
+    """Log gates spanning [-20, 0] (full decay within a step, and none), exact zeros and -20 included."""
+    q, k, v, gate, state = _inputs(family, 1, 70, 2, 16, 16, seed=3, low=-20.0)
+    gate = gate.copy()
+    gate.reshape(-1)[::7] = 0.0
+    gate.reshape(-1)[3::11] = -20.0
+    x = (q, k, v, gate, state)
+    blocks = LinearAttentionBlocks(chunk=32, sub_chunk=16, chunk_bwd=64, sub_chunk_bwd=32)
+    o, final = _kernel(blocks)(*x)
+    o_np, final_np = _numpy_reference(family, *x)
+    assert reference.rel_err(o, o_np) <= 1e-5 and reference.rel_err(final, final_np) <= 1e-5
+    grads = _gradients(_kernel(blocks), *x)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+    for got, want in zip(grads, _gradients(_op(family, "chunked"), *x)):
+        assert reference.rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["simple_gla", "gla"])
+def test_bf16_inputs(family):
+    """bf16 q, k, v: outputs and gradients within 2e-2 (relative) of the float32 kernel on the same rounded inputs."""
+    q, k, v, gate, state = _inputs(family, 1, 70, 2, 16, 24, seed=5)
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    blocks = LinearAttentionBlocks(chunk=32, sub_chunk=16, chunk_bwd=16, sub_chunk_bwd=16)
+    o, final = _kernel(blocks)(q, k, v, gate, state)
+    o32, final32 = _kernel(blocks)(*(a.astype(jnp.float32) for a in (q, k, v)), gate, state)
+    assert o.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o)))
+    assert reference.rel_err(o, o32) <= 2e-2 and reference.rel_err(final, final32) <= 2e-2
+    grads = _gradients(_kernel(blocks), q, k, v, gate, state)
+    grads32 = _gradients(_kernel(blocks), *(a.astype(jnp.float32) for a in (q, k, v)), gate, state)
+    assert [g.dtype for g in grads[:3]] == [jnp.bfloat16] * 3
+    for got, want in zip(grads, grads32):
+        assert reference.rel_err(got.astype(jnp.float32), want) <= 2e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_op_dispatch(family):
+    """impl="pallas" through seqlab.ops equals impl="chunked"; "auto" on this CPU runs the XLA chunked path."""
+    x = _inputs(family, 1, 40, 2, 8, 8, seed=7)
+    o, final = _op(family, "pallas", chunk_size=16)(*x)
+    o_xla, final_xla = _op(family, "chunked")(*x)
+    assert reference.rel_err(o, o_xla) <= 1e-5 and reference.rel_err(final, final_xla) <= 1e-5
+    assert ops_common.resolve_impl("auto", has_kernel=True, sequence_axis=None) == "chunked"
+    jaxpr = str(jax.make_jaxpr(_op(family, "auto"))(*x))
+    assert "pallas_call" not in jaxpr
+    assert "pallas_call" in str(jax.make_jaxpr(_op(family, "pallas"))(*x))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    family=st.sampled_from(FAMILIES),
+    batch=st.integers(1, 2),
+    length=st.integers(1, 80),
+    heads=st.integers(1, 3),
+    key_dim=st.integers(1, 33),
+    value_dim=st.integers(1, 33),
+    chunk=st.sampled_from([16, 32]),
+)
+def test_random_shapes(family, batch, length, heads, key_dim, value_dim, chunk):
+    x = _inputs(family, batch, length, heads, key_dim, value_dim, seed=length)
+    blocks = LinearAttentionBlocks(chunk=chunk, sub_chunk=16, chunk_bwd=16, sub_chunk_bwd=16)
+    o, final = _kernel(blocks)(*x)
+    o_np, final_np = _numpy_reference(family, *x)
+    assert o.shape == (batch, length, heads, value_dim) and final.shape == (batch, heads, key_dim, value_dim)
+    assert reference.rel_err(o, o_np) <= 1e-5 and reference.rel_err(final, final_np) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kernels_lower_for_accelerators(backend, family):
+    """Forward and gradient lower to Triton (GPU) and Mosaic (TPU) custom calls without the hardware."""
+    q, k, v, gate, state = _inputs(family, 1, 64, 2, 32, 32)
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    run = _kernel(LinearAttentionBlocks(), backend=backend)
+    target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+    forward = _common.lowered_text(lambda *xs: run(*xs)[0], backend, q, k, v, gate, state)
+    backward = _common.lowered_text(lambda *xs: _gradients(run, *xs), backend, q, k, v, gate, state)
+    assert forward.count(target) == 2  # states, output
+    assert backward.count(target) >= 4  # + recomputed states, state gradients, chunk gradients
+
+
+def test_bad_arguments():
+    x = _inputs("gla", 1, 8, 1, 4, 4)
+    with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+        _op("gla", "pallas", chunk_size=24)(*x)
+    with pytest.raises(ValueError, match="LinearAttentionBlocks.sub_chunk"):
+        LinearAttentionBlocks(sub_chunk=8)
+    with pytest.raises(ValueError, match="must not exceed its chunk"):
+        LinearAttentionBlocks(chunk=16, sub_chunk=32)
+    with pytest.raises(ValueError, match="backend"):
+        linear_attention(*x[:4], scale=1.0, backend="metal")
+    with pytest.raises(ValueError, match="impl"):
+        _op("gla", "triton")(*x)
+    with pytest.raises(ValueError, match="one device"):
+        ops_common.resolve_impl("pallas", has_kernel=True, sequence_axis="seq")
+    with pytest.raises(ValueError, match="no Pallas kernel"):
+        ops.based_attn(*(jnp.ones((1, 8, 1, 4)),) * 3, impl="pallas")
