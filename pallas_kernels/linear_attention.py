@@ -7,7 +7,8 @@ Transformer for Large Language Models"; "Gated Linear Attention Transformers wit
 Per chunk of C tokens with b the within-chunk cumsum of a (float32) and S_n the chunk's incoming state:
     o = (Q ⊙ e^b) S_n + P V,   P_ij = Σ_d q_id k_jd exp(b_id - b_jd) (j <= i),
     S_{n+1} = e^{b_C} ⊙ S_n + (K ⊙ e^{b_C - b})ᵀ V.
-Kernels: ``_state_kernel`` scans the chunks of one (batch, head) and stores every incoming state; ``_output_kernel``
+Kernels: ``_state_kernel`` scans the chunks of one (batch, head, block of state columns) and stores every incoming
+state; ``_output_kernel``
 reads out each chunk in parallel. For a per-key gate P is built from sub-chunks of ``sub_chunk`` rows as in GLA:
 a pair of sub-chunks (I, J < I) is one matmul of (q ⊙ e^{b - b_r}) and (k ⊙ e^{b_r - b}), b_r the gate sum at the
 row before sub-chunk I, so both exponents are <= 0; a diagonal pair is an explicit [c, c, K] product with
@@ -38,17 +39,19 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class LinearAttentionBlocks:
     """Chunk and sub-chunk sizes of the forward and backward kernels (powers of two >= 16, sub-chunk <= chunk;
-    the sub-chunk matters only for per-key gates), and the GPU launch parameters."""
+    the sub-chunk matters only for per-key gates), the state columns one state-scan program carries
+    (``value_block``, capped at V), and the GPU launch parameters."""
 
     chunk: int = 64
     sub_chunk: int = 16
     chunk_bwd: int = 64
     sub_chunk_bwd: int = 16
+    value_block: int = 64
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("chunk", "sub_chunk", "chunk_bwd", "sub_chunk_bwd"):
+        for field in ("chunk", "sub_chunk", "chunk_bwd", "sub_chunk_bwd", "value_block"):
             size = getattr(self, field)
             if not isinstance(size, int) or size < _common.MIN_FEATURE or size & (size - 1):
                 raise ValueError(f"LinearAttentionBlocks.{field} must be a power of two >= {_common.MIN_FEATURE}, got {size!r}")
@@ -114,7 +117,8 @@ def _gate_rows(b: Array, last: Array) -> tuple[Array, Array]:
 
 
 def _state_kernel(k_ref, v_ref, b_ref, initial_ref, states_ref, final_ref, *, chunk: int):
-    """One (batch, head): k [T, K], v [T, V], b [T, G] -> incoming state of every chunk [N, K, V], final [K, V]."""
+    """One (batch, head, column block): k [T, K], v [T, Vb], b [T, G] -> incoming state of every chunk [N, K, Vb]
+    and the final state [K, Vb]."""
     key_dim = k_ref.shape[-1]
 
     def step(n, state):
@@ -137,9 +141,9 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, state_ref, o_ref, *, scale: float
         o_ref[rows, :] = matmul(q_read, state_ref[...]) + _intra_output(chunk, query)
 
 
-def _state_gradient_kernel(q_ref, b_ref, do_ref, d_final_ref, d_states_ref, d_initial_ref, *, chunk: int, scale: float):
-    """One (batch, head), chunks in reverse: cotangent of every chunk's outgoing state [N, K, V] and of the
-    initial state [K, V]. ∂S_in,n = (Q ⊙ e^b)ᵀ dO + e^{b_C} ∂S_out,n and ∂S_out,n = ∂S_in,n+1."""
+def _state_gradient_kernel(q_ref, do_ref, b_ref, d_final_ref, d_states_ref, d_initial_ref, *, chunk: int, scale: float):
+    """One (batch, head, column block), chunks in reverse: q [T, K], do [T, Vb], b [T, G] -> cotangent of every
+    chunk's outgoing state [N, K, Vb] and of the initial state [K, Vb]. ∂S_in,n = (Q ⊙ e^b)ᵀ dO + e^{b_C} ∂S_out,n and ∂S_out,n = ∂S_in,n+1."""
     num_chunks = q_ref.shape[0] // chunk
     key_dim = q_ref.shape[-1]
 
@@ -204,13 +208,27 @@ def _specs(chunk: int, key_dim: int, value_dim: int, gate_dim: int):
     return rows(key_dim), rows(value_dim), rows(gate_dim), state
 
 
-def _whole(length: int, width: int) -> pl.BlockSpec:
-    """A (batch, head)'s whole sequence [T, width] on the grid (B, H)."""
-    return pl.BlockSpec((None, None, length, width), lambda b, h: (b, h, 0, 0))
+class _StateGrid:
+    """BlockSpecs of the state scans on the grid (B, H, V / value_block): each program carries the state columns
+    [K, value_block] of one (batch, head) over the whole sequence (the columns of a diagonal-gated state evolve
+    independently)."""
 
+    def __init__(self, length: int, num_chunks: int, key_dim: int, value_block: int):
+        self.length, self.num_chunks, self.key_dim, self.value_block = length, num_chunks, key_dim, value_block
 
-def _square(rows: int, cols: int) -> pl.BlockSpec:
-    return pl.BlockSpec((None, None, rows, cols), lambda b, h: (b, h, 0, 0))
+    def sequence(self, width: int) -> pl.BlockSpec:
+        """A whole sequence [T, width] shared by every column block (q, k, b)."""
+        return pl.BlockSpec((None, None, self.length, width), lambda b, h, j: (b, h, 0, 0))
+
+    def sequence_columns(self) -> pl.BlockSpec:
+        """A whole sequence's column block [T, value_block] (v, do)."""
+        return pl.BlockSpec((None, None, self.length, self.value_block), lambda b, h, j: (b, h, 0, j))
+
+    def state(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, self.key_dim, self.value_block), lambda b, h, j: (b, h, 0, j))
+
+    def per_chunk_states(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, self.num_chunks, self.key_dim, self.value_block), lambda b, h, j: (b, h, 0, 0, j))
 
 
 def chunk_gate_sums(gate: Array, chunk: int) -> Array:
@@ -220,19 +238,28 @@ def chunk_gate_sums(gate: Array, chunk: int) -> Array:
     return chunk_math.chunk_cumsum(chunks, axis=-2).reshape(gate.shape)
 
 
-def _states(k: Array, v: Array, b: Array, initial: Array, chunk: int, backend: str, blocks: LinearAttentionBlocks):
-    batch, heads, length, key_dim = k.shape
-    value_dim = v.shape[-1]
-    num_chunks = length // chunk
-    states_spec = pl.BlockSpec((None, None, num_chunks, key_dim, value_dim), lambda i, j: (i, j, 0, 0, 0))
+def _state_scan(kernel, sequences: tuple[Array, ...], state: Array, chunk: int, blocks: LinearAttentionBlocks,
+                backend: str, name: str) -> tuple[Array, Array]:
+    """Runs a state scan kernel over (k or q, v or do, b) [B, H, T, ...] from ``state`` [B, H, K, V]: per-chunk
+    states [B, H, N, K, V] and the last state [B, H, K, V], float32."""
+    first, columns, b = sequences
+    batch, heads, length, key_dim = first.shape
+    value_dim = columns.shape[-1]
+    value_block = min(blocks.value_block, value_dim)
+    grid = _StateGrid(length, length // chunk, key_dim, value_block)
     return _common.pallas_call(
-        functools.partial(_state_kernel, chunk=chunk), backend=backend, grid=(batch, heads),
-        in_specs=[_whole(length, key_dim), _whole(length, value_dim), _whole(length, b.shape[-1]), _square(key_dim, value_dim)],
-        out_specs=[states_spec, _square(key_dim, value_dim)],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
-                   jax.ShapeDtypeStruct(initial.shape, jnp.float32)],
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name="linear_attention_states",
-    )(k, v, b, initial)
+        kernel, backend=backend, grid=(batch, heads, value_dim // value_block),
+        in_specs=[grid.sequence(key_dim), grid.sequence_columns(), grid.sequence(b.shape[-1]), grid.state()],
+        out_specs=[grid.per_chunk_states(), grid.state()],
+        out_shape=[jax.ShapeDtypeStruct((batch, heads, length // chunk, key_dim, value_dim), jnp.float32),
+                   jax.ShapeDtypeStruct(state.shape, jnp.float32)],
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name=name,
+    )(first, columns, b, state)
+
+
+def _states(k: Array, v: Array, b: Array, initial: Array, chunk: int, backend: str, blocks: LinearAttentionBlocks):
+    kernel = functools.partial(_state_kernel, chunk=chunk)
+    return _state_scan(kernel, (k, v, b), initial, chunk, blocks, backend, "linear_attention_states")
 
 
 def _forward(q, k, v, gate, initial, scale: float, blocks: LinearAttentionBlocks, backend: str):
@@ -286,18 +313,8 @@ def _linear_attention_bwd(scale, blocks, backend, residuals, cotangents):
 
 
 def _state_gradients(q, b, d_o, d_final, chunk: int, scale: float, backend: str, blocks: LinearAttentionBlocks):
-    batch, heads, length, key_dim = q.shape
-    value_dim = d_o.shape[-1]
-    num_chunks = length // chunk
-    states_spec = pl.BlockSpec((None, None, num_chunks, key_dim, value_dim), lambda i, j: (i, j, 0, 0, 0))
-    return _common.pallas_call(
-        functools.partial(_state_gradient_kernel, chunk=chunk, scale=scale), backend=backend, grid=(batch, heads),
-        in_specs=[_whole(length, key_dim), _whole(length, b.shape[-1]), _whole(length, value_dim), _square(key_dim, value_dim)],
-        out_specs=[states_spec, _square(key_dim, value_dim)],
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, num_chunks, key_dim, value_dim), jnp.float32),
-                   jax.ShapeDtypeStruct(d_final.shape, jnp.float32)],
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, name="linear_attention_state_gradients",
-    )(q, b, d_o, d_final)
+    kernel = functools.partial(_state_gradient_kernel, chunk=chunk, scale=scale)
+    return _state_scan(kernel, (q, d_o, b), d_final, chunk, blocks, backend, "linear_attention_state_gradients")
 
 
 def _gate_gradient(q: Array, k: Array, dq: Array, dk: Array, final: Array, d_final: Array, gate_dim: int) -> Array:
