@@ -17,7 +17,7 @@ and the states are recomputed, ``_state_grad_kernel`` runs the cotangent of the 
 ``_chunk_grad_kernel`` takes every input's gradient per chunk in parallel (through T by dA = -Tᵀ dT Tᵀ).
 
 Kernel layout: q, k [B, H, T', K'], v [B, H, T', V'] (K', V' = ``padded_feature``; T' a multiple of the chunk, padded
-with zeros: β = 0 and g = 0 are the identity); β and γ [B, H, N, C]; states [B, H, N·K', V'] (chunk n's state in
+with zeros: β = 0 and g = 0 are the identity); β and γ [B, H, N, 1, C] (the 1 keeps TPU's last-two-dims rule); states [B, H, N·K', V'] (chunk n's state in
 rows n·K' to (n+1)·K'). Everything is float32 inside except matmul operands that arrive as bf16.
 """
 
@@ -95,9 +95,14 @@ def delta_rule(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _is_last(size: int) -> Array:
+    """[C] bool, True at the chunk's last token."""
+    return jax.lax.broadcasted_iota(jnp.int32, (size,), 0) == size - 1
+
+
 def _last(x: Array) -> Array:
     """The last entry of a vector [C], as a scalar (a masked sum: no value slicing)."""
-    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == x.shape[0] - 1, x, 0.0))
+    return jnp.sum(jnp.where(_is_last(x.shape[0]), x, 0.0))
 
 
 def _row(matrix: Array, index: Array | int) -> Array:
@@ -117,7 +122,7 @@ def _invert_unit_lower(strict_lower: Array) -> Array:
 
     def substitute(i: Array, inverse: Array) -> Array:
         combination = jnp.sum(_row(strict_lower, i)[:, None] * inverse, axis=0)
-        return jnp.where(rows == i, _row(identity, i)[None, :] - combination[None, :], inverse)
+        return jnp.where(rows == i, identity - combination[None, :], inverse)
 
     return jax.lax.fori_loop(1, size, substitute, identity)
 
@@ -133,10 +138,13 @@ def _decays(gamma: Array) -> tuple[Array, Array, Array]:
 
 @dataclasses.dataclass(frozen=True)
 class _WY:
-    """A chunk's WY terms: the masked Gram matrix Γ ⊙ K Kᵀ (strictly lower) [C, C], T [C, C], W [C, K], U [C, V]."""
+    """A chunk's WY terms: the masked Gram matrix Γ ⊙ K Kᵀ (strictly lower) [C, C], T [C, C], W = T k_in [C, K] with
+    k_in = diag(β)(K ⊙ e^γ), U = T v_in [C, V] with v_in = diag(β) V."""
 
     gram: Array
     inverse: Array
+    k_in: Array
+    v_in: Array
     w: Array
     u: Array
 
@@ -145,9 +153,9 @@ def _wy_terms(k: Array, v: Array, beta: Array, gamma: Array, strict_decay: Array
     """W = T diag(β)(K ⊙ e^γ), U = T diag(β) V for k [C, K], v [C, V], beta, gamma [C]."""
     gram = matmul_nt(k, k) * strict_decay
     inverse = _invert_unit_lower(beta[:, None] * gram)
-    w = matmul(inverse, (beta * jnp.exp(gamma))[:, None] * k.astype(jnp.float32))
-    u = matmul(inverse, beta[:, None] * v.astype(jnp.float32))
-    return _WY(gram, inverse, w, u)
+    k_in = (beta * jnp.exp(gamma))[:, None] * k.astype(jnp.float32)
+    v_in = beta[:, None] * v.astype(jnp.float32)
+    return _WY(gram, inverse, k_in, v_in, matmul(inverse, k_in), matmul(inverse, v_in))
 
 
 def _chunk_read(q: Array, k: Array, gamma: Array, scale: float, causal_decay: Array) -> tuple[Array, Array]:
@@ -177,7 +185,7 @@ def _state_kernel(k_ref, w_ref, u_ref, gamma_ref, initial_ref, states_ref, final
     def step(n: Array, state: Array) -> Array:
         tokens = pl.ds(n * chunk, chunk)
         states_ref[pl.ds(n * key_dim, key_dim), :] = state
-        gamma = gamma_ref[n, :]
+        gamma = gamma_ref[n, 0, :]
         nu = u_ref[tokens, :] - matmul(w_ref[tokens, :], state)
         k_write = k_ref[tokens, :].astype(jnp.float32) * jnp.exp(_last(gamma) - gamma)[:, None]
         return jnp.exp(_last(gamma)) * state + matmul_tn(k_write, nu)
@@ -205,7 +213,7 @@ def _state_grad_kernel(
         n = chunks - 1 - i
         tokens = pl.ds(n * chunk, chunk)
         d_states_ref[pl.ds(n * key_dim, key_dim), :] = d_state
-        gamma = gamma_ref[n, :]
+        gamma = gamma_ref[n, 0, :]
         causal_decay, _, write_decay = _decays(gamma)
         k = k_ref[tokens, :]
         q_read, scores = _chunk_read(q_ref[tokens, :], k, gamma, scale, causal_decay)
@@ -219,6 +227,40 @@ def _state_grad_kernel(
 def _gate_grad(weighted: Array) -> Array:
     """Σ_j E_ij - Σ_j E_ji for E = (cotangent ⊙ value) of a matrix whose entries carry exp(γ_i - γ_j)."""
     return jnp.sum(weighted, axis=1) - jnp.sum(weighted, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WYGrads:
+    """The gradients that flow through W and U (and T = (I + A)⁻¹): dk [C, K], dv [C, V], d beta, d gamma [C]."""
+
+    dk: Array
+    dv: Array
+    d_beta: Array
+    d_gamma: Array
+
+
+def _wy_grads(
+    wy: _WY, k: Array, v: Array, beta: Array, gamma: Array, d_w: Array, d_u: Array, strict_decay: Array
+) -> _WYGrads:
+    """Back through W = T k_in, U = T v_in and T = (I + A)⁻¹ (dA = -Tᵀ dT Tᵀ on the strictly lower part), with
+    A = diag(β) gram, gram = Γ ⊙ K Kᵀ (strictly lower), k_in = diag(β)(K ⊙ e^γ), v_in = diag(β) V; k, v float32."""
+    d_inverse = matmul_nt(d_w, wy.k_in) + matmul_nt(d_u, wy.v_in)
+    d_k_in = matmul_tn(wy.inverse, d_w)
+    d_v_in = matmul_tn(wy.inverse, d_u)
+    strict = causal_mask(*strict_decay.shape, strict=True)
+    d_system = jnp.where(strict, -matmul_nt(matmul_tn(wy.inverse, d_inverse), wy.inverse), 0.0)
+    d_gram = beta[:, None] * d_system
+    d_kk = d_gram * strict_decay
+    return _WYGrads(
+        dk=matmul(d_kk, k) + matmul_tn(d_kk, k) + d_k_in * (beta * jnp.exp(gamma))[:, None],
+        dv=beta[:, None] * d_v_in,
+        d_beta=(
+            jnp.sum(d_system * wy.gram, axis=1)
+            + jnp.sum(d_k_in * k, axis=1) * jnp.exp(gamma)
+            + jnp.sum(d_v_in * v, axis=1)
+        ),
+        d_gamma=_gate_grad(d_gram * wy.gram) + jnp.sum(d_k_in * wy.k_in, axis=1),
+    )
 
 
 def _chunk_grad_kernel(
@@ -240,48 +282,19 @@ def _chunk_grad_kernel(
     d_q_read = matmul_nt(d_out, state)
     d_scores = matmul_nt(d_out, nu)
     d_k_write = matmul_nt(nu, d_next)
-    d_w = -matmul_nt(d_nu, state)
-    d_u = d_nu
-
-    k_in = (beta * jnp.exp(gamma))[:, None] * k32  # W = T k_in
-    v_in = beta[:, None] * v.astype(jnp.float32)  # U = T v_in
-    d_inverse = matmul_nt(d_w, k_in) + matmul_nt(d_u, v_in)
-    d_k_in = matmul_tn(wy.inverse, d_w)
-    d_v_in = matmul_tn(wy.inverse, d_u)
-    strict = causal_mask(*strict_decay.shape, strict=True)
-    d_system = jnp.where(strict, -matmul_nt(matmul_tn(wy.inverse, d_inverse), wy.inverse), 0.0)
-    d_gram = beta[:, None] * d_system
-    d_kk = d_gram * strict_decay
+    through_wy = _wy_grads(wy, k32, v.astype(jnp.float32), beta, gamma, -matmul_nt(d_nu, state), d_nu, strict_decay)
     d_qk = d_scores * causal_decay * scale
 
     dq = scale * (d_q_read * jnp.exp(gamma)[:, None]) + matmul(d_qk, k32)
-    dk = (
-        matmul_tn(d_qk, q.astype(jnp.float32))
-        + matmul(d_kk, k32) + matmul_tn(d_kk, k32)
-        + d_k_in * (beta * jnp.exp(gamma))[:, None]
-        + d_k_write * write_decay[:, None]
-    )
-    dv = beta[:, None] * d_v_in
-    d_beta = (
-        jnp.sum(d_system * wy.gram, axis=1)
-        + jnp.sum(d_k_in * k32, axis=1) * jnp.exp(gamma)
-        + jnp.sum(d_v_in * v.astype(jnp.float32), axis=1)
-    )
+    dk = matmul_tn(d_qk, q.astype(jnp.float32)) + through_wy.dk + d_k_write * write_decay[:, None]
     d_write = jnp.sum(d_k_write * k_write, axis=1)
-    d_gamma = (
-        _gate_grad(d_scores * scores)
-        + _gate_grad(d_gram * wy.gram)
-        + jnp.sum(d_k_in * k_in, axis=1)
-        + jnp.sum(d_q_read * q_read, axis=1)
-        - d_write
-    )
+    d_gamma = _gate_grad(d_scores * scores) + through_wy.d_gamma + jnp.sum(d_q_read * q_read, axis=1) - d_write
     d_gamma_last = jnp.sum(d_write) + decay_last * jnp.sum(state * d_next)
-    is_last = jax.lax.broadcasted_iota(jnp.int32, d_gamma.shape, 0) == d_gamma.shape[0] - 1
     dq_ref[...] = dq
     dk_ref[...] = dk
-    dv_ref[...] = dv
-    d_beta_ref[...] = d_beta
-    dg_ref[...] = _reverse_cumsum(d_gamma + jnp.where(is_last, d_gamma_last, 0.0))
+    dv_ref[...] = through_wy.dv
+    d_beta_ref[...] = through_wy.d_beta
+    dg_ref[...] = _reverse_cumsum(d_gamma + jnp.where(_is_last(d_gamma.shape[0]), d_gamma_last, 0.0))
 
 
 def _reverse_cumsum(x: Array) -> Array:
@@ -302,8 +315,13 @@ def _tile(rows: int, cols: int) -> pl.BlockSpec:
 
 
 def _chunk_gate(chunk: int) -> pl.BlockSpec:
-    """Chunk n [C] of a gate [B, H, N, C] at grid point (b, h, n)."""
-    return pl.BlockSpec((None, None, None, chunk), lambda b, h, n: (b, h, n, 0))
+    """Chunk n [C] of a gate [B, H, N, 1, C] at grid point (b, h, n)."""
+    return pl.BlockSpec((None, None, None, None, chunk), lambda b, h, n: (b, h, n, 0, 0))
+
+
+def _whole_gate(chunks: int, chunk: int) -> pl.BlockSpec:
+    """All of (b, h)'s chunks [N, 1, C] of a gate [B, H, N, 1, C] at grid point (b, h)."""
+    return pl.BlockSpec((None, None, chunks, 1, chunk), lambda b, h: (b, h, 0, 0, 0))
 
 
 def _whole(rows: int, cols: int) -> pl.BlockSpec:
@@ -313,7 +331,7 @@ def _whole(rows: int, cols: int) -> pl.BlockSpec:
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Inputs in kernel layout for one chunk size: q, k [B, H, T', K'], v [B, H, T', V'], beta, gamma [B, H, N, C]."""
+    """Inputs in kernel layout for one chunk size: q, k [B, H, T', K'], v [B, H, T', V'], beta, gamma [B, H, N, 1, C]."""
 
     q: Array
     k: Array
@@ -327,14 +345,14 @@ class _Layout:
 
     @property
     def chunks(self) -> int:
-        return self.beta.shape[-2]
+        return self.beta.shape[-3]
 
 
 def _to_layout(q: Array, k: Array, v: Array, beta: Array, g: Array, chunk: int) -> _Layout:
     length = _common.padded_length(q.shape[1], chunk)
     key_dim, value_dim = _common.padded_feature(k.shape[-1]), _common.padded_feature(v.shape[-1])
     batch, _, heads = beta.shape
-    gates = (batch, heads, length // chunk, chunk)
+    gates = (batch, heads, length // chunk, 1, chunk)
     beta = _common.to_kernel_layout(beta.astype(jnp.float32), length).reshape(gates)
     gamma = jnp.cumsum(_common.to_kernel_layout(g.astype(jnp.float32), length).reshape(gates), axis=-1)
     return _Layout(
@@ -370,7 +388,7 @@ def _states(x: _Layout, w: Array, u: Array, initial_state: Array, config: _Confi
     kernel = functools.partial(_state_kernel, chunk=x.chunk, chunks=chunks)
     return _call(
         kernel, config, (batch, heads),
-        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim), _whole(chunks, x.chunk),
+        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim), _whole_gate(chunks, x.chunk),
          _whole(key_dim, value_dim)],
         [_whole(chunks * key_dim, value_dim), _whole(key_dim, value_dim)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
@@ -401,7 +419,7 @@ def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Co
     return _call(
         kernel, config, (batch, heads),
         [_whole(length, key_dim), _whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim),
-         _whole(chunks, x.chunk), _whole(key_dim, value_dim)],
+         _whole_gate(chunks, x.chunk), _whole(key_dim, value_dim)],
         [_whole(chunks * key_dim, value_dim), _whole(key_dim, value_dim)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
@@ -410,7 +428,7 @@ def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Co
 
 
 def _chunk_grads(x: _Layout, states: Array, d_states: Array, d_out: Array, config: _Config) -> tuple[Array, ...]:
-    """dq, dk [B, H, T', K'], dv [B, H, T', V'], d beta and dg [B, H, N, C] (float32)."""
+    """dq, dk [B, H, T', K'], dv [B, H, T', V'], d beta and dg [B, H, N, 1, C] (float32)."""
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunk = x.v.shape[-1], x.chunk
     kernel = functools.partial(_chunk_grad_kernel, scale=config.scale)
@@ -464,7 +482,10 @@ def _delta_rule_bwd(config: _Config, residuals, cotangents):
     d_states, d_initial = _state_grads(x, w, d_out, _pad_state(d_final, key_dim, value_dim), config)
     dq, dk, dv, d_beta, dg = _chunk_grads(x, states, d_states, d_out, config)
     tokens = q.shape[1]
-    gate = lambda d: _common.from_kernel_layout(d.reshape(batch, heads, length), tokens)  # noqa: E731
+
+    def gate(d_gate: Array) -> Array:  # [B, H, N, 1, C] -> [B, T, H]
+        return _common.from_kernel_layout(d_gate.reshape(batch, heads, length), tokens)
+
     return (
         _common.from_kernel_layout(dq, tokens, q.shape[-1]).astype(q.dtype),
         _common.from_kernel_layout(dk, tokens, k.shape[-1]).astype(k.dtype),

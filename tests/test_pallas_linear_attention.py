@@ -12,7 +12,7 @@ from pallas_kernels import _common
 from pallas_kernels.linear_attention import LinearAttentionBlocks, linear_attention
 from seqlab import ops
 from seqlab.ops import _common as ops_common
-from tests import reference
+import reference
 
 FAMILIES = ("linear_attn", "simple_gla", "gla")
 BLOCKS = [
@@ -122,17 +122,37 @@ def test_bf16_inputs(family):
         assert reference.rel_err(got.astype(jnp.float32), want) <= 2e-2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_op_dispatch(family):
-    """impl="pallas" through seqlab.ops equals impl="chunked"; "auto" on this CPU runs the XLA chunked path."""
-    x = _inputs(family, 1, 40, 2, 8, 8, seed=7)
-    o, final = _op(family, "pallas", chunk_size=16)(*x)
-    o_xla, final_xla = _op(family, "chunked")(*x)
+def _op_arguments(op, seed):
+    """Positional arguments of ``op`` at a small size (keys L2-normalised, beta in (0, 1) for the delta rules)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((1, 40, 2, 8)).astype(np.float32) for _ in range(3))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    g = -rng.uniform(0.0, 2.0, (1, 40, 2)).astype(np.float32)
+    gates = {"linear_attn": (), "simple_gla": (g,), "gla": (-rng.uniform(0.0, 2.0, q.shape).astype(np.float32),),
+             "delta_rule": (rng.uniform(0.1, 0.9, g.shape).astype(np.float32),)}
+    gates["gated_delta_rule"] = (g,) + gates["delta_rule"]
+    return (q, k, v) + gates[op]
+
+
+@pytest.mark.parametrize("op", FAMILIES + ("delta_rule", "gated_delta_rule"))
+def test_op_dispatch(op):
+    """impl="pallas" through seqlab.ops equals impl="chunked", forward and backward; impl="auto" runs the XLA
+    chunked path on this CPU (no pallas_call in its program)."""
+    args = _op_arguments(op, seed=7)
+    fn = getattr(ops, op)
+
+    def run(impl):
+        return lambda *xs: fn(*xs, impl=impl, chunk_size=16, output_final_state=True)
+
+    o, final = run("pallas")(*args)
+    o_xla, final_xla = run("chunked")(*args)
     assert reference.rel_err(o, o_xla) <= 1e-5 and reference.rel_err(final, final_xla) <= 1e-5
+    argnums = tuple(range(len(args)))
+    for got, want in zip(jax.grad(_loss(run("pallas")), argnums)(*args), jax.grad(_loss(run("chunked")), argnums)(*args)):
+        assert reference.rel_err(got, want) <= 1e-5
     assert ops_common.resolve_impl("auto", has_kernel=True, sequence_axis=None) == "chunked"
-    jaxpr = str(jax.make_jaxpr(_op(family, "auto"))(*x))
-    assert "pallas_call" not in jaxpr
-    assert "pallas_call" in str(jax.make_jaxpr(_op(family, "pallas"))(*x))
+    assert "pallas_call" not in str(jax.make_jaxpr(run("auto"))(*args))
+    assert "pallas_call" in str(jax.make_jaxpr(run("pallas"))(*args))
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)

@@ -17,6 +17,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import delta_rule as pallas_delta
 from seqlab.core import chunk_math
 from seqlab.core.recurrence import ChunkTerms, Transition
 from seqlab.ops import _common
@@ -118,6 +119,14 @@ def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     return ChunkTerms(attn @ u, q_read, Transition(gamma_last, k_write, w), jnp.einsum("...ck,...cv->...kv", k_write, u))
 
 
+def _pallas_kernel(q, k, v, gates, *, scale, initial_state, chunk_size):
+    """The Pallas path (``_common.KernelFn``): ``pallas_kernels.delta_rule`` at ``chunk_size`` both ways."""
+    blocks = pallas_delta.DeltaRuleBlocks(chunk=chunk_size, chunk_bwd=chunk_size)
+    return pallas_delta.delta_rule(
+        q, k, v, gates["beta"], g=gates.get("g"), scale=scale, initial_state=initial_state, blocks=blocks
+    )
+
+
 def delta_rule(
     q: Array,
     k: Array,
@@ -127,7 +136,7 @@ def delta_rule(
     scale: float | None = None,
     initial_state: Array | None = None,
     output_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
@@ -141,6 +150,7 @@ def delta_rule(
     o, state = _common.run_linear_op(
         delta_chunk_terms, q, k, v, {"beta": beta}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        kernel=_pallas_kernel,
     )
     return o.astype(v.dtype), state
 
@@ -155,7 +165,7 @@ def gated_delta_rule(
     scale: float | None = None,
     initial_state: Array | None = None,
     output_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
@@ -166,5 +176,6 @@ def gated_delta_rule(
     o, state = _common.run_linear_op(
         delta_chunk_terms, q, k, v, {"g": g, "beta": beta}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        kernel=_pallas_kernel,
     )
     return o.astype(v.dtype), state
