@@ -73,7 +73,7 @@ def _gradients(fn, q, k, v, gate, state):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("blocks, length", zip(BLOCKS, [37, 70, 70]), ids=["c16-bwd32-T37", "c32-bwd16-T70", "c64s32-T70"])
+@pytest.mark.parametrize("blocks, length", list(zip(BLOCKS, [37, 70, 70])), ids=["c16-bwd32-T37", "c32-bwd16-T70", "c64s32-T70"])
 def test_kernel_matches_references(family, blocks, length):
     x = _inputs(family, 2, length, 2, 12, 20)
     o, final = _kernel(blocks)(*x)
