@@ -80,7 +80,7 @@ def hedgehog_from_softmax(
     d, h = softmax.head_dim, softmax.num_heads
     linear = LinearAttention(
         softmax.d_model, h, feature_map="hedgehog", feature_dim=d, head_dim=d, num_features=num_features,
-        normalize=True, eps=eps, impl="chunked", rngs=rngs, dtype=softmax.dtype,
+        normalize=True, eps=eps, impl="auto", rngs=rngs, dtype=softmax.dtype,
         param_dtype=softmax.param_dtype,
     )  # fmt: skip
     groups = h // softmax.num_kv_heads

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from seqlab.ops import _common as ops_common
 from seqlab.parallel.mesh import previous_segment_tail
 
-IMPLS = ("chunked", "recurrent", "parallel")
+IMPLS = ops_common.IMPLS  # "auto": the Pallas kernel on GPU/TPU where the op has one, else "chunked"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class Mixer(nnx.Module):
         d_model: int,
         num_heads: int,
         *,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,

@@ -35,7 +35,7 @@ class BaseConv(Mixer):
         *,
         conv_size: int = 3,
         use_bias: bool = True,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

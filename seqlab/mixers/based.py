@@ -40,7 +40,7 @@ class Based(Mixer):
         feature_dim: int = BASED_FEATURE_DIM,
         head_dim: int | None = None,
         eps: float = 1e-6,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

@@ -88,7 +88,7 @@ class DeltaNet(DeltaRuleMixer):
         use_gate: bool = False,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-5,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

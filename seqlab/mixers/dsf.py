@@ -58,7 +58,7 @@ class DSFAttention(Mixer):
         head_dim: int | None = None,
         norm_fn: str = "exp",
         use_bias: bool = True,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

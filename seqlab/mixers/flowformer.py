@@ -51,7 +51,7 @@ class FlowAttention(Mixer):
         head_dim: int | None = None,
         eps: float = 1e-6,
         use_bias: bool = True,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

@@ -38,7 +38,7 @@ class GatedDeltaNet(DeltaRuleMixer):
         use_gate: bool = True,
         allow_neg_eigval: bool = False,
         norm_eps: float = 1e-5,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

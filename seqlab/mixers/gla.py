@@ -36,7 +36,7 @@ class GLA(Mixer):
         gate_logit_normalizer: float = 16.0,
         clamp_min: float | None = None,
         norm_eps: float = 1e-5,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

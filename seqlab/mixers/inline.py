@@ -98,7 +98,7 @@ class InLineAttention(Mixer):
         scale: float | None = None,
         local_conv_size: int = 3,
         use_bias: bool = False,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

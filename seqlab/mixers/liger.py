@@ -65,7 +65,7 @@ class LigerAttention(Mixer):
         rope_base: float = 10000.0,
         rope_interleaved: bool = False,
         use_bias: bool = False,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,
@@ -90,7 +90,7 @@ class LigerAttention(Mixer):
         window: int = 64,
         mix: float = 0.5,
         gate_logit_normalizer: float = 16.0,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
     ) -> LigerAttention:

@@ -108,7 +108,7 @@ class LightNet(Mixer):
         lrpe: str | None = None,
         grid_shape: tuple[int, ...] | None = None,
         lrpe_base: float = 10000.0,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

@@ -41,7 +41,7 @@ class LinearAttention(Mixer):
         normalize: bool = True,
         eps: float = 1e-6,
         scale: float = 1.0,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

@@ -74,7 +74,7 @@ class LinFusionAttention(Mixer):
         mlp_zero_init: bool = True,
         eps: float = 1e-4,
         use_bias: bool = False,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,
@@ -101,7 +101,7 @@ class LinFusionAttention(Mixer):
         *,
         mlp_dim: int | None = None,
         eps: float = 1e-4,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
     ) -> LinFusionAttention:

@@ -165,7 +165,7 @@ class LoLCATsAttention(Mixer):
         rope_base: float = 10000.0,
         rope_interleaved: bool = False,
         use_bias: bool = False,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,
@@ -197,7 +197,7 @@ class LoLCATsAttention(Mixer):
         num_features: int = 64,
         affine_attention_factors: bool = False,
         window_factor_init: float = WINDOW_FACTOR_INIT,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
     ) -> LoLCATsAttention:

@@ -46,7 +46,7 @@ class Mamba2(Mixer):
         expand: float = 2.0,
         conv_size: int = 4,
         norm_eps: float = 1e-5,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

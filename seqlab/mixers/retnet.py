@@ -44,7 +44,7 @@ class RetNet(Mixer):
         value_factor: int = 2,
         rope_base: float = 10000.0,
         norm_eps: float = 1e-6,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

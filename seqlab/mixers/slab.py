@@ -64,7 +64,7 @@ class SLAB(Mixer):
         conv_size: int = 5,
         eps: float = 1e-6,
         use_bias: bool = False,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

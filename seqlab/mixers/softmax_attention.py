@@ -68,7 +68,7 @@ class SoftmaxAttention(Mixer):
         rope_interleaved: bool = False,
         use_bias: bool = False,
         sequence_parallel: str = "allgather",
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int | None = None,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

@@ -90,7 +90,7 @@ class TNLAttention(Mixer):
         layer_index: int = 0,
         num_layers: int = 1,
         norm_eps: float = 1e-6,
-        impl: str = "chunked",
+        impl: str = "auto",
         chunk_size: int = 64,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,

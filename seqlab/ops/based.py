@@ -76,7 +76,7 @@ def based_attn(
     eps: float = 1e-6,
     initial_state: Array | None = None,
     output_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:

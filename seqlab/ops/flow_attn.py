@@ -71,7 +71,7 @@ def flow_attn(
     offset: int | Array = 0,
     initial_state: FlowState | None = None,
     output_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
 ) -> tuple[Array, FlowState | None]:

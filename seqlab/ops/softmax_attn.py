@@ -17,12 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import flash_attention as pallas_flash
 from seqlab.core import online_softmax
+from seqlab.ops import _common
 from seqlab.parallel import attention as sequence_attention
 
 Array = jax.Array
-
-SOFTMAX_FORMS = ("chunked", "parallel", "recurrent")
 DEFAULT_BLOCK_SIZE = 512  # XLA:CPU runs [512, D] x [D, L] score matmuls near its square-matmul rate (BENCHMARKS.md)
 MIN_WINDOW_BLOCK_SIZE = 64
 
@@ -46,12 +46,14 @@ def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: 
         raise ValueError(f"the kv heads of k ({k.shape[2]}) must divide the query heads of q ({q.shape[2]})")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or a positive int, got {window!r}")
-    if impl not in SOFTMAX_FORMS:
-        raise ValueError(f"impl must be one of {SOFTMAX_FORMS}, got {impl!r}")
+    if impl not in _common.IMPLS:
+        raise ValueError(f"impl must be one of {_common.IMPLS}, got {impl!r}")
     if impl == "recurrent" and not causal:
         raise ValueError("impl='recurrent' needs causal=True (a non-causal query sees future keys)")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
+    if impl == "pallas" and block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size must be None or a power of two >= 16 with impl='pallas', got {block_size}")
 
 
 def _check_sequence(impl: str, sequence_axis: str | None, sequence_parallel: str) -> None:
@@ -76,7 +78,7 @@ def softmax_attn(
     scale: float | None = None,
     causal: bool = True,
     window: int | None = None,
-    impl: str = "chunked",
+    impl: str = "auto",
     block_size: int | None = None,
     sequence_axis: str | None = None,
     sequence_parallel: str = "allgather",
@@ -87,13 +89,20 @@ def softmax_attn(
     contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
     sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
     impl "chunked" loops over blocks of ``block_size`` (None: ``default_block_size(window)``), "parallel" over
-    blocks of T_local. The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
+    blocks of T_local; "pallas" runs ``pallas_kernels.flash_attention`` (blocks of ``block_size`` both ways, or
+    ``FlashBlocks()``; interpreted on CPU); "auto" is "pallas" on a GPU or TPU without ``sequence_axis``, else
+    "chunked". The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
     nested) works, forward mode (``jax.jvp``) does not; use impl="parallel" for that.
     """
     _check(q, k, v, window, impl, causal, block_size)
     _check_sequence(impl, sequence_axis, sequence_parallel)
+    impl = _common.resolve_impl(impl, has_kernel=True, sequence_axis=sequence_axis)
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    if impl == "pallas":
+        mask = pallas_flash.Causal(window) if causal else pallas_flash.Bidirectional(window)
+        blocks = pallas_flash.FlashBlocks() if block_size is None else pallas_flash.FlashBlocks(*(block_size,) * 4)
+        return pallas_flash.flash_attention(q, k, v, mask=mask, scale=scale, blocks=blocks)
     qg = _group_heads(q, k.shape[2], scale)
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
     if sequence_axis is not None:

@@ -193,7 +193,7 @@ def lolcats_attn(
     scale: float | None = None,
     initial_state: Array | None = None,
     output_final_state: bool = False,
-    impl: str = "chunked",
+    impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
 ) -> tuple[Array, Array | None]:
