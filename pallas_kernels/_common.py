@@ -56,6 +56,25 @@ def pallas_call(
     )
 
 
+def is_block_size(value: object) -> bool:
+    """A kernel block size: an int that is a power of two and at least ``MIN_FEATURE``."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int and value >= MIN_FEATURE and value & (value - 1) == 0
+
+
+def check_blocks(blocks: Any, sizes: tuple[str, ...]) -> None:
+    """ValueError naming the field of a frozen block-size dataclass unless every field in ``sizes`` is a block size
+    (``is_block_size``) and num_warps, num_stages are positive ints."""
+    owner = type(blocks).__name__
+    for name in sizes:
+        if not is_block_size(getattr(blocks, name)):
+            raise ValueError(f"{owner}.{name} must be a power of two >= {MIN_FEATURE}, got {getattr(blocks, name)!r}")
+    for name in ("num_warps", "num_stages"):
+        value = getattr(blocks, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+
+
 def padded_feature(dim: int) -> int:
     """Feature sizes inside kernels: a power of two, at least ``MIN_FEATURE``."""
     return max(MIN_FEATURE, pl.next_power_of_2(dim))

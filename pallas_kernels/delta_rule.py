@@ -46,13 +46,7 @@ class DeltaRuleBlocks:
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "chunk_bwd"):
-            size = getattr(self, name)
-            if not isinstance(size, int) or size < 16 or size & (size - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {size!r}")
-        for name in ("num_warps", "num_stages"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        _common.check_blocks(self, ("chunk", "chunk_bwd"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,10 +45,6 @@ Array = jax.Array
 _MASKED = -1e30  # finite "minus infinity", as in seqlab.core.online_softmax
 
 
-def _is_power_of_two(n: object) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class FlashBlocks:
     """Tile sizes (tokens) of the forward kernel and of the two backward kernels, and GPU launch parameters.
@@ -65,14 +61,7 @@ class FlashBlocks:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
-            value = getattr(self, name)
-            if not _is_power_of_two(value) or value < _common.MIN_FEATURE:
-                raise ValueError(f"FlashBlocks.{name} must be a power of two >= {_common.MIN_FEATURE}, got {value!r}")
-        for name in ("num_warps", "num_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"FlashBlocks.{name} must be a positive int, got {value!r}")
+        _common.check_blocks(self, ("block_q", "block_k", "block_q_bwd", "block_k_bwd"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

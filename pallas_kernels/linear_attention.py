@@ -51,10 +51,7 @@ class LinearAttentionBlocks:
     num_stages: int = 2
 
     def __post_init__(self):
-        for field in ("chunk", "sub_chunk", "chunk_bwd", "sub_chunk_bwd", "value_block"):
-            size = getattr(self, field)
-            if not isinstance(size, int) or size < _common.MIN_FEATURE or size & (size - 1):
-                raise ValueError(f"LinearAttentionBlocks.{field} must be a power of two >= {_common.MIN_FEATURE}, got {size!r}")
+        _common.check_blocks(self, ("chunk", "sub_chunk", "chunk_bwd", "sub_chunk_bwd", "value_block"))
         if self.sub_chunk > self.chunk or self.sub_chunk_bwd > self.chunk_bwd:
             raise ValueError(f"LinearAttentionBlocks: a sub-chunk must not exceed its chunk, got {self}")
 

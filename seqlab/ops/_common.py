@@ -71,8 +71,7 @@ def check_form(impl: str, chunk_size: int) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    small = chunk_size < pallas_common.MIN_FEATURE or chunk_size & (chunk_size - 1)
-    if impl == "pallas" and small:
+    if impl == "pallas" and not pallas_common.is_block_size(chunk_size):
         raise ValueError(f"chunk_size must be a power of two >= {pallas_common.MIN_FEATURE} with impl='pallas', got {chunk_size}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _common as pallas_common
 from pallas_kernels import flash_attention as pallas_flash
 from seqlab.core import online_softmax
 from seqlab.ops import _common
@@ -52,7 +53,7 @@ def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: 
         raise ValueError("impl='recurrent' needs causal=True (a non-causal query sees future keys)")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
-    if impl == "pallas" and block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+    if impl == "pallas" and block_size is not None and not pallas_common.is_block_size(block_size):
         raise ValueError(f"block_size must be None or a power of two >= 16 with impl='pallas', got {block_size}")
 
 
