@@ -22,10 +22,12 @@ What a family gets, with no code of its own (``seqlab.core.recurrence``):
 - ``recurrent``: a scan over tokens with chunks of one token — constant memory, the decode path;
 - ``chunked``: all chunks' terms at once (masked matmuls), a scan over chunk states, then the read-out — the
   default training path; a diagonal-gated family that declares ``DiagonalGate(name)`` gets the engine's own
-  backward pass, which takes the gate's gradient from q·dq - k·dk instead of differentiating the chunk math;
+  backward pass, which takes the gate's gradient from q·dq - k·dk instead of differentiating the chunk math,
+  and ``seqlab.ops`` runs it as the Pallas kernels of ``pallas_kernels.linear_attention`` with impl="pallas"
+  (the default "auto" on GPU/TPU);
 - ``parallel``: the whole sequence as one chunk (the quadratic, materialised form);
 - ``segment_summary`` / ``combine_summaries``: what a segment does to the state, (transition, state), with an
-  associative combine (P_b P_a, P_b S_a + S_b) — the object sequence parallelism and kernels plug into.
+  associative combine (P_b P_a, P_b S_a + S_b) — the object sequence parallelism plugs into.
 
 Softmax attention (``seqlab.core.online_softmax``)
 --------------------------------------------------

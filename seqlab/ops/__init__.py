@@ -1,7 +1,9 @@
 """Functional token-mixing ops: pure jnp, differentiable, [batch, time, heads, dim] layout.
 
 Every linear-state op returns ``(o, final_state)``; ``impl`` picks the form ("chunked", "recurrent", "parallel"),
-all built by ``seqlab.core.recurrence`` from one ``chunk_terms`` function per family. Ops that combine a local
+all built by ``seqlab.core.recurrence`` from one ``chunk_terms`` function per family, or "pallas" (the kernels of
+``pallas_kernels``, for linear_attn, simple_gla, gla, the delta rules and softmax_attn); the default "auto" is
+"pallas" on a GPU or TPU where the op has a kernel and "chunked" otherwise. Ops that combine a local
 softmax or block window with a linear state (``lolcats_attn``) or prefix sums (``flow_attn``) run their linear part
 through those ops; ``block_local_attn`` is dense within blocks.
 """

@@ -41,7 +41,8 @@ def resolve_impl(impl: str, *, has_kernel: bool, sequence_axis: str | None) -> s
 
 
 def diagonal_kernel(gate_name: str | None) -> KernelFn:
-    """The Pallas path of a diagonal-gated family whose gate is the input ``gate_name`` (None: no decay)."""
+    """The Pallas path of a diagonal-gated family whose gate is the input ``gate_name`` (None: no decay): the
+    ``DiagonalGate`` contract is exactly the recurrence ``pallas_kernels.linear_attention`` computes."""
 
     def kernel(q, k, v, gates, *, scale, initial_state, chunk_size):
         blocks = pallas_linear.LinearAttentionBlocks(chunk=chunk_size, chunk_bwd=chunk_size)
@@ -101,12 +102,15 @@ def run_linear_op(
 ) -> tuple[Array, Array | None]:
     """Check the common arguments, scale q, run the requested form (split over the mesh axis ``sequence_axis``
     when it is given; see ``recurrence.sequence_parallel``). ``gate`` declares a diagonal-gated family
-    (``recurrence.DiagonalGate``); ``kernel`` is the family's Pallas path, if it has one (``resolve_impl``).
+    (``recurrence.DiagonalGate``), which also gives it the diagonal-gate Pallas kernels (``diagonal_kernel``);
+    ``kernel`` is another family's Pallas path, if it has one (``resolve_impl``).
 
     Returns o [B, T, H, V] in float32 (callers cast to the value dtype) and the final state or None.
     """
     check_qkv(q, k, v)
     check_form(impl, chunk_size)
+    if kernel is None and gate is not None:
+        kernel = diagonal_kernel(gate.name)
     impl = resolve_impl(impl, has_kernel=kernel is not None, sequence_axis=sequence_axis)
     batch, _, heads, key_dim = q.shape
     state = initial_state_or_zeros(initial_state, (batch, heads, key_dim, v.shape[-1]))

@@ -83,6 +83,6 @@ def gla(
     o, state = _common.run_linear_op(
         vector_gate_chunk_terms, q, k, v, {"gk": gk}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
-        gate=DiagonalGate("gk"), kernel=_common.diagonal_kernel("gk"),
+        gate=DiagonalGate("gk"),
     )
     return o.astype(v.dtype), state

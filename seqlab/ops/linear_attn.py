@@ -43,7 +43,7 @@ def linear_attn(
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, values, {}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
-        gate=DiagonalGate(None), kernel=_common.diagonal_kernel(None),
+        gate=DiagonalGate(None),
     )
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + eps)

@@ -59,6 +59,6 @@ def simple_gla(
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, v, {"g": g}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
-        gate=DiagonalGate("g"), kernel=_common.diagonal_kernel("g"),
+        gate=DiagonalGate("g"),
     )
     return o.astype(v.dtype), state
