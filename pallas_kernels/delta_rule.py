@@ -10,8 +10,8 @@ of g, Γ_ij = exp(γ_i - γ_j) (j <= i, masked before the exponential), M causal
     W = T diag(β)(K ⊙ e^γ),  U = T diag(β) V,  ν = U - W S_n
     o = (Q ⊙ e^γ) S_n + (Q Kᵀ ⊙ Γ ⊙ M) ν,   S_{n+1} = e^{γ_C} S_n + (K ⊙ e^{γ_C - γ})ᵀ ν
 
-Forward: ``_wy_kernel`` (W, U; grid B, H, N), ``_state_kernel`` (a loop over chunks per (B, H): each chunk's
-incoming state and the final state), ``_output_kernel`` (grid B, H, N). Backward, at the backward chunk size: W, U
+Forward: ``_wy_kernel`` (W, U; grid B, H, N), ``_state_kernel`` (a loop over chunks per (B, H, block of state
+columns): each chunk's incoming state and the final state), ``_output_kernel`` (grid B, H, N). Backward, at the backward chunk size: W, U
 and the states are recomputed, ``_state_grad_kernel`` runs the cotangent of the state backwards over chunks
 (dν = (QKᵀ⊙Γ⊙M)ᵀ dO + (K⊙e^{γ_C-γ}) dS_{n+1}; dS_n = (Q⊙e^γ)ᵀ dO + e^{γ_C} dS_{n+1} - Wᵀ dν), and
 ``_chunk_grad_kernel`` takes every input's gradient per chunk in parallel (through T by dA = -Tᵀ dT Tᵀ).
@@ -38,15 +38,18 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class DeltaRuleBlocks:
-    """Chunk sizes of the forward (``chunk``) and backward (``chunk_bwd``) passes; Triton launch parameters."""
+    """Chunk sizes of the forward (``chunk``) and backward (``chunk_bwd``) passes; the state columns one
+    state-scan program carries (``value_block``, capped at V: the columns of the state evolve independently, since
+    ν = U − W S and its cotangent act column by column); Triton launch parameters."""
 
     chunk: int = 64
     chunk_bwd: int = 64
+    value_block: int = 64
     num_warps: int = 4
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        _common.check_blocks(self, ("chunk", "chunk_bwd"))
+        _common.check_blocks(self, ("chunk", "chunk_bwd", "value_block"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,13 +317,24 @@ def _chunk_gate(chunk: int) -> pl.BlockSpec:
 
 
 def _whole_gate(chunks: int, chunk: int) -> pl.BlockSpec:
-    """All of (b, h)'s chunks [N, 1, C] of a gate [B, H, N, 1, C] at grid point (b, h)."""
-    return pl.BlockSpec((None, None, chunks, 1, chunk), lambda b, h: (b, h, 0, 0, 0))
+    """All of (b, h)'s chunks [N, 1, C] of a gate [B, H, N, 1, C] at grid point (b, h, column block)."""
+    return pl.BlockSpec((None, None, chunks, 1, chunk), lambda b, h, j: (b, h, 0, 0, 0))
 
 
 def _whole(rows: int, cols: int) -> pl.BlockSpec:
-    """All of (b, h)'s [rows, cols] of a [B, H, rows, cols] array at grid point (b, h)."""
-    return pl.BlockSpec((None, None, rows, cols), lambda b, h: (b, h, 0, 0))
+    """All of (b, h)'s [rows, cols] of a [B, H, rows, cols] array at grid point (b, h, column block)."""
+    return pl.BlockSpec((None, None, rows, cols), lambda b, h, j: (b, h, 0, 0))
+
+
+def _columns(rows: int, value_block: int) -> pl.BlockSpec:
+    """Column block j [rows, value_block] of (b, h)'s [B, H, rows, V'] array at grid point (b, h, j)."""
+    return pl.BlockSpec((None, None, rows, value_block), lambda b, h, j: (b, h, 0, j))
+
+
+def _scan_grid(batch: int, heads: int, value_dim: int, config: "_Config") -> tuple[tuple[int, int, int], int]:
+    """The state scans' grid (B, H, V' / value block) and the value block."""
+    value_block = min(config.blocks.value_block, value_dim)
+    return (batch, heads, value_dim // value_block), value_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,12 +393,13 @@ def _states(x: _Layout, w: Array, u: Array, initial_state: Array, config: _Confi
     """Each chunk's incoming state [B, H, N·K', V'] and the final state [B, H, K', V'] (float32)."""
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunks = x.v.shape[-1], x.chunks
+    grid, value_block = _scan_grid(batch, heads, value_dim, config)
     kernel = functools.partial(_state_kernel, chunk=x.chunk, chunks=chunks)
     return _call(
-        kernel, config, (batch, heads),
-        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim), _whole_gate(chunks, x.chunk),
-         _whole(key_dim, value_dim)],
-        [_whole(chunks * key_dim, value_dim), _whole(key_dim, value_dim)],
+        kernel, config, grid,
+        [_whole(length, key_dim), _whole(length, key_dim), _columns(length, value_block), _whole_gate(chunks, x.chunk),
+         _columns(key_dim, value_block)],
+        [_columns(chunks * key_dim, value_block), _columns(key_dim, value_block)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         "delta_rule_states",
@@ -409,12 +424,13 @@ def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Co
     """Each chunk's outgoing-state cotangent [B, H, N·K', V'] and the initial state's [B, H, K', V']."""
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunks = x.v.shape[-1], x.chunks
+    grid, value_block = _scan_grid(batch, heads, value_dim, config)
     kernel = functools.partial(_state_grad_kernel, scale=config.scale, chunk=x.chunk, chunks=chunks)
     return _call(
-        kernel, config, (batch, heads),
-        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, key_dim), _whole(length, value_dim),
-         _whole_gate(chunks, x.chunk), _whole(key_dim, value_dim)],
-        [_whole(chunks * key_dim, value_dim), _whole(key_dim, value_dim)],
+        kernel, config, grid,
+        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, key_dim), _columns(length, value_block),
+         _whole_gate(chunks, x.chunk), _columns(key_dim, value_block)],
+        [_columns(chunks * key_dim, value_block), _columns(key_dim, value_block)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         "delta_rule_state_grads",

@@ -111,7 +111,7 @@ def test_matches_chunked_and_float64(rng, gates, chunk, chunk_bwd, T, initial_st
     H > 1 and K != V (both padded)."""
     args = make_inputs(rng, T=T, gates=gates, initial_state=initial_state)
     Wo, Ws = loss_weights(rng, args)
-    blocks = DeltaRuleBlocks(chunk=chunk, chunk_bwd=chunk_bwd)
+    blocks = DeltaRuleBlocks(chunk=chunk, chunk_bwd=chunk_bwd, value_block=16)  # V' = 32: two column blocks
     o, S, grads = value_and_grads(lambda a: run_pallas(a, blocks), args, Wo, Ws)
     assert o.shape == args["v"].shape and o.dtype == np.float32
     assert S.shape == (2, 2, 16, 24) and S.dtype == np.float32
@@ -181,7 +181,7 @@ def test_lowers_for_gpu_and_tpu(backend):
             assert "tpu_custom_call" in text
 
 
-@pytest.mark.parametrize("field", ["chunk", "chunk_bwd"])
+@pytest.mark.parametrize("field", ["chunk", "chunk_bwd", "value_block"])
 @pytest.mark.parametrize("size", [8, 24, 0])
 def test_bad_blocks_raise(field, size):
     with pytest.raises(ValueError, match=field):

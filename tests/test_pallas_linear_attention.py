@@ -17,7 +17,7 @@ import reference
 FAMILIES = ("linear_attn", "simple_gla", "gla")
 BLOCKS = [
     LinearAttentionBlocks(chunk=16, sub_chunk=16, chunk_bwd=32, sub_chunk_bwd=16),
-    LinearAttentionBlocks(chunk=32, sub_chunk=16, chunk_bwd=16, sub_chunk_bwd=16),
+    LinearAttentionBlocks(chunk=32, sub_chunk=16, chunk_bwd=16, sub_chunk_bwd=16, value_block=16),  # V' = 32: 2 blocks
     LinearAttentionBlocks(chunk=64, sub_chunk=32, chunk_bwd=64, sub_chunk_bwd=16),
 ]
 
