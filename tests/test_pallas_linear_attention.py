@@ -151,7 +151,7 @@ def test_op_dispatch(op):
     o, final = run("pallas")(*args)
     o_xla, final_xla = run("chunked")(*args)
     assert reference.rel_err(o, o_xla) <= 1e-5 and reference.rel_err(final, final_xla) <= 1e-5
-    assert ops_common.resolve_impl("auto", has_kernel=True, sequence_axis=None) == "chunked"
+    assert ops_common.resolve_impl("auto", has_kernel=True, sequence_axis=None, length=40) == "chunked"
     assert "pallas_call" not in str(jax.make_jaxpr(run("auto"))(*args))
     assert "pallas_call" in str(jax.make_jaxpr(run("pallas"))(*args))
 
@@ -202,6 +202,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="impl"):
         _op("gla", "triton")(*x)
     with pytest.raises(ValueError, match="one device"):
-        ops_common.resolve_impl("pallas", has_kernel=True, sequence_axis="seq")
+        ops_common.resolve_impl("pallas", has_kernel=True, sequence_axis="seq", length=40)
     with pytest.raises(ValueError, match="no Pallas kernel"):
         ops.based_attn(*(jnp.ones((1, 8, 1, 4)),) * 3, impl="pallas")
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "cpu"])
+def test_auto_picks_the_kernel_on_accelerators(monkeypatch, backend):
+    """impl="auto" on a GPU or TPU (the backend faked here): the kernel for a sequence on one device; the XLA chunked
+    form for one token (a decode step), under sequence parallelism, or for an op without a kernel; on CPU always."""
+    monkeypatch.setattr(ops_common.pallas_common, "resolve_backend", lambda _: backend)
+    accelerated = backend != "cpu"
+    resolve = ops_common.resolve_impl
+    assert resolve("auto", has_kernel=True, sequence_axis=None, length=2) == ("pallas" if accelerated else "chunked")
+    assert resolve("auto", has_kernel=True, sequence_axis=None, length=1) == "chunked"
+    assert resolve("auto", has_kernel=True, sequence_axis="seq", length=64) == "chunked"
+    assert resolve("auto", has_kernel=False, sequence_axis=None, length=64) == "chunked"
+    assert resolve("recurrent", has_kernel=True, sequence_axis=None, length=64) == "recurrent"

@@ -25,14 +25,16 @@ class KernelFn(Protocol):
                  chunk_size: int) -> tuple[Array, Array]: ...
 
 
-def resolve_impl(impl: str, *, has_kernel: bool, sequence_axis: str | None) -> str:
-    """The form to run: "auto" is "pallas" on a GPU or TPU when the op has a kernel and runs on one device, else
-    "chunked"; an explicit impl is checked and kept (impl="pallas" on CPU runs the kernels in interpret mode)."""
+def resolve_impl(impl: str, *, has_kernel: bool, sequence_axis: str | None, length: int) -> str:
+    """The form to run: "auto" is "pallas" on a GPU or TPU when the op has a kernel, runs on one device and gets
+    more than one token, else "chunked" (a single token, a decode step, is one recurrent step in that form); an
+    explicit impl is checked and kept (impl="pallas" on CPU runs the kernels in interpret mode)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         accelerated = pallas_common.resolve_backend(None) in ACCELERATORS
-        return "pallas" if has_kernel and accelerated and sequence_axis is None else "chunked"
+        use_kernel = has_kernel and accelerated and sequence_axis is None and length > 1
+        return "pallas" if use_kernel else "chunked"
     if impl == "pallas" and not has_kernel:
         raise ValueError("impl='pallas': this op has no Pallas kernel; use 'auto', 'chunked', 'recurrent' or 'parallel'")
     if impl == "pallas" and sequence_axis is not None:
@@ -111,7 +113,7 @@ def run_linear_op(
     check_form(impl, chunk_size)
     if kernel is None and gate is not None:
         kernel = diagonal_kernel(gate.name)
-    impl = resolve_impl(impl, has_kernel=kernel is not None, sequence_axis=sequence_axis)
+    impl = resolve_impl(impl, has_kernel=kernel is not None, sequence_axis=sequence_axis, length=q.shape[1])
     batch, _, heads, key_dim = q.shape
     state = initial_state_or_zeros(initial_state, (batch, heads, key_dim, v.shape[-1]))
     scale = key_dim**-0.5 if scale is None else scale

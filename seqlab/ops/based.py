@@ -87,7 +87,7 @@ def based_attn(
     """
     _common.check_qkv(q, k, v)
     _common.check_form(impl, chunk_size)
-    impl = _common.resolve_impl(impl, has_kernel=False, sequence_axis=sequence_axis)
+    impl = _common.resolve_impl(impl, has_kernel=False, sequence_axis=sequence_axis, length=q.shape[1])
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     batch, _, heads, dim = q.shape

@@ -91,13 +91,13 @@ def softmax_attn(
     sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
     impl "chunked" loops over blocks of ``block_size`` (None: ``default_block_size(window)``), "parallel" over
     blocks of T_local; "pallas" runs ``pallas_kernels.flash_attention`` (blocks of ``block_size`` both ways, or
-    ``FlashBlocks()``; interpreted on CPU); "auto" is "pallas" on a GPU or TPU without ``sequence_axis``, else
-    "chunked". The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
+    ``FlashBlocks()``; interpreted on CPU); "auto" is "pallas" on a GPU or TPU without ``sequence_axis`` for
+    T > 1, else "chunked". The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
     nested) works, forward mode (``jax.jvp``) does not; use impl="parallel" for that.
     """
     _check(q, k, v, window, impl, causal, block_size)
     _check_sequence(impl, sequence_axis, sequence_parallel)
-    impl = _common.resolve_impl(impl, has_kernel=True, sequence_axis=sequence_axis)
+    impl = _common.resolve_impl(impl, has_kernel=True, sequence_axis=sequence_axis, length=q.shape[1])
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if impl == "pallas":
