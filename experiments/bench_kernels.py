@@ -3,12 +3,16 @@
     python experiments/bench_kernels.py                   # on a GPU: B=4, H=16, D=128 and 64, bf16, T = 1k .. 32k
     python experiments/bench_kernels.py --tiny            # any machine: a tiny size (CPU runs the kernels interpreted)
 
-For each op and implementation, forward and forward+backward milliseconds (best of --repeats) and tokens/s:
+First, on the device itself, each op's Pallas kernels are checked against its XLA chunked path in float32 (B=1,
+H=2, T=300, D=64 (16 with --tiny): relative error of o and of every gradient). Then, for each op and
+implementation, forward and forward+backward milliseconds (best of --repeats) and tokens/s:
   pallas      seqlab.ops.<op>(impl="pallas")
   chunked     seqlab.ops.<op>(impl="chunked") (the XLA path)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") (softmax only; GPU only)
   fla         flash-linear-attention's chunk kernels (PyTorch/Triton), when ``fla`` and a CUDA torch import
 Linear ops use K = V = D; softmax is causal. The loss is sum(o ⊙ v), so fwd+bwd includes every input's gradient.
+A last table gives the targets: fwd+bwd time of flash-linear-attention (linear ops) or cuDNN (softmax) over the
+Pallas kernels' (issue 6: >= 1 for gla, simple_gla, delta_rule; >= 0.8 for softmax_attn).
 """
 
 from __future__ import annotations
@@ -108,6 +112,38 @@ def time_fla(op: str, inputs: tuple[np.ndarray, ...], repeats: int) -> tuple[flo
     return best_seconds(forward, repeats), best_seconds(forward_backward, repeats)
 
 
+TARGETS = {"simple_gla": ("fla", 1.0), "gla": ("fla", 1.0), "delta_rule": ("fla", 1.0), "softmax_attn": ("cudnn", 0.8)}
+
+
+def relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check_against_xla(op: str, dim: int, length: int = 300) -> list[float]:
+    """Relative errors of the Pallas kernels against the XLA chunked path, float32: [o, d input 1, ...]."""
+    inputs = tuple(jnp.asarray(x) for x in make_inputs(op, 1, length, 2, dim, jnp.float32))
+    results = []
+    for impl in ("pallas", "chunked"):
+        fn = jax_fn(op, impl)
+        loss = lambda *a: jnp.sum(fn(*a) * a[2])  # noqa: E731
+        with jax.default_matmul_precision("highest"):  # no TF32 on either side
+            grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))(*inputs)
+            results.append((jax.jit(fn)(*inputs),) + tuple(grads))
+    return [relative_error(p, x) for p, x in zip(*results)]
+
+
+def target_ratios(table: list[tuple]) -> list[tuple[str, int, int, str, float, float]]:
+    """(op, D, T, reference impl, reference fwd+bwd / Pallas fwd+bwd, target) where both were measured."""
+    times = {(op, impl, dim, length): fwdbwd for op, impl, dim, length, _, fwdbwd in table}
+    ratios = []
+    for (op, impl, dim, length), pallas in times.items():
+        reference, target = TARGETS[op]
+        if impl == "pallas" and (op, reference, dim, length) in times:
+            ratios.append((op, dim, length, reference, times[(op, reference, dim, length)] / pallas, target))
+    return ratios
+
+
 def rows(ops_: list[str], impls: list[str], dims: list[int], lengths: list[int], batch: int, heads: int,
          dtype, repeats: int):
     """Yields (op, impl, D, T, fwd s, fwd+bwd s) for every combination that runs here."""
@@ -146,15 +182,26 @@ def main(argv: list[str] | None = None) -> None:
         if name not in IMPLS:
             raise ValueError(f"--impls: unknown implementation {name!r}; known: {IMPLS}")
     device = jax.devices()[0]
+    dims = [int(d) for d in args.dims.split(",")]
     print(f"jax {jax.__version__} on {device.platform}: {device.device_kind}; B={args.batch} H={args.heads} {args.dtype}")
-    print("| op | impl | D | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) |")
+    print("| check: Pallas vs XLA chunked, float32 | relative error of o, then of each input's gradient |")
+    print("|---|---|")
+    for op in args.ops.split(","):
+        errors = check_against_xla(op, 16 if args.tiny else 64, 40 if args.tiny else 300)
+        print(f"| {op} | {', '.join(f'{e:.1e}' for e in errors)} |", flush=True)
+    print("\n| op | impl | D | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) |")
     print("|---|---|---|---|---|---|---|")
-    for op, impl, dim, length, fwd, fwdbwd in rows(
-        args.ops.split(","), args.impls.split(","), [int(d) for d in args.dims.split(",")],
-        [int(t) for t in args.lengths.split(",")], args.batch, args.heads, jnp.dtype(args.dtype), args.repeats,
-    ):
+    table = []
+    for row in rows(args.ops.split(","), args.impls.split(","), dims, [int(t) for t in args.lengths.split(",")],
+                    args.batch, args.heads, jnp.dtype(args.dtype), args.repeats):
+        op, impl, dim, length, fwd, fwdbwd = row
+        table.append(row)
         tokens = args.batch * length / fwdbwd
         print(f"| {op} | {impl} | {dim} | {length} | {1e3 * fwd:.2f} | {1e3 * fwdbwd:.2f} | {tokens:,.0f} |", flush=True)
+    print("\n| op | D | T | reference | reference / Pallas (fwd+bwd) | target | met |")
+    print("|---|---|---|---|---|---|---|")
+    for op, dim, length, reference, ratio, target in target_ratios(table):
+        print(f"| {op} | {dim} | {length} | {reference} | {ratio:.2f} | >= {target} | {'yes' if ratio >= target else 'no'} |")
 
 
 if __name__ == "__main__":

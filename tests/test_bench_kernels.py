@@ -16,16 +16,34 @@ def _bench_kernels():
     return module
 
 
-def test_tiny_run_prints_a_row_per_runnable_implementation(capsys):
+def _tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables of ``text``: rows of stripped cells, header first."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                current.append([cell.strip() for cell in line.split("|")[1:-1]])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_tiny_run_checks_the_kernels_and_prints_a_row_per_runnable_implementation(capsys):
     _bench_kernels().main(["--tiny", "--ops=gla,softmax_attn", "--impls=pallas,chunked,cudnn,fla"])
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    header, body = rows[0], rows[1:]
-    assert [c.strip() for c in header[:4]] == ["op", "impl", "D", "T"]
-    assert sorted((r[0].strip(), r[1].strip()) for r in body) == [
+    check, timings, targets = _tables(capsys.readouterr().out)
+    assert [row[0] for row in check[1:]] == ["gla", "softmax_attn"]
+    errors = [[float(e) for e in row[1].split(",")] for row in check[1:]]
+    assert [len(e) for e in errors] == [5, 4]  # o and each input's gradient
+    assert max(max(e) for e in errors) <= 1e-5
+    header, body = timings[0], timings[1:]
+    assert header[:4] == ["op", "impl", "D", "T"]
+    assert sorted((r[0], r[1]) for r in body) == [
         ("gla", "chunked"), ("gla", "pallas"), ("softmax_attn", "chunked"), ("softmax_attn", "pallas")]
     for row in body:
-        assert (row[2].strip(), row[3].strip()) == ("16", "64")
+        assert (row[2], row[3]) == ("16", "64")
         assert float(row[4]) > 0 and float(row[5]) > 0
+    assert targets == [["op", "D", "T", "reference", "reference / Pallas (fwd+bwd)", "target", "met"]]  # no fla, cudnn
 
 
 def test_unknown_names_are_refused():
