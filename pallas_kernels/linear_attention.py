@@ -113,18 +113,21 @@ def _gate_rows(b: Array, last: Array) -> tuple[Array, Array]:
     return jnp.exp(b), jnp.exp(last - b)
 
 
+def _decayed(state: Array, last: Array) -> Array:
+    """e^{b_C} ⊙ S: the state [K, Vb] decayed by a chunk's total log gate [1, G] (G = K: row by row; G = 1)."""
+    return jnp.exp(last).reshape(-1, 1) * state
+
+
 def _state_kernel(k_ref, v_ref, b_ref, initial_ref, states_ref, final_ref, *, chunk: int):
     """One (batch, head, column block): k [T, K], v [T, Vb], b [T, G] -> incoming state of every chunk [N, K, Vb]
     and the final state [K, Vb]."""
-    key_dim = k_ref.shape[-1]
-
     def step(n, state):
         rows = pl.ds(n * chunk, chunk)
         last = b_ref[pl.ds(n * chunk + chunk - 1, 1), :]
         _, k_decay = _gate_rows(b_ref[rows, :], last)
         states_ref[n] = state
         k_write = (k_ref[rows, :].astype(jnp.float32) * k_decay).astype(v_ref.dtype)
-        return jnp.exp(last).reshape(-1, 1) * jnp.ones((key_dim, 1)) * state + matmul_tn(k_write, v_ref[rows, :])
+        return _decayed(state, last) + matmul_tn(k_write, v_ref[rows, :])
 
     final_ref[...] = jax.lax.fori_loop(0, k_ref.shape[0] // chunk, step, initial_ref[...])
 
@@ -142,7 +145,6 @@ def _state_gradient_kernel(q_ref, do_ref, b_ref, d_final_ref, d_states_ref, d_in
     """One (batch, head, column block), chunks in reverse: q [T, K], do [T, Vb], b [T, G] -> cotangent of every
     chunk's outgoing state [N, K, Vb] and of the initial state [K, Vb]. ∂S_in,n = (Q ⊙ e^b)ᵀ dO + e^{b_C} ∂S_out,n and ∂S_out,n = ∂S_in,n+1."""
     num_chunks = q_ref.shape[0] // chunk
-    key_dim = q_ref.shape[-1]
 
     def step(i, d_state):
         n = num_chunks - 1 - i
@@ -151,7 +153,7 @@ def _state_gradient_kernel(q_ref, do_ref, b_ref, d_final_ref, d_states_ref, d_in
         q_decay, _ = _gate_rows(b_ref[rows, :], last)
         d_states_ref[n] = d_state
         q_read = q_ref[rows, :].astype(jnp.float32) * scale * q_decay
-        return jnp.exp(last).reshape(-1, 1) * jnp.ones((key_dim, 1)) * d_state + matmul_tn(q_read, do_ref[rows, :].astype(jnp.float32))
+        return _decayed(d_state, last) + matmul_tn(q_read, do_ref[rows, :].astype(jnp.float32))
 
     d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, step, d_final_ref[...])
 
