@@ -64,10 +64,12 @@ class LinearAttentionBlocks:
 
 class _Chunk:
     """One chunk's kernel views: q, k [C, K], v, do [C, V] refs and the within-chunk gate cumsum b [C, G] (G = K or
-    1); sub-chunk rows load straight from the refs (no slicing of kernel values)."""
+    1); sub-chunk rows load straight from the refs (no slicing of kernel values). ``dtype`` is the inputs' dtype,
+    in which matmul operands are fed (bf16 inputs: bf16 products, float32 accumulation)."""
 
     def __init__(self, refs: dict, scale: float, sub: int):
         self.refs, self.scale, self.sub = refs, scale, sub
+        self.dtype = refs["k"].dtype
 
     def rows(self, name: str, index: int) -> Array:
         x = self.refs[name][pl.ds(index * self.sub, self.sub), :]
@@ -94,7 +96,8 @@ def _referenced(chunk: _Chunk, query: int, key: int) -> tuple[Array, Array, Arra
     ref = chunk.reference(query)
     q_factor = jnp.exp(chunk.rows("b", query) - ref)
     k_factor = jnp.exp(ref - chunk.rows("b", key))
-    return chunk.rows("q", query) * q_factor, chunk.rows("k", key) * k_factor, q_factor, k_factor
+    q_hat, k_hat = chunk.rows("q", query) * q_factor, chunk.rows("k", key) * k_factor
+    return q_hat.astype(chunk.dtype), k_hat.astype(chunk.dtype), q_factor, k_factor
 
 
 def _intra_output(chunk: _Chunk, query: int) -> Array:
@@ -137,8 +140,8 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, state_ref, o_ref, *, scale: float
     chunk = _Chunk({"q": q_ref, "k": k_ref, "v": v_ref, "b": b_ref}, scale, sub)
     for query in range(q_ref.shape[0] // sub):
         rows = pl.ds(query * sub, sub)
-        q_read = chunk.rows("q", query) * jnp.exp(b_ref[rows, :])
-        o_ref[rows, :] = matmul(q_read, state_ref[...]) + _intra_output(chunk, query)
+        q_read = (chunk.rows("q", query) * jnp.exp(b_ref[rows, :])).astype(chunk.dtype)
+        o_ref[rows, :] = matmul(q_read, state_ref[...].astype(chunk.dtype)) + _intra_output(chunk, query)
 
 
 def _state_gradient_kernel(q_ref, do_ref, b_ref, d_final_ref, d_states_ref, d_initial_ref, *, chunk: int, scale: float):
@@ -152,8 +155,8 @@ def _state_gradient_kernel(q_ref, do_ref, b_ref, d_final_ref, d_states_ref, d_in
         last = b_ref[pl.ds(n * chunk + chunk - 1, 1), :]
         q_decay, _ = _gate_rows(b_ref[rows, :], last)
         d_states_ref[n] = d_state
-        q_read = q_ref[rows, :].astype(jnp.float32) * scale * q_decay
-        return _decayed(d_state, last) + matmul_tn(q_read, do_ref[rows, :].astype(jnp.float32))
+        q_read = (q_ref[rows, :].astype(jnp.float32) * scale * q_decay).astype(do_ref.dtype)
+        return _decayed(d_state, last) + matmul_tn(q_read, do_ref[rows, :])
 
     d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, step, d_final_ref[...])
 
@@ -165,10 +168,10 @@ def _gradient_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, state_ref, d_state_ref,
     length = q_ref.shape[0]
     last = b_ref[pl.ds(length - 1, 1), :]
     q_decay, k_decay = _gate_rows(b_ref[...], last)
-    do, v = do_ref[...].astype(jnp.float32), v_ref[...].astype(jnp.float32)
-    dq_ref[...] = matmul_nt(do, state_ref[...]) * q_decay
-    dk_ref[...] = matmul_nt(v, d_state_ref[...]) * k_decay
-    dv_ref[...] = matmul(k_ref[...].astype(jnp.float32) * k_decay, d_state_ref[...])
+    state, d_state = state_ref[...].astype(chunk.dtype), d_state_ref[...].astype(chunk.dtype)
+    dq_ref[...] = matmul_nt(do_ref[...], state) * q_decay
+    dk_ref[...] = matmul_nt(v_ref[...], d_state) * k_decay
+    dv_ref[...] = matmul((k_ref[...].astype(jnp.float32) * k_decay).astype(chunk.dtype), d_state)
     for query in range(length // sub):
         _add_intra_gradients(chunk, query, dq_ref, dk_ref, dv_ref)
 
@@ -176,27 +179,27 @@ def _gradient_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, state_ref, d_state_ref,
 def _add_intra_gradients(chunk: _Chunk, query: int, dq_ref, dk_ref, dv_ref) -> None:
     """Adds the P V term's gradients for the rows of sub-chunk ``query`` and every key sub-chunk before it."""
     sub = chunk.sub
+    dtype = chunk.dtype
     q, k, b, do = (chunk.rows(name, query) for name in ("q", "k", "b", "do"))
-    do = do.astype(jnp.float32)
     own = pl.ds(query * sub, sub)
     scores, decay = _diagonal_scores(q, k, b)
-    d_scores = matmul_nt(do, chunk.rows("v", query).astype(jnp.float32))
+    d_scores = matmul_nt(do, chunk.rows("v", query))
     if decay.ndim == 2:
-        weighted = d_scores * decay
-        dq = matmul(weighted, k.astype(jnp.float32))
+        weighted = (d_scores * decay).astype(dtype)
+        dq = matmul(weighted, k)
         dk_ref[own, :] += matmul_tn(weighted, q)
     else:
         weighted = d_scores[:, :, None] * decay
         dq = jnp.sum(weighted * k.astype(jnp.float32)[None, :, :], axis=1)
-        dk_ref[own, :] += jnp.sum(weighted * q[:, None, :], axis=0)
-    dv_ref[own, :] += matmul_tn(scores, do)
+        dk_ref[own, :] += jnp.sum(weighted * q.astype(jnp.float32)[:, None, :], axis=0)
+    dv_ref[own, :] += matmul_tn(scores.astype(dtype), do)
     for key in range(query):
         rows = pl.ds(key * sub, sub)
         q_hat, k_hat, q_factor, k_factor = _referenced(chunk, query, key)
-        d_scores = matmul_nt(do, chunk.rows("v", key).astype(jnp.float32))
+        d_scores = matmul_nt(do, chunk.rows("v", key)).astype(dtype)
         dq += matmul(d_scores, k_hat) * q_factor
         dk_ref[rows, :] += matmul_tn(d_scores, q_hat) * k_factor
-        dv_ref[rows, :] += matmul_tn(matmul_nt(q_hat, k_hat), do)
+        dv_ref[rows, :] += matmul_tn(matmul_nt(q_hat, k_hat).astype(dtype), do)
     dq_ref[own, :] += dq
 
 
@@ -292,6 +295,7 @@ def _linear_attention_fwd(q, k, v, gate, initial, scale, blocks, backend):
 def _linear_attention_bwd(scale, blocks, backend, residuals, cotangents):
     q, k, v, gate, initial, final = residuals
     d_o, d_final = cotangents
+    d_o = d_o.astype(v.dtype)  # matmul operands in the inputs' dtype
     chunk, sub = blocks.backward()
     b = chunk_gate_sums(gate, chunk)
     states, _ = _states(k, v, b, initial, chunk, backend, blocks)

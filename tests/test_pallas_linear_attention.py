@@ -109,21 +109,26 @@ def test_extreme_gates(family):
         assert reference.rel_err(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["gla"])
+@pytest.mark.parametrize("family", ["simple_gla", "gla"])
 def test_bf16_inputs(family):
-    """bf16 q, k, v: outputs and gradients within 2e-2 (relative) of the float32 kernel on the same rounded inputs."""
+    """bf16 q, k, v (the kernels then multiply in bf16, accumulating in float32) against the float32 kernel on the same
+    rounded inputs: outputs, the final state and the q, k, v and initial-state gradients within 1e-2 (measured
+    <= 2.7e-3, about one bf16 rounding of the states and scores read); the gate gradient within 5e-2 (measured
+    1.8e-2: q ⊙ dq - k ⊙ dk cancels, amplifying those roundings)."""
     q, k, v, gate, state = _inputs(family, 1, 70, 2, 16, 24, seed=5)
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
     blocks = LinearAttentionBlocks(chunk=32, sub_chunk=16, chunk_bwd=16, sub_chunk_bwd=16)
+    rounded = [a.astype(jnp.float32) for a in (q, k, v)]
     o, final = _kernel(blocks)(q, k, v, gate, state)
-    o32, final32 = _kernel(blocks)(*(a.astype(jnp.float32) for a in (q, k, v)), gate, state)
+    o32, final32 = _kernel(blocks)(*rounded, gate, state)
     assert o.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o)))
-    assert reference.rel_err(o, o32) <= 2e-2 and reference.rel_err(final, final32) <= 2e-2
-    grads = _gradients(_kernel(blocks), q, k, v, gate, state)
-    grads32 = _gradients(_kernel(blocks), *(a.astype(jnp.float32) for a in (q, k, v)), gate, state)
-    assert [g.dtype for g in grads[:3]] == [jnp.bfloat16] * 3
-    for got, want in zip(grads, grads32):
-        assert reference.rel_err(got.astype(jnp.float32), want) <= 2e-2
+    assert reference.rel_err(o, o32) <= 1e-2 and reference.rel_err(final, final32) <= 1e-2
+    dq, dk, dv, d_gate, d_state = _gradients(_kernel(blocks), q, k, v, gate, state)
+    dq32, dk32, dv32, d_gate32, d_state32 = _gradients(_kernel(blocks), *rounded, gate, state)
+    assert [g.dtype for g in (dq, dk, dv)] == [jnp.bfloat16] * 3
+    for got, want in [(dq, dq32), (dk, dk32), (dv, dv32), (d_state, d_state32)]:
+        assert reference.rel_err(got.astype(jnp.float32), want) <= 1e-2
+    assert reference.rel_err(d_gate, d_gate32) <= 5e-2
 
 
 def _op_arguments(op, seed):
