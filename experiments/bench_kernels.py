@@ -10,42 +10,27 @@ implementation, forward and forward+backward milliseconds (best of --repeats) an
   chunked     seqlab.ops.<op>(impl="chunked") (the XLA path)
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") (softmax only; GPU only)
   fla         flash-linear-attention's chunk kernels (PyTorch/Triton), when ``fla`` and a CUDA torch import
-Linear ops use K = V = D; softmax is causal. The loss is sum(o ⊙ v), so fwd+bwd includes every input's gradient.
-A last table gives the targets: fwd+bwd time of flash-linear-attention (linear ops) or cuDNN (softmax) over the
+Inputs come from bench_ops.make_inputs (float32; q, k, v cast to --dtype). Linear ops use K = V = D; softmax is
+causal. The loss is sum(o ⊙ v), so fwd+bwd includes every input's gradient. A last table gives the targets: fwd+bwd time of flash-linear-attention (linear ops) or cuDNN (softmax) over the
 Pallas kernels' (issue 6: >= 1 for gla, simple_gla, delta_rule; >= 0.8 for softmax_attn).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_ops import best_seconds, make_inputs
 from seqlab import ops
 
 OPS = ("simple_gla", "gla", "delta_rule", "softmax_attn")
 IMPLS = ("pallas", "chunked", "cudnn", "fla")
 FLA_FUNCTIONS = {"simple_gla": "fla.ops.simple_gla.chunk_simple_gla", "gla": "fla.ops.gla.chunk_gla",
                  "delta_rule": "fla.ops.delta_rule.chunk_delta_rule"}
-
-
-def make_inputs(op: str, batch: int, length: int, heads: int, dim: int, dtype) -> tuple[np.ndarray, ...]:
-    """q, k, v [B, T, H, D] (k L2-normalised for the delta rule) and the op's gates, as float32 numpy arrays."""
-    rng = np.random.default_rng(0)
-    shape = (batch, length, heads, dim)
-    q, k, v = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
-    if op == "delta_rule":
-        k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    gates = {
-        "simple_gla": (-rng.uniform(0.01, 0.5, size=shape[:3]),),
-        "gla": (-rng.uniform(0.01, 0.5, size=shape),),
-        "delta_rule": (rng.uniform(0.1, 0.9, size=shape[:3]),),
-    }.get(op, ())
-    return (q, k, v) + tuple(g.astype(np.float32) for g in gates)
 
 
 def jax_fn(op: str, impl: str) -> Callable | None:
@@ -60,7 +45,7 @@ def jax_fn(op: str, impl: str) -> Callable | None:
     return lambda *args: fn(*args, impl=impl)[0]
 
 
-def time_jax(fn: Callable, inputs: tuple[np.ndarray, ...], dtype, repeats: int) -> tuple[float, float]:
+def time_jax(fn: Callable, inputs: tuple[jax.Array, ...], dtype, repeats: int) -> tuple[float, float]:
     """Best forward and forward+backward seconds; q, k, v in ``dtype``, gates float32."""
     args = tuple(jnp.asarray(x, dtype if i < 3 else jnp.float32) for i, x in enumerate(inputs))
     forward = jax.jit(fn)
@@ -70,17 +55,7 @@ def time_jax(fn: Callable, inputs: tuple[np.ndarray, ...], dtype, repeats: int) 
         best_seconds(lambda: jax.block_until_ready(backward(*args)), repeats)
 
 
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def time_fla(op: str, inputs: tuple[np.ndarray, ...], repeats: int) -> tuple[float, float] | None:
+def time_fla(op: str, inputs: tuple[jax.Array, ...], repeats: int) -> tuple[float, float] | None:
     """flash-linear-attention's chunk kernel for ``op`` on CUDA in bf16, or None when it cannot run here."""
     if op not in FLA_FUNCTIONS:
         return None
@@ -95,7 +70,7 @@ def time_fla(op: str, inputs: tuple[np.ndarray, ...], repeats: int) -> tuple[flo
         return None
     if not torch.cuda.is_available():
         return None
-    tensors = [torch.tensor(x, device="cuda", dtype=torch.bfloat16 if i < 3 else torch.float32) for i, x in enumerate(inputs)]
+    tensors = [torch.tensor(np.asarray(x), device="cuda", dtype=torch.bfloat16 if i < 3 else torch.float32) for i, x in enumerate(inputs)]
     for t in tensors:
         t.requires_grad_(True)
 
@@ -122,7 +97,7 @@ def relative_error(a, b) -> float:
 
 def check_against_xla(op: str, dim: int, length: int = 300) -> list[float]:
     """Relative errors of the Pallas kernels against the XLA chunked path, float32: [o, d input 1, ...]."""
-    inputs = tuple(jnp.asarray(x) for x in make_inputs(op, 1, length, 2, dim, jnp.float32))
+    inputs = make_inputs(op, length, 2, dim)
     results = []
     for impl in ("pallas", "chunked"):
         fn = jax_fn(op, impl)
@@ -150,7 +125,7 @@ def rows(ops_: list[str], impls: list[str], dims: list[int], lengths: list[int],
     for dim in dims:
         for op in ops_:
             for length in lengths:
-                inputs = make_inputs(op, batch, length, heads, dim, dtype)
+                inputs = make_inputs(op, length, heads, dim, batch)
                 for impl in impls:
                     if impl == "fla":
                         times = time_fla(op, inputs, repeats)

@@ -34,14 +34,19 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def _time(f: Callable, args: tuple, repeats: int) -> float:
-    jax.block_until_ready(f(*args))
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``run()`` (which must block until its work is done) over ``repeats``, after a warm-up."""
+    run()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(f(*args))
+        run()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _time(f: Callable, args: tuple, repeats: int) -> float:
+    return best_seconds(lambda: jax.block_until_ready(f(*args)), repeats)
 
 
 def make_inputs(op: str, length: int, heads: int, dim: int, batch: int = 1) -> tuple:

@@ -100,6 +100,18 @@ def from_kernel_layout(x: Array, length: int, feature: int | None = None) -> Arr
     return jnp.swapaxes(x, 1, 2)
 
 
+def scan_whole(*block: int) -> pl.BlockSpec:
+    """On a state scan's grid (B, H, column block j): all of (b, h)'s trailing block (e.g. a whole sequence
+    [T, K]), the same for every column block."""
+    return pl.BlockSpec((None, None, *block), lambda b, h, j: (b, h) + (0,) * len(block))
+
+
+def scan_columns(*block: int) -> pl.BlockSpec:
+    """On a state scan's grid (B, H, column block j): (b, h)'s column block j of the trailing block (its last axis
+    is the state's value axis, ``block[-1]`` wide)."""
+    return pl.BlockSpec((None, None, *block), lambda b, h, j: (b, h) + (0,) * (len(block) - 1) + (j,))
+
+
 def _common_dtype(a: Array, b: Array) -> tuple[Array, Array]:
     dtype = jnp.promote_types(a.dtype, b.dtype)
     return a.astype(dtype), b.astype(dtype)

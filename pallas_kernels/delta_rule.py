@@ -31,6 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
+from pallas_kernels._common import scan_columns as columns
+from pallas_kernels._common import scan_whole as whole
+from seqlab.core import chunk_math
 from pallas_kernels._common import causal_mask, masked_exp, matmul, matmul_nt, matmul_tn
 
 Array = jax.Array
@@ -316,21 +319,6 @@ def _chunk_gate(chunk: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, None, None, chunk), lambda b, h, n: (b, h, n, 0, 0))
 
 
-def _whole_gate(chunks: int, chunk: int) -> pl.BlockSpec:
-    """All of (b, h)'s chunks [N, 1, C] of a gate [B, H, N, 1, C] at grid point (b, h, column block)."""
-    return pl.BlockSpec((None, None, chunks, 1, chunk), lambda b, h, j: (b, h, 0, 0, 0))
-
-
-def _whole(rows: int, cols: int) -> pl.BlockSpec:
-    """All of (b, h)'s [rows, cols] of a [B, H, rows, cols] array at grid point (b, h, column block)."""
-    return pl.BlockSpec((None, None, rows, cols), lambda b, h, j: (b, h, 0, 0))
-
-
-def _columns(rows: int, value_block: int) -> pl.BlockSpec:
-    """Column block j [rows, value_block] of (b, h)'s [B, H, rows, V'] array at grid point (b, h, j)."""
-    return pl.BlockSpec((None, None, rows, value_block), lambda b, h, j: (b, h, 0, j))
-
-
 def _scan_grid(batch: int, heads: int, value_dim: int, config: "_Config") -> tuple[tuple[int, int, int], int]:
     """The state scans' grid (B, H, V' / value block) and the value block."""
     value_block = min(config.blocks.value_block, value_dim)
@@ -362,7 +350,7 @@ def _to_layout(q: Array, k: Array, v: Array, beta: Array, g: Array, chunk: int) 
     batch, _, heads = beta.shape
     gates = (batch, heads, length // chunk, 1, chunk)
     beta = _common.to_kernel_layout(beta.astype(jnp.float32), length).reshape(gates)
-    gamma = jnp.cumsum(_common.to_kernel_layout(g.astype(jnp.float32), length).reshape(gates), axis=-1)
+    gamma = chunk_math.chunk_cumsum(_common.to_kernel_layout(g.astype(jnp.float32), length).reshape(gates))
     return _Layout(
         _common.to_kernel_layout(q, length, key_dim), _common.to_kernel_layout(k, length, key_dim),
         _common.to_kernel_layout(v, length, value_dim), beta, gamma,
@@ -397,9 +385,9 @@ def _states(x: _Layout, w: Array, u: Array, initial_state: Array, config: _Confi
     kernel = functools.partial(_state_kernel, chunk=x.chunk, chunks=chunks)
     return _call(
         kernel, config, grid,
-        [_whole(length, key_dim), _whole(length, key_dim), _columns(length, value_block), _whole_gate(chunks, x.chunk),
-         _columns(key_dim, value_block)],
-        [_columns(chunks * key_dim, value_block), _columns(key_dim, value_block)],
+        [whole(length, key_dim), whole(length, key_dim), columns(length, value_block), whole(chunks, 1, x.chunk),
+         columns(key_dim, value_block)],
+        [columns(chunks * key_dim, value_block), columns(key_dim, value_block)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         "delta_rule_states",
@@ -428,9 +416,9 @@ def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Co
     kernel = functools.partial(_state_grad_kernel, scale=config.scale, chunk=x.chunk, chunks=chunks)
     return _call(
         kernel, config, grid,
-        [_whole(length, key_dim), _whole(length, key_dim), _whole(length, key_dim), _columns(length, value_block),
-         _whole_gate(chunks, x.chunk), _columns(key_dim, value_block)],
-        [_columns(chunks * key_dim, value_block), _columns(key_dim, value_block)],
+        [whole(length, key_dim), whole(length, key_dim), whole(length, key_dim), columns(length, value_block),
+         whole(chunks, 1, x.chunk), columns(key_dim, value_block)],
+        [columns(chunks * key_dim, value_block), columns(key_dim, value_block)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         "delta_rule_state_grads",

@@ -210,29 +210,6 @@ def _specs(chunk: int, key_dim: int, value_dim: int, gate_dim: int):
     return rows(key_dim), rows(value_dim), rows(gate_dim), state
 
 
-class _StateGrid:
-    """BlockSpecs of the state scans on the grid (B, H, V / value_block): each program carries the state columns
-    [K, value_block] of one (batch, head) over the whole sequence (the columns of a diagonal-gated state evolve
-    independently)."""
-
-    def __init__(self, length: int, num_chunks: int, key_dim: int, value_block: int):
-        self.length, self.num_chunks, self.key_dim, self.value_block = length, num_chunks, key_dim, value_block
-
-    def sequence(self, width: int) -> pl.BlockSpec:
-        """A whole sequence [T, width] shared by every column block (q, k, b)."""
-        return pl.BlockSpec((None, None, self.length, width), lambda b, h, j: (b, h, 0, 0))
-
-    def sequence_columns(self) -> pl.BlockSpec:
-        """A whole sequence's column block [T, value_block] (v, do)."""
-        return pl.BlockSpec((None, None, self.length, self.value_block), lambda b, h, j: (b, h, 0, j))
-
-    def state(self) -> pl.BlockSpec:
-        return pl.BlockSpec((None, None, self.key_dim, self.value_block), lambda b, h, j: (b, h, 0, j))
-
-    def per_chunk_states(self) -> pl.BlockSpec:
-        return pl.BlockSpec((None, None, self.num_chunks, self.key_dim, self.value_block), lambda b, h, j: (b, h, 0, 0, j))
-
-
 def chunk_gate_sums(gate: Array, chunk: int) -> Array:
     """Within-chunk cumulative sums [B, H, T, G] of log gates [B, H, T, G] (T a multiple of ``chunk``), float32."""
     b, h, length, width = gate.shape
@@ -243,16 +220,19 @@ def chunk_gate_sums(gate: Array, chunk: int) -> Array:
 def _state_scan(kernel, sequences: tuple[Array, ...], state: Array, chunk: int, blocks: LinearAttentionBlocks,
                 backend: str, name: str) -> tuple[Array, Array]:
     """Runs a state scan kernel over (k or q, v or do, b) [B, H, T, ...] from ``state`` [B, H, K, V]: per-chunk
-    states [B, H, N, K, V] and the last state [B, H, K, V], float32."""
+    states [B, H, N, K, V] and the last state [B, H, K, V], float32. Grid (B, H, V / value_block): each program
+    carries the state columns [K, value_block] of one (batch, head) over the whole sequence (the columns of a
+    diagonal-gated state evolve independently)."""
     first, columns, b = sequences
     batch, heads, length, key_dim = first.shape
     value_dim = columns.shape[-1]
     value_block = min(blocks.value_block, value_dim)
-    grid = _StateGrid(length, length // chunk, key_dim, value_block)
+    state_spec = _common.scan_columns(key_dim, value_block)
     return _common.pallas_call(
         kernel, backend=backend, grid=(batch, heads, value_dim // value_block),
-        in_specs=[grid.sequence(key_dim), grid.sequence_columns(), grid.sequence(b.shape[-1]), grid.state()],
-        out_specs=[grid.per_chunk_states(), grid.state()],
+        in_specs=[_common.scan_whole(length, key_dim), _common.scan_columns(length, value_block),
+                  _common.scan_whole(length, b.shape[-1]), state_spec],
+        out_specs=[_common.scan_columns(length // chunk, key_dim, value_block), state_spec],
         out_shape=[jax.ShapeDtypeStruct((batch, heads, length // chunk, key_dim, value_dim), jnp.float32),
                    jax.ShapeDtypeStruct(state.shape, jnp.float32)],
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, name=name,

@@ -3,6 +3,7 @@ command away; rows appear for every implementation that can run here and none fo
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -10,6 +11,8 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_ke
 
 
 def _bench_kernels():
+    if str(SCRIPT.parent) not in sys.path:  # its sibling bench_ops, as when run as a script
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
