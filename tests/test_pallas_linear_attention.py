@@ -1,5 +1,6 @@
-"""Pallas chunked linear attention (linear_attn, simple_gla, gla) in interpret mode against the float64 per-token
-loops of tests/reference.py and against the XLA chunked path, forward and backward."""
+"""Pallas chunked linear attention (linear_attn, simple_gla, gla) in interpret mode against the per-token loops of
+tests/reference.py (float64 numpy forward; float32 lax.scan for gradients) and against the XLA chunked path,
+forward and backward."""
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,19 @@ def _numpy_reference(family, q, k, v, gate, state):
     if family == "simple_gla":
         return reference.np_simple_gla(q, k, v, gate, initial_state=state)
     return reference.np_gla(q, k, v, gate, initial_state=state)
+
+
+def _scan_reference(family):
+    """(q, k, v, gate, state) -> (o, final) by tests/reference.py's differentiable per-token ``lax.scan`` loops."""
+
+    def run(q, k, v, gate, state):
+        if family == "linear_attn":
+            return reference.jnp_linear_attn(q, k, v, initial_state=state)
+        if family == "simple_gla":
+            return reference.jnp_simple_gla(q, k, v, gate, initial_state=state)
+        return reference.jnp_gla(q, k, v, gate, initial_state=state)
+
+    return jax.jit(run)
 
 
 def _op(family, impl, chunk_size=16):
@@ -87,7 +101,10 @@ def test_kernel_matches_references(family, blocks, length):
     o_xla, final_xla = _op(family, "chunked")(*x)
     assert reference.rel_err(o, o_xla) <= 1e-5
     assert reference.rel_err(final, final_xla) <= 1e-5
-    for got, want in zip(_gradients(_kernel(blocks), *x), _gradients(_op(family, "chunked"), *x)):
+    grads = _gradients(_kernel(blocks), *x)
+    for got, want in zip(grads, _gradients(_op(family, "chunked"), *x)):
+        assert reference.rel_err(got, want) <= 1e-5
+    for got, want in zip(grads, _gradients(_scan_reference(family), *x)):
         assert reference.rel_err(got, want) <= 1e-5
 
 
