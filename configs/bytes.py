@@ -16,7 +16,7 @@ from __future__ import annotations
 import ml_collections
 
 from seqlab.config import base_config, parse_variant, shrink
-from seqlab.mixers.transnormer import transnormer_layout
+from seqlab.mixers.linear.transnormer import transnormer_layout
 
 VARIANTS = {
     "softmax": ("softmax",),

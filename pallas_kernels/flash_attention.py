@@ -3,14 +3,23 @@ Better Parallelism and Work Partitioning" — with grouped-query heads.
 
     o_t = Σ_{s ∈ vis(t)} exp(scale · q_t·k_s − lse_t) v_s,   lse_t = log Σ_{s ∈ vis(t)} exp(scale · q_t·k_s)
 
-(o_t = 0 for a query that sees no key). vis(t) comes from a mask: ``Causal``, ``Bidirectional`` (both with an
-optional sliding window), ``BlockDiagonal`` (seqlab's ``block_local_attn`` pattern), ``Strided`` (the strided
-pattern of "Generating Long Sequences with Sparse Transformers"), ``BlockSparse`` (a static layout of tiles) and
-``PerHead`` (one of those per query head). A mask gives an element predicate ``visible(q_pos, k_pos)``, evaluated
-inside the kernels on iota positions, and, statically in numpy, ``tile_map``: which (query tile, key tile) pairs
-hold a visible pair. From the tile maps each (head, query tile) gets the list of key tiles it visits (and each key
-tile the list of query tiles that see it, for dK and dV); a kernel loops over exactly those, so empty tiles cost
-nothing. Positions past the sequence (padding) are never visible.
+(o_t = 0 for a query that sees no key). vis(t) comes from a mask of ``seqlab.core.masks`` (the mask algebra shared
+with the XLA paths; re-exported here): ``Causal``, ``Bidirectional`` (both with an optional sliding window),
+``BlockDiagonal``, ``Strided``, ``BlockSparse``, ``Terraced``, ``Document`` (segment ids), compositions ``And`` /
+``Or`` (``a & b``, ``a | b``) and ``PerHead``. A mask gives an element predicate ``visible(q_pos, k_pos)``,
+evaluated inside the kernels on iota positions, and, statically in numpy, ``tile_map``: which (query tile, key tile)
+pairs may hold a visible pair. From the tile maps (``masks.visit_lists``) each (head, query tile) gets the list of
+key tiles it visits (and each key tile the list of query tiles that see it, for dK and dV); a kernel loops over
+exactly those, so empty tiles cost nothing, and a visited tile whose pairs are all masked (a composed mask's
+conservative map) only costs time. Positions past the sequence (padding) are never visible. The kernels have no
+contiguous-span fast path of their own: every row walks its visit list.
+
+- ``BlockSparse`` terms: kernel tiles are clamped to fit inside the layout's tiles, so a term is constant on a
+  kernel tile; its value there rides in the visit table (``flags``, one bit per term) and reaches the predicate
+  as ``cells``.
+- ``Document`` terms: the segment ids [B, T] are two more kernel inputs (only then), whole sequences as a column
+  [B, T', 1] (query side) and a row [B, 1, T'] (key side), read tile by tile next to the queries and keys.
+- ``score_mod`` is not supported by the kernels (ValueError); the XLA forms of ``seqlab.ops.softmax_attn`` take it.
 
 Kernels run in the layout [B, H, T, D] (``_common.to_kernel_layout``), T padded to the largest block, D and V to
 ``padded_feature``:
@@ -27,10 +36,9 @@ The visit tables are flat int32 arrays: in SMEM on TPU, ordinary inputs on GPU a
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +47,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _common
+from seqlab.core import masks
+from seqlab.core.masks import (
+    And, Bidirectional, BlockDiagonal, BlockSparse, Causal, Document, ElementMask, Mask, Or, PerHead, Strided,
+    Terraced,
+)
+
+__all__ = [
+    "And", "Bidirectional", "BlockDiagonal", "BlockSparse", "Causal", "Document", "ElementMask", "FlashBlocks", "Mask",
+    "Or", "PerHead", "Strided", "Terraced", "flash_attention",
+]
 
 Array = jax.Array
-
-_MASKED = -1e30  # finite "minus infinity", as in seqlab.core.online_softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,225 +81,6 @@ class FlashBlocks:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# masks
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_positive(owner: str, name: str, value: object, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        allowed = "None or a positive int" if optional else "a positive int"
-        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}")
-
-
-class Mask(abc.ABC):
-    """Which keys each query sees: an element mask (``ElementMask``) shared by every head, or ``PerHead``."""
-
-    @abc.abstractmethod
-    def head_masks(self, num_heads: int) -> tuple[ElementMask, ...]:
-        """The element mask of each row of the visit tables: one shared by all heads, or one per query head."""
-
-
-class ElementMask(Mask):
-    """A mask given by an element predicate and the static map of its non-empty tiles."""
-
-    @abc.abstractmethod
-    def visible(self, q_pos: Array, k_pos: Array) -> Array:
-        """Bool, from int32 positions of one shape: key k_pos visible to query q_pos, for positions inside a
-        (query tile, key tile) pair that ``tile_map`` marks non-empty (and below the sequence length)."""
-
-    @abc.abstractmethod
-    def any_visible(self, q_first: np.ndarray, q_last: np.ndarray, k_first: np.ndarray,
-                    k_last: np.ndarray) -> np.ndarray:
-        """Whether some query in [q_first, q_last] sees some key in [k_first, k_last] (numpy, broadcasting)."""
-
-    def check(self, length: int) -> None:
-        """ValueError if the mask does not fit a sequence of ``length`` tokens."""
-
-    def head_masks(self, num_heads: int) -> tuple[ElementMask, ...]:
-        return (self,)
-
-    def tile_map(self, length: int, block_q: int, block_k: int) -> np.ndarray:
-        """[ceil(T / block_q), ceil(T / block_k)] bool: the tile pairs holding at least one visible pair."""
-        q_first, q_last = _tile_bounds(length, block_q)
-        k_first, k_last = _tile_bounds(length, block_k)
-        return np.asarray(self.any_visible(q_first[:, None], q_last[:, None], k_first[None], k_last[None]))
-
-
-def _rectangle_sum(a: np.ndarray, rows: tuple[np.ndarray, np.ndarray],
-                   cols: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Sum of a[r0 : r1 + 1, c0 : c1 + 1] for broadcasting index arrays rows = (r0, r1), cols = (c0, c1)."""
-    table = np.pad(np.cumsum(np.cumsum(a, axis=0), axis=1), ((1, 0), (1, 0)))
-    (r0, r1), (c0, c1) = rows, cols
-    return table[r1 + 1, c1 + 1] - table[r0, c1 + 1] - table[r1 + 1, c0] + table[r0, c0]
-
-
-def _tile_bounds(length: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last position of each tile of ``block`` tokens, the last one clipped to the sequence."""
-    first = np.arange(0, length, block)
-    return first, np.minimum(first + block, length) - 1
-
-
-def _differences(q_first, q_last, k_first, k_last) -> tuple[np.ndarray, np.ndarray]:
-    """The range [lo, hi] of t − s over a tile pair; every integer in it occurs."""
-    return q_first - k_last, q_last - k_first
-
-
-@dataclasses.dataclass(frozen=True)
-class Causal(ElementMask):
-    """Key s visible to query t iff s <= t and t − s < window."""
-
-    window: int | None = None
-
-    def __post_init__(self):
-        _check_positive("Causal", "window", self.window, optional=True)
-
-    def visible(self, q_pos, k_pos):
-        diff = q_pos - k_pos
-        return (diff >= 0) if self.window is None else (diff >= 0) & (diff < self.window)
-
-    def any_visible(self, q_first, q_last, k_first, k_last):
-        lo, hi = _differences(q_first, q_last, k_first, k_last)
-        return (hi >= 0) if self.window is None else (hi >= 0) & (lo < self.window)
-
-
-@dataclasses.dataclass(frozen=True)
-class Bidirectional(ElementMask):
-    """Every key visible to every query; with a window, iff |t − s| < window."""
-
-    window: int | None = None
-
-    def __post_init__(self):
-        _check_positive("Bidirectional", "window", self.window, optional=True)
-
-    def visible(self, q_pos, k_pos):
-        diff = q_pos - k_pos
-        if self.window is None:
-            return jnp.full(diff.shape, True)
-        return (diff < self.window) & (diff > -self.window)
-
-    def any_visible(self, q_first, q_last, k_first, k_last):
-        lo, hi = _differences(q_first, q_last, k_first, k_last)
-        if self.window is None:
-            return np.full(np.broadcast_shapes(lo.shape, hi.shape), True)
-        return (hi > -self.window) & (lo < self.window)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockDiagonal(ElementMask):
-    """t and s in the same block of ``size`` tokens (t // size == s // size), and s <= t if ``causal``."""
-
-    size: int
-    causal: bool = True
-
-    def __post_init__(self):
-        _check_positive("BlockDiagonal", "size", self.size)
-
-    def visible(self, q_pos, k_pos):
-        same = jax.lax.div(q_pos, self.size) == jax.lax.div(k_pos, self.size)  # positions are >= 0
-        return same & (k_pos <= q_pos) if self.causal else same
-
-    def any_visible(self, q_first, q_last, k_first, k_last):
-        # Some block meets both ranges; with causal, the latest query of that block is then at or after its
-        # earliest key as soon as k_first <= q_last.
-        shared = (q_first // self.size <= k_last // self.size) & (k_first // self.size <= q_last // self.size)
-        return shared & (k_first <= q_last) if self.causal else shared
-
-
-@dataclasses.dataclass(frozen=True)
-class Strided(ElementMask):
-    """(t − s) % stride == 0, and s <= t if ``causal`` (the strided heads of the Sparse Transformer)."""
-
-    stride: int
-    causal: bool = True
-
-    def __post_init__(self):
-        _check_positive("Strided", "stride", self.stride)
-
-    def visible(self, q_pos, k_pos):
-        diff = q_pos - k_pos
-        on_stride = jax.lax.rem(diff, self.stride) == 0
-        return on_stride & (diff >= 0) if self.causal else on_stride
-
-    def any_visible(self, q_first, q_last, k_first, k_last):
-        lo, hi = _differences(q_first, q_last, k_first, k_last)
-        if self.causal:
-            lo = np.maximum(lo, 0)
-        return (hi // self.stride) * self.stride >= lo  # the largest multiple of stride <= hi lies in [lo, hi]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSparse(ElementMask):
-    """A static [nq, nk] layout over tiles of ``block`` tokens: within a tile marked True every pair is visible
-    (intersected with s <= t if ``causal``); nq = nk = ceil(T / block). Lists of bools are turned into tuples.
-
-    The layout is applied by the visit tables alone (kernel tiles are clamped to fit inside its tiles), so
-    ``visible`` is only the causal part."""
-
-    layout: tuple[tuple[bool, ...], ...]
-    block: int
-    causal: bool = False
-
-    def __post_init__(self):
-        _check_positive("BlockSparse", "block", self.block)
-        try:
-            rows = tuple(tuple(bool(x) for x in row) for row in self.layout)
-        except TypeError:
-            raise ValueError("BlockSparse.layout must be a 2-d nesting of bools") from None
-        if not rows or len({len(row) for row in rows}) != 1:
-            raise ValueError("BlockSparse.layout must be a non-empty rectangle of bools")
-        object.__setattr__(self, "layout", rows)
-
-    def check(self, length: int) -> None:
-        tiles = -(-length // self.block)
-        shape = (len(self.layout), len(self.layout[0]))
-        if shape != (tiles, tiles):
-            raise ValueError(f"BlockSparse.layout must have shape ({tiles}, {tiles}) for T={length} and "
-                             f"block={self.block}, got {shape}")
-
-    def visible(self, q_pos, k_pos):
-        return (k_pos <= q_pos) if self.causal else jnp.full(k_pos.shape, True)
-
-    def any_visible(self, q_first, q_last, k_first, k_last):
-        layout = np.asarray(self.layout)
-        rows, cols = (q_first // self.block, q_last // self.block), (k_first // self.block, k_last // self.block)
-        if not self.causal:
-            return _rectangle_sum(layout, rows, cols) > 0
-        # Cells below the diagonal are wholly causal; a diagonal cell holds a pair with s <= t iff k_first <= q_last.
-        below = _rectangle_sum(np.tril(layout, -1), rows, cols) > 0
-        first, last = np.maximum(rows[0], cols[0]), np.minimum(rows[1], cols[1])
-        diagonal = np.concatenate([[0], np.cumsum(np.diag(layout))])
-        on_diagonal = (last >= first) & (diagonal[np.maximum(last + 1, first)] > diagonal[first])
-        return below | on_diagonal & (k_first <= q_last)
-
-    @property
-    def aligned_block(self) -> int:
-        """The largest power of two dividing ``block``: kernel tiles of at most this size never straddle cells."""
-        return self.block & -self.block
-
-
-@dataclasses.dataclass(frozen=True)
-class PerHead(Mask):
-    """One element mask per query head (their number must equal H), e.g. the Sparse Transformer's
-    ``PerHead((Causal(window=w), Strided(w)))``."""
-
-    masks: tuple[ElementMask, ...]
-
-    def __post_init__(self):
-        masks = tuple(self.masks) if isinstance(self.masks, (tuple, list)) else None
-        if not masks or not all(isinstance(m, ElementMask) for m in masks):
-            raise ValueError(f"PerHead.masks must be a non-empty tuple of element masks (not PerHead), got "
-                             f"{self.masks!r}")
-        object.__setattr__(self, "masks", masks)
-
-    def head_masks(self, num_heads: int) -> tuple[ElementMask, ...]:
-        if len(self.masks) != num_heads:
-            raise ValueError(f"PerHead.masks must have one mask per query head ({num_heads}), got {len(self.masks)}")
-        return self.masks
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # static plan: block sizes, padding, visit tables
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -299,6 +96,7 @@ class _Plan:
     scale: float
     blocks: FlashBlocks  # clamped to the sequence and the masks
     backend: str
+    segments: bool  # some mask has a Document term: the kernels read the segment ids
 
     def mask_row(self, head: Array | int) -> Array | int:
         """The table row of a query head."""
@@ -308,12 +106,11 @@ class _Plan:
 def _fitted_blocks(blocks: FlashBlocks, length: int, head_masks: tuple[ElementMask, ...]) -> FlashBlocks:
     """Each tile size clamped to the sequence (at least 16) and to every BlockSparse layout's tile."""
     limit = max(_common.MIN_FEATURE, pl.next_power_of_2(length))
-    for mask in head_masks:
-        if isinstance(mask, BlockSparse):
-            if mask.aligned_block < _common.MIN_FEATURE:
-                raise ValueError(f"mask: BlockSparse.block must be a multiple of {_common.MIN_FEATURE} (kernel "
-                                 f"tiles may not straddle layout tiles), got {mask.block}")
-            limit = min(limit, mask.aligned_block)
+    for term in dict.fromkeys(t for mask in head_masks for t in masks.cell_terms(mask)):
+        if term.aligned_block < _common.MIN_FEATURE:
+            raise ValueError(f"mask: BlockSparse.block must be a multiple of {_common.MIN_FEATURE} (kernel "
+                             f"tiles may not straddle layout tiles), got {term.block}")
+        limit = min(limit, term.aligned_block)
     names = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
     return dataclasses.replace(blocks, **{n: min(getattr(blocks, n), limit) for n in names})
 
@@ -322,17 +119,31 @@ def _fitted_blocks(blocks: FlashBlocks, length: int, head_masks: tuple[ElementMa
 class _VisitTable:
     """Per table row (mask head) and tile: the tiles it visits, flat for scalar memory.
 
-    ``tiles[(row * num_tiles + i) * width + n]`` for n < ``counts[row * num_tiles + i]``; both arrays padded to a
-    power of two in length."""
+    ``tiles[(row * num_tiles + i) * width + n]`` for n < ``counts[row * num_tiles + i]``; ``flags`` (like
+    ``tiles``): bit b set iff the row mask's b-th BlockSparse term (``masks.cell_terms``) holds a visible pair in
+    that visited tile. All three arrays are padded to a power of two in length."""
 
     tiles: np.ndarray
     counts: np.ndarray
+    flags: np.ndarray
     num_tiles: int
     width: int
 
 
 def _pad_to_power_of_two(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.int32).ravel()
     return np.pad(x, (0, pl.next_power_of_2(x.size) - x.size))
+
+
+def _cell_flags(mask: ElementMask, length: int, sizes: tuple[int, int], by_key: bool) -> np.ndarray:
+    """[rows, cols] int32 (tiles of the table's orientation): bit b of the mask's b-th BlockSparse term's map."""
+    terms = masks.cell_terms(mask)
+    if len(terms) > 31:
+        raise ValueError(f"mask: at most 31 BlockSparse terms per head, got {len(terms)}")
+    flags = np.zeros([-(-length // size) for size in sizes], np.int32)
+    for bit, term in enumerate(terms):
+        flags |= term.tile_map(length, *sizes).astype(np.int32) << bit
+    return flags.T if by_key else flags
 
 
 @functools.lru_cache(maxsize=128)
@@ -340,18 +151,18 @@ def _visit_table(head_masks: tuple[ElementMask, ...], length: int, padded: int, 
                  by_key: bool) -> _VisitTable:
     """Visits of query tiles (rows) to key tiles, or with ``by_key`` of key tiles to the query tiles that see
     them; tiles of ``block_rows`` / ``block_cols`` tokens over the padded sequence (padding tiles are empty)."""
-    num_rows, num_cols = padded // block_rows, padded // block_cols
-    maps = np.zeros((len(head_masks), num_rows, num_cols), bool)
-    for row, mask in enumerate(head_masks):
-        tile_map = mask.tile_map(length, block_cols, block_rows).T if by_key else mask.tile_map(
-            length, block_rows, block_cols)
-        maps[row, : tile_map.shape[0], : tile_map.shape[1]] = tile_map
-    counts = maps.sum(-1)
-    width = max(1, int(counts.max()))
-    tiles = np.argsort(~maps, axis=-1, kind="stable")[..., :width]  # the non-empty tiles first, in order
-    tiles = np.where(np.arange(width) < counts[..., None], tiles, 0)
-    return _VisitTable(_pad_to_power_of_two(tiles.astype(np.int32).ravel()),
-                      _pad_to_power_of_two(counts.astype(np.int32).ravel()), num_rows, width)
+    num_rows = padded // block_rows
+    sizes = (block_cols, block_rows) if by_key else (block_rows, block_cols)  # (query tile, key tile)
+    lists = [masks.visit_lists(mask, length, *sizes, by_key=by_key) for mask in head_masks]
+    width = max(1, max(len(visits) for rows in lists for visits in rows))
+    tiles = np.zeros((len(head_masks), num_rows, width), np.int32)
+    flags, counts = np.zeros_like(tiles), np.zeros((len(head_masks), num_rows), np.int32)
+    for row, (mask, rows) in enumerate(zip(head_masks, lists)):
+        cell_flags = _cell_flags(mask, length, sizes, by_key)
+        for i, visits in enumerate(rows):
+            tiles[row, i, : len(visits)], counts[row, i] = visits, len(visits)
+            flags[row, i, : len(visits)] = cell_flags[i, list(visits)]
+    return _VisitTable(*map(_pad_to_power_of_two, (tiles, counts, flags)), num_rows, width)
 
 
 def _visits(plan: _Plan, block_rows: int, block_cols: int, by_key: bool = False) -> _VisitTable:
@@ -363,16 +174,40 @@ def _visits(plan: _Plan, block_rows: int, block_cols: int, by_key: bool = False)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _visible_in_tile(plan: _Plan, head: Array | int, q_start: Array | int, k_start: Array | int, rows: int,
-                     cols: int) -> Array:
-    """[rows, cols] bool for the tile at (q_start, k_start): the head's mask, positions below T only."""
+class _Tables(NamedTuple):
+    """The refs of a visit table: tiles, counts and BlockSparse flags."""
+
+    tiles: object
+    counts: object
+    flags: object
+
+
+class _SegmentRefs(NamedTuple):
+    """The refs of the segment ids: a column [T', 1] (queries) and a row [1, T'] (keys) of one batch element."""
+
+    column: object
+    row: object
+
+
+def _split_refs(plan: _Plan, refs: tuple) -> tuple[_SegmentRefs | None, tuple]:
+    """A kernel's trailing refs: the segment ids (only when the plan reads them) and the outputs."""
+    return (_SegmentRefs(*refs[:2]), refs[2:]) if plan.segments else (None, refs)
+
+
+def _visible_in_tile(plan: _Plan, segment_refs: _SegmentRefs | None, head: Array | int, q_start: Array | int,
+                     k_start: Array | int, rows: int, cols: int, flags: Array) -> Array:
+    """[rows, cols] bool for the tile at (q_start, k_start): the head's mask, positions below T only; flags: the
+    visit's BlockSparse bits."""
     q_pos = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0) + q_start
     k_pos = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + k_start
     in_range = (q_pos < plan.length) & (k_pos < plan.length)
-    masks = dict.fromkeys(plan.head_masks)  # distinct masks, in head order
+    segments = None
+    if segment_refs is not None:
+        segments = (segment_refs.column[pl.ds(q_start, rows), :], segment_refs.row[:, pl.ds(k_start, cols)])
     visible = None
-    for mask in masks:
-        mask_visible = mask.visible(q_pos, k_pos)
+    for mask in dict.fromkeys(plan.head_masks):  # distinct masks, in head order
+        cells = {term: (flags >> bit) & 1 == 1 for bit, term in enumerate(masks.cell_terms(mask))}
+        mask_visible = mask.visible(q_pos, k_pos, segments=segments, cells=cells)
         if visible is None:
             visible = mask_visible
         else:
@@ -382,15 +217,17 @@ def _visible_in_tile(plan: _Plan, head: Array | int, q_start: Array | int, k_sta
     return in_range & visible
 
 
-def _visit_loop(tiles_ref, counts_ref, meta: _VisitTable, row: Array | int, tile: Array | int,
-                body: Callable[[Array, object], object], init: object) -> object:
-    """fori_loop of body(visited tile, carry) over the tiles that table row ``row``, tile ``tile`` visits."""
+def _visit_loop(tables: _Tables, meta: _VisitTable, row: Array | int, tile: Array | int,
+                body: Callable[[Array, Array, object], object], init: object) -> object:
+    """fori_loop of body(visited tile, its flags, carry) over the tiles that table row ``row``, tile ``tile``
+    visits."""
     entry = row * meta.num_tiles + tile
 
     def step(n, carry):
-        return body(tiles_ref[entry * meta.width + n], carry)
+        index = entry * meta.width + n
+        return body(tables.tiles[index], tables.flags[index], carry)
 
-    return jax.lax.fori_loop(0, counts_ref[entry], step, init)
+    return jax.lax.fori_loop(0, tables.counts[entry], step, init)
 
 
 def _scores(plan: _Plan, q: Array, k: Array) -> Array:
@@ -398,17 +235,19 @@ def _scores(plan: _Plan, q: Array, k: Array) -> Array:
     return _common.matmul_nt(q, k) * plan.scale
 
 
-def _forward_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-    """One query tile: q [bq, D] against the key tiles it visits of k [T', D], v [T', V]; o [bq, V], lse [bq, 1]."""
+def _forward_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags_ref, q_ref, k_ref, v_ref, *refs):
+    """One query tile: q [bq, D] against the key tiles it visits of k [T', D], v [T', V]; o [bq, V], lse [bq, 1]
+    (refs: the segment ids when read, then o and lse)."""
+    segment_refs, (o_ref, lse_ref) = _split_refs(plan, refs)
     head, tile = pl.program_id(1), pl.program_id(2)
     block_q, block_k = plan.blocks.block_q, plan.blocks.block_k
     q = q_ref[...]
 
-    def visit(key_tile, carry):
+    def visit(key_tile, flags, carry):
         m, l, acc = carry
         start = pl.multiple_of(key_tile * block_k, block_k)
-        visible = _visible_in_tile(plan, head, tile * block_q, start, block_q, block_k)
-        scores = jnp.where(visible, _scores(plan, q, k_ref[pl.ds(start, block_k), :]), _MASKED)
+        visible = _visible_in_tile(plan, segment_refs, head, tile * block_q, start, block_q, block_k, flags)
+        scores = masks.masked_fill(_scores(plan, q, k_ref[pl.ds(start, block_k), :]), visible)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1, keepdims=True))
         p = _common.masked_exp(scores - m_new, visible)
         rescale = jnp.exp(m - m_new)
@@ -416,12 +255,13 @@ def _forward_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, q_ref
         acc = acc * rescale + _common.matmul(p.astype(values.dtype), values)
         return m_new, l * rescale + jnp.sum(p, axis=1, keepdims=True), acc
 
-    init = (jnp.full((block_q, 1), _MASKED, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
+    init = (jnp.full((block_q, 1), masks.MASKED, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
             jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32))
-    m, l, acc = _visit_loop(tiles_ref, counts_ref, meta, plan.mask_row(head), tile, visit, init)
+    tables = _Tables(tiles_ref, counts_ref, flags_ref)
+    m, l, acc = _visit_loop(tables, meta, plan.mask_row(head), tile, visit, init)
     seen = l > 0  # a row that saw a key has l >= 1 (its maximum contributes exp(0))
     o_ref[...] = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _MASKED)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), masks.MASKED)
 
 
 def _probabilities_and_score_grads(plan: _Plan, visible: Array, q: Array, k: Array, v: Array, do: Array,
@@ -431,48 +271,52 @@ def _probabilities_and_score_grads(plan: _Plan, visible: Array, q: Array, k: Arr
     return p, p * (_common.matmul_nt(do, v) - delta)
 
 
-def _dq_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref):
-    """One query tile: dQ [bq, D] = scale · Σ over visited key tiles dS K."""
+def _dq_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags_ref, q_ref, k_ref, v_ref, do_ref,
+               lse_ref, delta_ref, *refs):
+    """One query tile: dQ [bq, D] = scale · Σ over visited key tiles dS K (refs: the segment ids when read, dQ)."""
+    segment_refs, (dq_ref,) = _split_refs(plan, refs)
     head, tile = pl.program_id(1), pl.program_id(2)
     block_q, block_k = plan.blocks.block_q_bwd, plan.blocks.block_k_bwd
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
-    def visit(key_tile, dq):
+    def visit(key_tile, flags, dq):
         start = pl.multiple_of(key_tile * block_k, block_k)
-        visible = _visible_in_tile(plan, head, tile * block_q, start, block_q, block_k)
+        visible = _visible_in_tile(plan, segment_refs, head, tile * block_q, start, block_q, block_k, flags)
         k = k_ref[pl.ds(start, block_k), :]
         _, ds = _probabilities_and_score_grads(plan, visible, q, k, v_ref[pl.ds(start, block_k), :], do, lse, delta)
         return dq + _common.matmul(ds.astype(k.dtype), k)
 
-    dq = _visit_loop(tiles_ref, counts_ref, meta, plan.mask_row(head), tile, visit,
-                     jnp.zeros(dq_ref.shape, jnp.float32))
+    tables = _Tables(tiles_ref, counts_ref, flags_ref)
+    dq = _visit_loop(tables, meta, plan.mask_row(head), tile, visit, jnp.zeros(dq_ref.shape, jnp.float32))
     dq_ref[...] = dq * plan.scale
 
 
-def _dkv_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
-                delta_ref, dk_ref, dv_ref):
+def _dkv_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags_ref, k_ref, v_ref, q_ref, do_ref,
+                lse_ref, delta_ref, *refs):
     """One key tile k [bk, D], v [bk, V] against the G query heads of its kv head (q [G, T', D], dO [G, T', V],
-    lse and δ [G, T', 1]) and the query tiles that see it: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO."""
+    lse and δ [G, T', 1]) and the query tiles that see it: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO (refs: the segment
+    ids when read, dK, dV)."""
+    segment_refs, (dk_ref, dv_ref) = _split_refs(plan, refs)
     kv_head, tile = pl.program_id(1), pl.program_id(2)
     block_q, block_k = plan.blocks.block_q_bwd, plan.blocks.block_k_bwd
     k, v = k_ref[...], v_ref[...]
+    tables = _Tables(tiles_ref, counts_ref, flags_ref)
 
     def head_in_group(g, carry):
         head = kv_head * plan.group + g
 
-        def visit(query_tile, carry):
+        def visit(query_tile, flags, carry):
             dk, dv = carry
             start = pl.multiple_of(query_tile * block_q, block_q)
             rows = pl.ds(start, block_q)
             q, do = q_ref[g, rows, :], do_ref[g, rows, :]
-            visible = _visible_in_tile(plan, head, start, tile * block_k, block_q, block_k)
+            visible = _visible_in_tile(plan, segment_refs, head, start, tile * block_k, block_q, block_k, flags)
             p, ds = _probabilities_and_score_grads(plan, visible, q, k, v, do, lse_ref[g, rows, :],
                                                    delta_ref[g, rows, :])
             return (dk + _common.matmul_tn(ds.astype(q.dtype), q),
                     dv + _common.matmul_tn(p.astype(do.dtype), do))
 
-        return _visit_loop(tiles_ref, counts_ref, meta, plan.mask_row(head), tile, visit, carry)
+        return _visit_loop(tables, meta, plan.mask_row(head), tile, visit, carry)
 
     init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(0, plan.group, head_in_group, init)
@@ -486,9 +330,9 @@ def _dkv_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, k_ref, v_
 
 
 def _table_specs(plan: _Plan) -> list[pl.BlockSpec]:
-    """The visit table and counts, whole: scalar memory (SMEM) on TPU, an ordinary input elsewhere."""
+    """The visit table, counts and flags, whole: scalar memory (SMEM) on TPU, an ordinary input elsewhere."""
     spec = pl.BlockSpec(memory_space=pltpu.SMEM) if plan.backend == "tpu" else pl.BlockSpec()
-    return [spec, spec]
+    return [spec] * 3
 
 
 def _tile_spec(block: int, feature: int) -> pl.BlockSpec:
@@ -506,21 +350,31 @@ def _group_spec(plan: _Plan, feature: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, plan.group, plan.padded, feature), lambda b, h, i: (b, h, 0, 0, 0))
 
 
+def _segment_specs(plan: _Plan) -> list[pl.BlockSpec]:
+    """The segment ids of batch element b, whole: the column [B, T', 1] and the row [B, 1, T'] (none when no mask
+    has a Document term)."""
+    if not plan.segments:
+        return []
+    return [pl.BlockSpec((None, plan.padded, 1), lambda b, h, i: (b, 0, 0)),
+            pl.BlockSpec((None, 1, plan.padded), lambda b, h, i: (b, 0, 0))]
+
+
 def _call(plan: _Plan, kernel: Callable, meta: _VisitTable, grid: tuple[int, ...], in_specs: list,
           out_specs, out_shape, name: str) -> Callable:
     return _common.pallas_call(
         functools.partial(kernel, plan, meta), backend=plan.backend, grid=grid,
-        in_specs=_table_specs(plan) + in_specs, out_specs=out_specs, out_shape=out_shape,
+        in_specs=_table_specs(plan) + in_specs + _segment_specs(plan), out_specs=out_specs, out_shape=out_shape,
         num_warps=plan.blocks.num_warps, num_stages=plan.blocks.num_stages, name=name,
     )
 
 
-def _table_args(meta: _VisitTable) -> tuple[Array, Array]:
-    return jnp.asarray(meta.tiles), jnp.asarray(meta.counts)
+def _table_args(meta: _VisitTable) -> tuple[Array, Array, Array]:
+    return jnp.asarray(meta.tiles), jnp.asarray(meta.counts), jnp.asarray(meta.flags)
 
 
-def _forward(plan: _Plan, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
-    """q [B, H, T', D], k [B, Hkv, T', D], v [B, Hkv, T', V] -> o [B, H, T', V] (v.dtype), lse [B, H, T', 1]."""
+def _forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...]) -> tuple[Array, Array]:
+    """q [B, H, T', D], k [B, Hkv, T', D], v [B, Hkv, T', V], segments (column, row) -> o [B, H, T', V]
+    (v.dtype), lse [B, H, T', 1]."""
     batch, heads, _, dim = q.shape
     value_dim, block_q = v.shape[-1], plan.blocks.block_q
     meta = _visits(plan, block_q, plan.blocks.block_k)
@@ -532,10 +386,10 @@ def _forward(plan: _Plan, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
          jax.ShapeDtypeStruct((batch, heads, plan.padded, 1), jnp.float32)],
         "flash_attention_forward",
     )
-    return call(*_table_args(meta), q, k, v)
+    return call(*_table_args(meta), q, k, v, *segments)
 
 
-def _dq(plan: _Plan, q, k, v, do, lse, delta) -> Array:
+def _dq(plan: _Plan, q, k, v, do, lse, delta, segments) -> Array:
     """dQ [B, H, T', D] float32."""
     batch, heads, _, dim = q.shape
     block_q = plan.blocks.block_q_bwd
@@ -547,10 +401,10 @@ def _dq(plan: _Plan, q, k, v, do, lse, delta) -> Array:
          _tile_spec(block_q, 1)],
         _tile_spec(block_q, dim), jax.ShapeDtypeStruct(q.shape, jnp.float32), "flash_attention_dq",
     )
-    return call(*_table_args(meta), q, k, v, do, lse, delta)
+    return call(*_table_args(meta), q, k, v, do, lse, delta, *segments)
 
 
-def _dkv(plan: _Plan, q, k, v, do, lse, delta) -> tuple[Array, Array]:
+def _dkv(plan: _Plan, q, k, v, do, lse, delta, segments) -> tuple[Array, Array]:
     """dK [B, Hkv, T', D] and dV [B, Hkv, T', V] float32, summed over each kv head's G query heads."""
     batch, kv_heads, _, dim = k.shape
     value_dim, block_k = v.shape[-1], plan.blocks.block_k_bwd
@@ -567,25 +421,25 @@ def _dkv(plan: _Plan, q, k, v, do, lse, delta) -> tuple[Array, Array]:
         [jax.ShapeDtypeStruct(k.shape, jnp.float32), jax.ShapeDtypeStruct(v.shape, jnp.float32)],
         "flash_attention_dkv",
     )
-    return call(*_table_args(meta), k, v, grouped(q), grouped(do), grouped(lse), grouped(delta))
+    return call(*_table_args(meta), k, v, grouped(q), grouped(do), grouped(lse), grouped(delta), *segments)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(plan: _Plan, q: Array, k: Array, v: Array) -> Array:
-    return _forward(plan, q, k, v)[0]
+def _attention(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...]) -> Array:
+    return _forward(plan, q, k, v, segments)[0]
 
 
-def _attention_forward(plan: _Plan, q: Array, k: Array, v: Array) -> tuple[Array, tuple]:
-    o, lse = _forward(plan, q, k, v)
-    return o, (q, k, v, o, lse)
+def _attention_forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...]) -> tuple[Array, tuple]:
+    o, lse = _forward(plan, q, k, v, segments)
+    return o, (q, k, v, segments, o, lse)
 
 
-def _attention_backward(plan: _Plan, residuals: tuple, do: Array) -> tuple[Array, Array, Array]:
-    q, k, v, o, lse = residuals
+def _attention_backward(plan: _Plan, residuals: tuple, do: Array) -> tuple[Array, Array, Array, None]:
+    q, k, v, segments, o, lse = residuals
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, T', 1]
-    dq = _dq(plan, q, k, v, do, lse, delta)
-    dk, dv = _dkv(plan, q, k, v, do, lse, delta)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dq = _dq(plan, q, k, v, do, lse, delta, segments)
+    dk, dv = _dkv(plan, q, k, v, do, lse, delta, segments)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
@@ -614,9 +468,7 @@ def _make_plan(q: Array, k: Array, v: Array, mask: Mask, scale: float | None, bl
                backend: str | None) -> _Plan:
     """Checks every argument (ValueError naming it) and fixes the static plan of the call."""
     _check_arrays(q, k, v)
-    if not isinstance(mask, Mask):
-        raise ValueError(f"mask must be one of Causal, Bidirectional, BlockDiagonal, Strided, BlockSparse, "
-                         f"PerHead, got {mask!r}")
+    mask = masks.resolve(mask)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f"scale must be None or a number, got {scale!r}")
     if not isinstance(blocks, FlashBlocks):
@@ -624,25 +476,39 @@ def _make_plan(q: Array, k: Array, v: Array, mask: Mask, scale: float | None, bl
     backend = _common.resolve_backend(backend)
     _, length, heads, dim = q.shape
     head_masks = mask.head_masks(heads)
-    for head_mask in head_masks:
-        head_mask.check(length)
+    mask.check(length)
     fitted = _fitted_blocks(blocks, length, head_masks)
     padded = _common.padded_length(length, max(fitted.block_q, fitted.block_k, fitted.block_q_bwd,
                                                fitted.block_k_bwd))
-    return _Plan(head_masks, length, padded, heads // k.shape[2],
-                 float(dim**-0.5 if scale is None else scale), fitted, backend)
+    return _Plan(head_masks, length, padded, heads // k.shape[2], float(dim**-0.5 if scale is None else scale),
+                 fitted, backend, masks.needs_segments(mask))
+
+
+def _segment_layouts(plan: _Plan, segment_ids: Array | None) -> tuple[Array, ...]:
+    """segment_ids [B, T] -> the kernels' column [B, T', 1] and row [B, 1, T'] int32; () without a Document term."""
+    if segment_ids is None:
+        return ()
+    ids = jnp.pad(segment_ids, [(0, 0), (0, plan.padded - plan.length)])
+    return ids[:, :, None], ids[:, None, :]
 
 
 def flash_attention(q: Array, k: Array, v: Array, *, mask: Mask, scale: float | None = None,
-                    blocks: FlashBlocks = FlashBlocks(), backend: str | None = None) -> Array:
+                    blocks: FlashBlocks = FlashBlocks(), backend: str | None = None,
+                    segment_ids: Array | None = None, score_mod: masks.ScoreMod | None = None) -> Array:
     """Softmax attention of q over the keys ``mask`` leaves visible, as Pallas kernels (forward and backward).
 
     q [B, T, H, D]; k [B, T, Hkv, D]; v [B, T, Hkv, V] with Hkv dividing H (query head h reads kv head
-    h // (H / Hkv)). scale defaults to D**-0.5; backend None is ``jax.default_backend()``.
+    h // (H / Hkv)). mask: any ``seqlab.core.masks`` mask; segment_ids [B, T] int, needed iff it has a Document
+    term. scale defaults to D**-0.5; backend None is ``jax.default_backend()``. score_mod is not supported
+    (ValueError; use the XLA forms of ``seqlab.ops.softmax_attn``).
     Returns o [B, T, H, V] in v.dtype (0 for a query that sees no key). Differentiable in q, k, v (reverse mode).
     """
+    if score_mod is not None:
+        raise ValueError("score_mod is not supported by the Pallas flash_attention kernels; use "
+                         "seqlab.ops.softmax_attn with impl='chunked' or 'parallel'")
     plan = _make_plan(q, k, v, mask, scale, blocks, backend)
+    segment_ids = masks.check_segment_ids(mask, segment_ids, q.shape[0], plan.length)
     dim, value_dim = _common.padded_feature(q.shape[3]), _common.padded_feature(v.shape[3])
     o = _attention(plan, _common.to_kernel_layout(q, plan.padded, dim), _common.to_kernel_layout(k, plan.padded, dim),
-                   _common.to_kernel_layout(v, plan.padded, value_dim))
+                   _common.to_kernel_layout(v, plan.padded, value_dim), _segment_layouts(plan, segment_ids))
     return _common.from_kernel_layout(o, plan.length, v.shape[3])

@@ -5,16 +5,24 @@ values. Every key of `data.<task>` and `model.mixer_args.<mixer>` is generated f
 mixer constructors' keyword arguments, so each option can be set from the command line
 (``--config.model.mixer_args.gla.expand_k=1.0``) and a mistyped key fails.
 
-`validate(config)` runs before anything compiles: it rejects keys that do not exist, unknown names (task, mixer,
-optimizer, schedule, ...) and dimensions that do not fit, with a ValueError naming the key and what is allowed.
+`config.imports` names modules to import before the config is validated — a project's own mixers (or tasks),
+registered when their module is imported (``@seqlab.mixers.register``). It is recorded in config.json, so
+`seqlab.training.restore_model`, `python -m seqlab.sample` and a resumed run import them again in a fresh process;
+the launcher imports the modules of a ``--config.imports=...`` flag before it loads the config file, so the new
+mixers' ``model.mixer_args.<name>`` keys can be set on the command line too.
+
+`validate(config)` runs before anything compiles: it imports ``config.imports``, then rejects keys that do not
+exist, unknown names (task, mixer, optimizer, schedule, ...) and dimensions that do not fit, with a ValueError
+naming the key and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
-import inspect
 import os
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -37,6 +45,7 @@ _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 def base_config() -> ml_collections.ConfigDict:
     """Every configurable key with its default."""
     config = ml_collections.ConfigDict()
+    config.imports = ()  # modules imported before validation (a project's own mixers), e.g. ("my_project.mixers",)
     config.seed = 0
     config.data = _data_config()
     config.model = _model_config()
@@ -71,18 +80,11 @@ def _model_config() -> ml_collections.ConfigDict:
 
 def _mixer_defaults(name: str) -> ml_collections.ConfigDict:
     """The keyword arguments of mixer `name` with their defaults (None defaults become typed placeholders)."""
-    out = {}
-    for klass in mixers.get(name).__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        for p in params:
-            if p.kind is p.KEYWORD_ONLY and p.name not in _MODEL_SET_ARGS and p.name not in out:
-                out[p.name] = p.default if p.default is not None else _placeholder(p.annotation)
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return ml_collections.ConfigDict(out)
+    params = mixers.keyword_arguments(mixers.get(name)).values()
+    return ml_collections.ConfigDict({
+        p.name: p.default if p.default is not None else _placeholder(p.annotation)
+        for p in params if p.name not in _MODEL_SET_ARGS
+    })
 
 
 def _placeholder(annotation: Any) -> Any:
@@ -133,7 +135,10 @@ def shrink(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> data.Task:
-    """Check the whole config; return the task it describes. Raises ValueError naming the offending key."""
+    """Import ``config.imports``, check the whole config and return the task it describes. Raises ValueError naming
+    the offending key. Mixers registered by the imported modules get their ``model.mixer_args`` section here."""
+    import_modules(config.get("imports", ()))
+    _add_mixer_sections(config.model.mixer_args)
     check_known_keys(config, base_config())
     task = make_task(config)
     _check_model(config.model, task)
@@ -141,6 +146,29 @@ def validate(config: ml_collections.ConfigDict) -> data.Task:
     _check_optim(config.optim, config.train.steps)
     _check_mesh(config.mesh, config.train, task, config.model)
     return task
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Import each module of ``config.imports`` (a tuple of importable module names; already imported ones are not
+    imported again)."""
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"imports must be a tuple of module names, e.g. ('my_project.mixers',), got {names!r}")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not name.startswith(error.name):
+                raise  # the module exists but one of its own imports is missing: the user's traceback matters
+            raise ValueError(f"imports: no module named {name!r} (is its directory on PYTHONPATH?)") from None
+
+
+def _add_mixer_sections(mixer_args: ml_collections.ConfigDict) -> None:
+    """A ``model.mixer_args.<name>`` section, with the constructor's defaults, for every registered mixer that the
+    config does not have yet (mixers registered by ``config.imports`` after the config was made)."""
+    missing = [name for name in mixers.available() if name not in mixer_args]
+    with mixer_args.unlocked():
+        for name in missing:
+            mixer_args[name] = _mixer_defaults(name)
 
 
 def check_known_keys(config: Any, schema: Any, prefix: str = "") -> None:

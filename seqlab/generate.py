@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from seqlab.mixers.base import check_positive_int
+from seqlab.checks import check_positive_int
 from seqlab.models import DecodeCache, DecoderLM
 
 BYTES_VOCAB = 256

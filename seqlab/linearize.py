@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from seqlab.checks import check_choice, check_positive, check_positive_int
 from seqlab.data import Task, eval_batches
-from seqlab.mixers import LinearAttention, Mixer, SoftmaxAttention
-from seqlab.mixers.base import check_choice, check_positive, check_positive_int, positions, repeat_kv_columns
-from seqlab.mixers.liger import LigerAttention
-from seqlab.mixers.lolcats import LoLCATsAttention
+from seqlab.layers.heads import repeat_kv_columns
+from seqlab.layers.positional import positions
+from seqlab.mixers import LigerAttention, LinearAttention, LoLCATsAttention, Mixer, SoftmaxAttention
 from seqlab.training import distill
 from seqlab.training.steps import lm_sums, make_eval_step, means
 
@@ -79,7 +79,7 @@ def hedgehog_from_softmax(
         raise ValueError("softmax: a layer with projection biases (use_bias=True) cannot become hedgehog")
     d, h = softmax.head_dim, softmax.num_heads
     linear = LinearAttention(
-        softmax.d_model, h, feature_map="hedgehog", feature_dim=d, head_dim=d, num_features=num_features,
+        softmax.d_model, h, feature_map="hedgehog", feature_dim=d, value_dim=d, num_features=num_features,
         normalize=True, eps=eps, impl="auto", rngs=rngs, dtype=softmax.dtype,
         param_dtype=softmax.param_dtype,
     )  # fmt: skip

@@ -13,10 +13,12 @@ loss raises `NonFiniteLossError` before that state can be saved, so the last che
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -29,7 +31,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from seqlab import config as config_lib, data, host_memory, models
-from seqlab.mixers.base import shard_sequence
+from seqlab.parallel.mesh import shard_sequence
 from seqlab.parallel.distributed import maybe_initialize
 from seqlab.parallel.mesh import SEQUENCE_AXIS, make_mesh, replicate, shard_batch, to_host
 from seqlab.training import optim, steps
@@ -187,6 +189,26 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def import_flag_modules(argv: list[str]) -> None:
+    """Import the modules of a ``--config.imports=(...)`` flag before absl loads the config file, so that the mixers
+    they register have their ``model.mixer_args.<name>`` keys when the other overrides are applied. A value that
+    is not a tuple literal of module names is left for `config_lib.validate` to reject."""
+    for i, arg in enumerate(argv):
+        if arg == "--config.imports" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config.imports="):
+            value = arg.partition("=")[2]
+        else:
+            continue
+        try:
+            names = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(names, str):
+            names = (names,)
+        config_lib.import_modules(names)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -201,4 +223,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
+    try:
+        import_flag_modules(sys.argv)
+    except ValueError as error:
+        sys.exit(f"seqlab.train: {error}")
     app.run(main)

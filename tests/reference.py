@@ -15,6 +15,10 @@ Two families:
   float32 inputs these are exact ground truth (up to float64 round-off).
 * ``jnp_*``: differentiable float32 references: ``jax.lax.scan`` over time for
   the recurrences, a dense masked softmax for attention.  Used for gradients.
+
+The op tests find the references of every op declared in ``seqlab.ops.linear_ops()``
+by name: ``np_<op>`` and ``jnp_<op>``, taking the op's positional inputs in its
+order, then ``scale``, ``initial_state`` and the op's variant flags as keywords.
 """
 
 from __future__ import annotations
@@ -137,6 +141,21 @@ def np_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None):
     return o, S
 
 
+def np_hgrn2(q, v, g, *, scale=None, initial_state=None):
+    """HGRN2: S_t = diag(f_t) S_{t-1} + (1 - f_t) v_t^T, f_t = exp(g_t);  o_t = S_t^T (scale q_t).  g: [B,T,H,K]."""
+    q, v, g, h0 = _f64(q), _f64(v), _f64(g), _f64(initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+    S = np.zeros((B, H, K, V)) if h0 is None else h0.copy()
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        f = np.exp(g[:, t])  # [B, H, K]: forget gate of each state row
+        S = f[..., None] * S + np.einsum("bhk,bhv->bhkv", 1.0 - f, v[:, t])
+        o[:, t] = np.einsum("bhkv,bhk->bhv", S, scale * q[:, t])
+    return o, S
+
+
 # ---------------------------------------------------------------------------
 # jnp float32 lax.scan references (differentiable): linear-attention family
 # ---------------------------------------------------------------------------
@@ -254,6 +273,22 @@ def jnp_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None):
     return _bmajor(o), S
 
 
+def jnp_hgrn2(q, v, g, *, scale=None, initial_state=None):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = _scale(scale, K)
+
+    def step(S, xs):
+        q_t, v_t, g_t = xs
+        # 1 - f_t as -expm1(g_t): 1 - exp(g_t) loses its relative precision in float32 for g_t near 0
+        S = jnp.exp(g_t)[..., None] * S + _ein("bhk,bhv->bhkv", -jnp.expm1(g_t), v_t)
+        return S, _ein("bhkv,bhk->bhv", S, scale * q_t)
+
+    S, o = jax.lax.scan(step, _jnp_state0(initial_state, B, H, K, V),
+                        (_tmajor(q), _tmajor(v), _tmajor(g)))
+    return _bmajor(o), S
+
+
 # ---------------------------------------------------------------------------
 # softmax attention
 # ---------------------------------------------------------------------------
@@ -334,32 +369,6 @@ def jnp_softmax_attn(q, k, v, *, scale=None, causal=True, window=None):
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     p = p / jnp.sum(p, axis=-1, keepdims=True)
     return _ein("bhts,bshv->bthv", p, v)
-
-
-NP_LINEAR = {
-    "linear_attn": np_linear_attn,
-    "simple_gla": np_simple_gla,
-    "gla": np_gla,
-    "delta_rule": np_delta_rule,
-    "gated_delta_rule": np_gated_delta_rule,
-}
-
-JNP_LINEAR = {
-    "linear_attn": jnp_linear_attn,
-    "simple_gla": jnp_simple_gla,
-    "gla": jnp_gla,
-    "delta_rule": jnp_delta_rule,
-    "gated_delta_rule": jnp_gated_delta_rule,
-}
-
-# positional (array) arguments of each linear op, after q, k, v
-GATE_ARGS = {
-    "linear_attn": (),
-    "simple_gla": ("g",),
-    "gla": ("gk",),
-    "delta_rule": ("beta",),
-    "gated_delta_rule": ("g", "beta"),
-}
 
 
 def rel_err(a, b):

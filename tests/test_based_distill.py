@@ -18,9 +18,9 @@ import pytest
 from flax import nnx
 from reference import rel_err
 
-from seqlab.mixers.based import Based
-from seqlab.mixers.feature_maps import Hedgehog
-from seqlab.mixers.linear_attention import LinearAttention
+from seqlab.layers.feature_maps import Hedgehog
+from seqlab.mixers.linear.based import Based
+from seqlab.mixers.linear.linear_attention import LinearAttention
 from seqlab.ops.based import based_attn
 from seqlab.training.distill import (
     attention_weights_linear,
@@ -248,7 +248,7 @@ def test_based_mixer_jit_and_grad_match_taylor_linear_attention(rng):
 
 @pytest.mark.parametrize(
     "kwargs, arg",
-    [(dict(feature_dim=0), "feature_dim"), (dict(eps=-1.0), "eps"), (dict(head_dim=0), "head_dim"),
+    [(dict(feature_dim=0), "feature_dim"), (dict(eps=-1.0), "eps"), (dict(value_dim=0), "value_dim"),
      (dict(impl="flash"), "impl"), (dict(chunk_size=0), "chunk_size")],
 )  # fmt: skip
 def test_based_mixer_bad_arguments_name_the_argument(kwargs, arg):

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqlab.mixers.inline import InLineAttention
-from seqlab.mixers.linfusion import LinFusionAttention
-from seqlab.mixers.slab import SLAB
-from seqlab.mixers.softmax_attention import SoftmaxAttention
+from seqlab.mixers.linear.inline import InLineAttention
+from seqlab.mixers.linear.linfusion import LinFusionAttention
+from seqlab.mixers.linear.slab import SLAB
+from seqlab.mixers.softmax.softmax_attention import SoftmaxAttention
 from seqlab.models.prepbn import PRepBN, prepbn_lambda, set_progress
 
 B, T, D, H = 2, 37, 32, 2

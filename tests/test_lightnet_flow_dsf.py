@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqlab.mixers.dsf import DSFAttention
-from seqlab.mixers.flowformer import FlowAttention
-from seqlab.mixers.lightnet import LightNet
-from seqlab.mixers.md_lrpe import grid_positions, md_lrpe
+from seqlab.layers.md_lrpe import grid_positions, md_lrpe
+from seqlab.mixers.linear.dsf import DSFAttention
+from seqlab.mixers.linear.flowformer import FlowAttention
+from seqlab.mixers.linear.lightnet import LightNet
 
 B, T, D, H = 2, 21, 16, 2
 F_DIM, LOW_RANK = 8, 4
@@ -512,9 +512,9 @@ SP_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import Mesh, PartitionSpec as P
-    from seqlab.mixers.base import shard_sequence
-    from seqlab.mixers.flowformer import FlowAttention
-    from seqlab.mixers.lightnet import LightNet
+    from seqlab.parallel.mesh import shard_sequence
+    from seqlab.mixers.linear.flowformer import FlowAttention
+    from seqlab.mixers.linear.lightnet import LightNet
 
     jax.config.update("jax_default_matmul_precision", "highest")
     mesh = Mesh(np.array(jax.devices()[:2]), ("seq",))

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from seqlab import linearize, mixers
-from seqlab.mixers.base import repeat_kv_columns
+from seqlab.layers.heads import repeat_kv_columns
 from seqlab.models import DecoderLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_hedgehog_swap_copies_the_projections_with_gqa_heads_repeated():
     linear = linearize.hedgehog_from_softmax(softmax, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(0), (B, T, D))
     k_teacher = softmax._heads(softmax.k_proj(x), softmax.head_dim)  # [B, T, 2, d] (no RoPE)
-    k_student = linear._heads(linear.k_proj(x), linear.head_dim)  # [B, T, 4, d]
+    k_student = linear._heads(linear.k_proj(x), linear.feature_dim)  # [B, T, 4, d]
     np.testing.assert_allclose(k_student, jnp.repeat(k_teacher, 2, axis=2), rtol=1e-6)
     np.testing.assert_array_equal(linear.q_proj.kernel[...], softmax.q_proj.kernel[...])
     np.testing.assert_array_equal(linear.o_proj.kernel[...], softmax.o_proj.kernel[...])

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqlab.mixers.liger import LigerAttention
-from seqlab.mixers.lolcats import LoLCATsAttention
-from seqlab.mixers.softmax_attention import SlidingWindowAttention, SoftmaxAttention
-from seqlab.ops.window_hybrid import lolcats_attn
+from seqlab.mixers.hybrid.liger import LigerAttention
+from seqlab.mixers.hybrid.lolcats import LoLCATsAttention
+from seqlab.mixers.softmax.softmax_attention import SlidingWindowAttention, SoftmaxAttention
+from seqlab.ops.lolcats_attn import lolcats_attn
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4
 B, T, H, DK, DV, F = 2, 21, 2, 8, 5, 6

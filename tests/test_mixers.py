@@ -2,8 +2,9 @@
 and prefill's cache == the stepped cache; impls agree; jit/grad work;
 argument errors name the argument; shared layers (RoPE, feature maps, short conv) behave as documented.
 
-Every registered mixer appears in CASES (checked by test_cases_cover_registry). Sizes are tiny and T = 37 with
-chunk_size 16, so the chunked forms cross chunk boundaries and end on a partial chunk.
+The cases are discovered from the registry: every example of every registered mixer (`register(..., examples=...)`)
+gets every check, so a new mixer is covered by registering it. Sizes are tiny and T = 37 with chunk_size 16, so the
+chunked forms cross chunk boundaries and end on a partial chunk.
 """
 
 from __future__ import annotations
@@ -14,57 +15,33 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqlab import mixers
-from seqlab.mixers.base import RoPE, ShortConv
-from seqlab.mixers.feature_maps import make_feature_map
+from seqlab import mixers, ops
+from seqlab.layers.conv import ShortConv
+from seqlab.layers.feature_maps import make_feature_map
+from seqlab.layers.positional import RoPE
+from seqlab.mixers import registry
+from seqlab.mixers.caches import RecurrentCache
 
 B, T, D, CHUNK = 2, 37, 32, 16
-WINDOW = 8  # < T: the ring buffer wraps several times
+WINDOW = 8  # the registered examples' window: < T, so the ring buffer wraps several times
 PROMPT = 21  # prefill length: > CHUNK and > WINDOW
 
-CASES = {
-    "softmax-gqa": ("softmax", dict(num_heads=4, num_kv_heads=2)),
-    "sliding_window-ring": ("sliding_window", dict(num_heads=4, num_kv_heads=1, window=WINDOW)),
-    "linear_attn-elu1": ("linear_attn", dict(num_heads=2)),
-    "linear_attn-relu": ("linear_attn", dict(num_heads=2, feature_map="relu", normalize=False)),
-    "linear_attn-identity": ("linear_attn", dict(num_heads=2, feature_map="identity", normalize=False)),
-    "linear_attn-taylor": ("linear_attn", dict(num_heads=2, feature_map="taylor", feature_dim=8)),
-    "linear_attn-hedgehog": ("linear_attn", dict(num_heads=2, feature_map="hedgehog", num_features=8)),
-    "retnet": ("retnet", dict(num_heads=4)),
-    "gla": ("gla", dict(num_heads=4)),
-    "deltanet": ("deltanet", dict(num_heads=2)),
-    "deltanet-negeig-gate": ("deltanet", dict(num_heads=2, allow_neg_eigval=True, use_gate=True)),
-    "gated_deltanet": ("gated_deltanet", dict(num_heads=2)),
-    "mamba2": ("mamba2", dict(num_heads=4, d_state=16)),
-    "baseconv": ("baseconv", dict(num_heads=1)),
-    "based": ("based", dict(num_heads=2, feature_dim=4)),
-    "transnormer_norm": ("transnormer_norm", dict(num_heads=2)),
-    "transnormer_norm-t2": ("transnormer_norm", dict(num_heads=2, variant="t2")),
-    "transnormer_diag": ("transnormer_diag", dict(num_heads=2, block_size=8)),
-    "transnormer_diag-t2": ("transnormer_diag", dict(num_heads=2, block_size=8, variant="t2")),
-    "tnl": ("tnl", dict(num_heads=2, layer_index=1, num_layers=3)),
-    "lightnet": ("lightnet", dict(num_heads=2, feature_dim=8, gate_low_rank_dim=4)),
-    "flowformer": ("flowformer", dict(num_heads=2)),
-    "dsf": ("dsf", dict(num_heads=2)),
-    "inline": ("inline", dict(num_heads=2)),
-    "slab": ("slab", dict(num_heads=2, max_len=64)),
-    "lolcats-tk": ("lolcats", dict(num_heads=4, num_kv_heads=2, window=WINDOW, num_features=4)),
-    "lolcats-sw": ("lolcats", dict(num_heads=4, num_kv_heads=2, window=WINDOW, num_features=4, kind="sw")),
-    "liger": ("liger", dict(num_heads=4, num_kv_heads=2, window=WINDOW)),
+# Every registered mixer's every example ("name-example"), split by causality; non-causal ones have no decode path.
+EXAMPLES = {
+    f"{name}-{example}": (name, example) for name in mixers.available() for example in mixers.info(name).examples
 }
-# Non-causal mixers (every output sees the whole sequence): no decode path.
-NONCAUSAL_CASES = {
-    "flowformer-noncausal": ("flowformer", dict(num_heads=2, causal=False)),
-    "inline-noncausal": ("inline", dict(num_heads=2, causal=False)),
-    "slab-noncausal": ("slab", dict(num_heads=2, causal=False, max_len=64)),
-    "linfusion": ("linfusion", dict(num_heads=2)),
-}
-ALL_CASES = {**CASES, **NONCAUSAL_CASES}
+CASES = sorted(case for case, (name, example) in EXAMPLES.items()
+               if mixers.info(name).causal_with(mixers.info(name).examples[example]))  # fmt: skip
+NONCAUSAL_CASES = sorted(set(EXAMPLES) - set(CASES))
 
 
 def make(case: str, **overrides) -> mixers.Mixer:
-    name, kwargs = ALL_CASES[case]
-    kwargs = {"chunk_size": CHUNK, **kwargs, **overrides}
+    """The registered example `case` ("name-example", or a bare name for its first example) at d_model D, with the
+    linear ops' chunk_size CHUNK where the mixer runs one."""
+    name, _, example = case.partition("-")
+    entry = mixers.info(name)
+    chunk = {"chunk_size": CHUNK} if "chunk_size" in mixers.keyword_arguments(entry.cls) else {}
+    kwargs = {**chunk, **entry.examples[example or next(iter(entry.examples))], **overrides}
     return mixers.create(name, d_model=D, rngs=nnx.Rngs(0), **kwargs)
 
 
@@ -95,12 +72,15 @@ def decode(mixer: mixers.Mixer, x: jax.Array, max_len: int = T) -> jax.Array:
     return y
 
 
-def test_cases_cover_registry():
-    assert {name for name, _ in ALL_CASES.values()} == set(mixers.available())
+def test_every_registered_mixer_has_examples_and_metadata():
+    assert {name for name, _ in EXAMPLES.values()} == set(mixers.available())
     assert all(make(case).causal for case in CASES) and not any(make(case).causal for case in NONCAUSAL_CASES)
+    for name in mixers.available():
+        entry = mixers.info(name)
+        assert entry.name == name and entry.kind in mixers.KINDS and entry.paper and entry.causal == entry.cls.causal
 
 
-@pytest.mark.parametrize("case", sorted(NONCAUSAL_CASES))
+@pytest.mark.parametrize("case", NONCAUSAL_CASES)
 def test_noncausal_mixers_see_the_future_and_have_no_cache(case):
     mixer = make(case)
     x, _ = inputs(4)
@@ -111,7 +91,7 @@ def test_noncausal_mixers_see_the_future_and_have_no_cache(case):
         mixer.init_cache(B, T)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_decode_matches_full_forward_and_gradient(case):
     """Full-sequence forward/gradient == token-by-token decode forward/gradient (an independent per-token path:
     recurrent op from a cached state, conv/KV caches, positions from the counter)."""
@@ -151,7 +131,7 @@ def test_decode_matches_full_forward_and_gradient(case):
         assert err < 1e-3, (jax.tree_util.keystr(path), err)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_prefill_then_decode_matches_full_forward_and_stepped_cache(case):
     """prefill(first PROMPT tokens) + step(the rest) == the full forward; prefill's cache == the cache after
     stepping PROMPT tokens (PROMPT crosses a chunk boundary and wraps the sliding window's ring buffer)."""
@@ -182,7 +162,7 @@ def test_softmax_prefill_longer_than_the_cache_is_an_error():
         mixer.prefill(jnp.zeros((B, 9, D)), mixer.init_cache(B, 8))
 
 
-@pytest.mark.parametrize("case", sorted(ALL_CASES))
+@pytest.mark.parametrize("case", sorted(EXAMPLES))
 def test_chunked_and_recurrent_impls_agree(case):
     x, _ = inputs(1)
     forward = jax.jit(lambda x: (make(case, impl="chunked")(x), make(case, impl="recurrent")(x)))
@@ -221,7 +201,7 @@ def test_recurrent_state_caches_have_documented_shapes():
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", sorted(ALL_CASES))
+@pytest.mark.parametrize("case", sorted(EXAMPLES))
 def test_bad_input_shapes_name_the_argument(case):
     mixer = make(case)
     with pytest.raises(ValueError, match=r"^x "):
@@ -246,7 +226,8 @@ def test_bad_input_shapes_name_the_argument(case):
         ("softmax", dict(d_model=32, num_heads=4, num_kv_heads=3), "num_heads"),
         ("softmax", dict(d_model=32, num_heads=0), "num_heads"),
         ("softmax", dict(d_model=32, num_heads=4, impl="flash"), "impl"),
-        ("softmax", dict(d_model=32, num_heads=4, chunk_size=0), "chunk_size"),
+        ("softmax", dict(d_model=32, num_heads=4, block_size=0), "block_size"),
+        ("gla", dict(d_model=32, num_heads=4, chunk_size=0), "chunk_size"),
         ("softmax", dict(d_model=32, num_heads=4, window=0), "window"),
         ("sliding_window", dict(d_model=32, num_heads=4, window=0), "window"),
         ("sliding_window", dict(d_model=32, num_heads=4, window=None), "window"),
@@ -255,7 +236,7 @@ def test_bad_input_shapes_name_the_argument(case):
         ("retnet", dict(d_model=30, num_heads=6), "d_model / num_heads"),
         ("gla", dict(d_model=32, num_heads=4, expand_k=0.3), "expand_k"),
         ("deltanet", dict(d_model=30, num_heads=4), "expand_k"),
-        ("gated_deltanet", dict(d_model=32, num_heads=4, head_dim=0), "head_dim"),
+        ("gated_deltanet", dict(d_model=32, num_heads=4, key_dim=0), "key_dim"),
         ("mamba2", dict(d_model=32, num_heads=3), "expand"),
         ("mamba2", dict(d_model=32, num_heads=4, d_state=0), "d_state"),
     ],
@@ -271,6 +252,71 @@ def test_create_unknown_name_lists_known_names():
         mixers.create("performer", d_model=32, num_heads=4)
     for known in mixers.available():
         assert known in str(info.value)
+
+
+class ToyDecay(mixers.Mixer):
+    """S_t = exp(-1/8) S_{t-1} + k_t v_tᵀ, o_t = S_tᵀ q_t: a mixer defined outside seqlab, for the registry tests."""
+
+    def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs | None = None, **kwargs):
+        super().__init__(d_model, num_heads, **kwargs)
+        self.head_dim = d_model // num_heads
+        self._projections(self.head_dim, self.head_dim, self._rngs(rngs))
+
+    def init_cache(self, batch: int, max_len: int) -> RecurrentCache:
+        self._check_cache_args(batch, max_len)
+        return RecurrentCache.empty((batch, self.num_heads, self.head_dim, self.head_dim))
+
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+        q, k, v = (self._heads(proj(x), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        g = jnp.full(q.shape[:-1], -0.125, jnp.float32)
+        o, state = ops.simple_gla(q, k, v, g, **self._op_kwargs(None if cache is None else cache.state))
+        if cache is not None:
+            cache = cache.replace(state=state, pos=cache.pos + x.shape[1])
+        return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+
+
+@pytest.fixture
+def registry_copy(monkeypatch):
+    """The registry as it is, restored after the test (registrations made by the test are dropped)."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+def test_a_mixer_defined_outside_seqlab_registers_and_is_created_by_name(registry_copy):
+    mixers.register("toy_decay", kind="linear", paper="A toy", examples={"small": dict(num_heads=2)})(ToyDecay)
+    assert "toy_decay" in mixers.available() and mixers.get("toy_decay") is ToyDecay
+    entry = mixers.info("toy_decay")
+    assert (entry.kind, entry.paper, entry.causal) == ("linear", "A toy", True)
+    assert dict(entry.examples["small"]) == {"num_heads": 2}
+    mixer = mixers.create("toy_decay", d_model=D, num_heads=2, chunk_size=CHUNK)
+    assert isinstance(mixer, ToyDecay) and mixer.chunk_size == CHUNK
+    x, _ = inputs()
+    assert rel_err(decode(mixer, x), mixer(x)) < 1e-4
+    mixers.register("toy_decay", kind="linear", paper="A toy")(ToyDecay)  # the same class again: accepted
+
+    class Other(ToyDecay):
+        pass
+
+    with pytest.raises(ValueError, match="^name: mixer 'toy_decay' is already registered"):
+        mixers.register("toy_decay", kind="linear", paper="A toy")(Other)
+    assert mixers.get("toy_decay") is ToyDecay
+
+
+def test_register_refuses_non_mixers_bad_metadata_and_unknown_example_arguments(registry_copy):
+    with pytest.raises(TypeError, match="only a seqlab.mixers.Mixer subclass"):
+        mixers.register("toy_dict", kind="linear", paper="A toy")(dict)
+    with pytest.raises(ValueError, match="^kind must be one of"):
+        mixers.register("toy_decay", kind="rnn", paper="A toy")
+    with pytest.raises(ValueError, match="^examples: window not an argument of mixer 'toy_decay'"):
+        mixers.register("toy_decay", kind="linear", paper="A toy", examples={"w": dict(window=4)})(ToyDecay)
+    assert "toy_dict" not in mixers.available() and "toy_decay" not in mixers.available()
+
+
+def test_keyword_arguments_follow_kwargs_up_the_hierarchy_in_declaration_order():
+    params = mixers.keyword_arguments(mixers.SlidingWindowAttention)
+    names = list(params)
+    assert names[0] == "window" and params["window"].default == 64  # the subclass's own default first
+    assert names.index("num_kv_heads") < names.index("impl") and "rngs" in names
+    assert list(mixers.keyword_arguments(ToyDecay))[:2] == ["rngs", "impl"]
 
 
 def test_create_unknown_kwarg_is_named():

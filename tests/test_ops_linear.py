@@ -1,8 +1,10 @@
-"""Correctness tests for the linear-attention family in seqlab.ops.
+"""Correctness tests for the linear-state ops in seqlab.ops.
 
-Ground truth comes from tests/reference.py (no shared code with seqlab):
-forward outputs and final states against float64 per-token loops, gradients
-against float32 ``lax.scan`` per-token references.
+The ops are the ones declared with ``seqlab.ops._common.linear_op`` (``seqlab.ops.linear_ops()``), each with its
+flag variants; inputs come from the declarations (tests/linear_cases.py). Ground truth comes from tests/reference.py
+(no shared code with seqlab), found by name: forward outputs and final states against float64 per-token loops
+(``np_<op>``), gradients against float32 ``lax.scan`` per-token references (``jnp_<op>``). Every form runs, and
+the Pallas kernel (interpreted) for the ops that declare one.
 
 Tolerances (relative error ||a - b|| / ||b|| over the whole tensor):
 * forward, float32 inputs:  1e-5  (float32 unit round-off is 6e-8; the
@@ -14,101 +16,70 @@ Tolerances (relative error ||a - b|| / ||b|| over the whole tensor):
 from __future__ import annotations
 
 import functools
+import inspect
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import linear_cases as lc
 import reference as ref
 from reference import rel_err
 from seqlab import ops
+from seqlab.ops._common import Gate, linear_op
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-4
 
 IMPLS = ("chunked", "recurrent", "parallel")
 
-# A "variant" is an op plus its fixed flags. linear_attn is tested both plain
+# Every declared op (seqlab.ops.linear_ops()) with each of its flag variants: linear_attn is tested both plain
 # and with normalize=True (state [B, H, K, V+1]).
-VARIANTS = (
-    "linear_attn",
-    "linear_attn_normalized",
-    "simple_gla",
-    "gla",
-    "delta_rule",
-    "gated_delta_rule",
-)
-GATED = ("simple_gla", "gla", "gated_delta_rule")
+VARIANTS = lc.cases()
+WITH_KERNEL = [c for c in VARIANTS if c.spec.kernel is not None]  # impl="pallas" runs a kernel (interpreted)
+GATED = [c for c in VARIANTS if lc.has_log_gate(c.spec)]
+DIAGONAL = [c for c in VARIANTS if lc.diagonal_gated(c.spec)]
 
 
-def op_name(variant):
-    return "linear_attn" if variant.startswith("linear_attn") else variant
+def ids(cases):
+    return [c.id for c in cases]
 
 
-def variant_kwargs(variant):
-    return {"normalize": True} if variant == "linear_attn_normalized" else {}
+def test_every_declared_op_has_references():
+    """Each declared op has np_<op> and jnp_<op> in tests/reference.py, taking the op's positional inputs."""
+    for spec in ops.linear_ops():
+        for kind in ("np", "jnp"):
+            fn = getattr(ref, f"{kind}_{spec.name}", None)
+            assert fn is not None, f"tests/reference.py has no {kind}_{spec.name} for the declared op {spec.name}"
+            params = inspect.signature(fn).parameters.values()
+            positional = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+            assert positional == spec.inputs, f"{kind}_{spec.name} takes {positional}, the op {spec.inputs}"
 
 
-# ---------------------------------------------------------------------------
-# input generation
-# ---------------------------------------------------------------------------
+def test_declarations_are_checked():
+    """A declaration must name the op's gate inputs exactly, with a known shape and range and kernel."""
+    def op(q, k, v, g, *, scale=None):
+        return v, None
 
+    with pytest.raises(ValueError, match="undeclared"):
+        linear_op()(op)
+    with pytest.raises(ValueError, match="not an input"):
+        linear_op(gates={"g": Gate("head", "log"), "beta": Gate("head", "unit")})(op)
+    with pytest.raises(ValueError, match="Gate.shape"):
+        Gate("value", "log")
+    with pytest.raises(ValueError, match="Gate.range"):
+        Gate("head", "positive")
+    with pytest.raises(ValueError, match="kernel"):
+        linear_op(gates={"g": Gate("head", "log")}, kernel="no_such_kernel")(op)
 
-def log_gates(rng, shape, mode):
-    if mode == "default":
-        # magnitudes spread log-normally around 0.37 (decays ~0.07 .. 0.95)
-        g = -np.exp(rng.normal(-1.0, 1.0, shape))
-    elif mode == "extreme":
-        g = rng.uniform(-20.0, 0.0, shape)
-    elif mode == "near_zero":
-        g = -rng.uniform(0.0, 1e-3, shape)
-        g[rng.uniform(size=shape) < 0.25] = 0.0  # some gates exactly 0 (no decay)
-    elif mode == "loguniform":
-        # |g| log-uniform in [1e-4, 20]: from near-perfect memory to instant forgetting
-        g = -np.exp(rng.uniform(np.log(1e-4), np.log(20.0), shape))
-    else:
-        raise AssertionError(mode)
-    return g.astype(np.float32)
+    def gla(q, k, v, gk, *, scale=None):  # a second op named like seqlab.ops.gla, in another module
+        return v, None
 
-
-def softplus(x):
-    return np.logaddexp(0.0, x).astype(np.float32)
-
-
-def make_inputs(rng, variant, *, B=2, T=50, H=2, K=16, V=24, gates="default",
-                initial_state=True):
-    op = op_name(variant)
-    normal = lambda *s: rng.standard_normal(s).astype(np.float32)
-    q, k, v = normal(B, T, H, K), normal(B, T, H, K), normal(B, T, H, V)
-    if variant == "linear_attn_normalized":
-        # normalised linear attention is used with positive feature maps;
-        # positive q, k keep the denominator (q . z + eps) away from zero.
-        q, k = softplus(q), softplus(k)
-    if op in ("delta_rule", "gated_delta_rule"):
-        # the mixers feed L2-normalised keys
-        k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
-    args = {"q": q, "k": k, "v": v}
-    names = ref.GATE_ARGS[op]
-    if "g" in names:
-        args["g"] = log_gates(rng, (B, T, H), gates)
-    if "gk" in names:
-        args["gk"] = log_gates(rng, (B, T, H, K), gates)
-    if "beta" in names:
-        args["beta"] = rng.uniform(0.05, 0.95, (B, T, H)).astype(np.float32)
-    if initial_state:
-        if variant == "linear_attn_normalized":
-            h0 = 0.5 * normal(B, H, K, V + 1)
-            h0[..., V] = np.abs(h0[..., V]) + 1.0  # key-sum column: positive
-        else:
-            h0 = 0.5 * normal(B, H, K, V)
-        args["initial_state"] = h0
-    return args
-
-
-def state_cols(variant, V):
-    return V + 1 if variant == "linear_attn_normalized" else V
+    with pytest.raises(ValueError, match="already declared"):
+        linear_op(gates={"gk": Gate("key", "log")})(gla)
 
 
 # ---------------------------------------------------------------------------
@@ -116,46 +87,21 @@ def state_cols(variant, V):
 # ---------------------------------------------------------------------------
 
 
-def call_op(variant, args, **kw):
-    op = op_name(variant)
-    pos = [args["q"], args["k"], args["v"]] + [args[n] for n in ref.GATE_ARGS[op]]
-    if "initial_state" in args:
-        kw["initial_state"] = args["initial_state"]
-    return getattr(ops, op)(*pos, **variant_kwargs(variant), **kw)
+def call_np_ref(case, args, **kw):
+    return lc.call_reference(case, "np", args, **kw)
 
 
-def call_np_ref(variant, args, **kw):
-    op = op_name(variant)
-    pos = [args["q"], args["k"], args["v"]] + [args[n] for n in ref.GATE_ARGS[op]]
-    return ref.NP_LINEAR[op](*pos, initial_state=args.get("initial_state"),
-                             **variant_kwargs(variant), **kw)
-
-
-def call_jnp_ref(variant, args, **kw):
-    op = op_name(variant)
-    pos = [args["q"], args["k"], args["v"]] + [args[n] for n in ref.GATE_ARGS[op]]
-    return ref.JNP_LINEAR[op](*pos, initial_state=args.get("initial_state"),
-                              **variant_kwargs(variant), **kw)
+def call_jnp_ref(case, args, **kw):
+    return lc.call_reference(case, "jnp", args, **kw)
 
 
 def functional_weights(rng, args, variant):
     """Random weights for the linear functional L = <Wo, o> + <Ws, final_state>."""
-    B, T, H, _ = args["q"].shape
-    K, V = args["k"].shape[-1], args["v"].shape[-1]
+    B, T, H, K = args["q"].shape
+    V = args["v"].shape[-1]
     Wo = rng.standard_normal((B, T, H, V)).astype(np.float32)
-    Ws = rng.standard_normal((B, H, K, state_cols(variant, V))).astype(np.float32)
+    Ws = rng.standard_normal((B, H, K, variant.state_columns(V))).astype(np.float32)
     return Wo, Ws
-
-
-def value_and_grads(fn, args, Wo, Ws):
-    """(o, final_state, d<Wo,o>+<Ws,S> / d args) for fn(args) -> (o, S), jitted."""
-
-    def loss(a):
-        o, S = fn(a)
-        return jnp.sum(o.astype(jnp.float32) * Wo) + jnp.sum(S * Ws), (o, S)
-
-    (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
-    return np.asarray(o), np.asarray(S), {n: np.asarray(g) for n, g in grads.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,12 +118,12 @@ def jnp_ref_grads(variant, scale):
 
 
 def check_forward_and_grads(variant, args, Wo, Ws, op_kw, ref_kw):
-    B, T, H, _ = args["q"].shape
-    K, V = args["k"].shape[-1], args["v"].shape[-1]
-    o, S, g = value_and_grads(
-        lambda a: call_op(variant, a, output_final_state=True, **op_kw), args, Wo, Ws)
+    B, T, H, K = args["q"].shape
+    V = args["v"].shape[-1]
+    o, S, g = lc.value_and_grads(
+        lambda a: lc.call_op(variant, a, output_final_state=True, **op_kw), args, Wo, Ws)
     assert o.shape == (B, T, H, V)
-    assert S.shape == (B, H, K, state_cols(variant, V))
+    assert S.shape == (B, H, K, variant.state_columns(V))
     assert S.dtype == np.float32
 
     o_ref, S_ref = call_np_ref(variant, args, **ref_kw)
@@ -197,9 +143,9 @@ def check_forward_and_grads(variant, args, Wo, Ws, op_kw, ref_kw):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids(VARIANTS))
 def test_reference_scan_matches_loop_and_finite_differences(variant, rng):
-    args = make_inputs(rng, variant, B=1, T=12, H=2, K=4, V=3)
+    args = lc.make_inputs(rng, variant, B=1, T=12, H=2, K=4, V=3)
     o_np, S_np = call_np_ref(variant, args)
     o_j, S_j = jax.jit(lambda a: call_jnp_ref(variant, a))(args)
     assert rel_err(o_j, o_np) <= FWD_TOL
@@ -208,7 +154,7 @@ def test_reference_scan_matches_loop_and_finite_differences(variant, rng):
     # directional derivative of the float64 loop (central differences) vs the
     # scan reference's gradient, along a random direction in every input
     Wo, Ws = functional_weights(rng, args, variant)
-    _, _, g = value_and_grads(lambda a: call_jnp_ref(variant, a), args, Wo, Ws)
+    _, _, g = lc.value_and_grads(lambda a: call_jnp_ref(variant, a), args, Wo, Ws)
     d = {n: rng.standard_normal(x.shape) for n, x in args.items()}
 
     def L(eps):
@@ -238,14 +184,17 @@ CASES = (
     ("chunked", 63, 64, None, True),  # T < C
 )
 # (T % C == 0 is covered by test_long_sequence_bf16: T=16384 with the default C=64.)
+# The ops with a Pallas kernel also run it (interpreted): several chunks, the last ragged, an explicit scale and an
+# initial state (test_pallas_linear_attention checks more kernel sizes, test_op_dispatch no initial state).
+PALLAS_CASES = (("pallas", 50, 16, 0.3, True),)
+FORWARD_CASES = [(v, c) for v in VARIANTS for c in CASES] + [(v, c) for v in WITH_KERNEL for c in PALLAS_CASES]
 
 
-@pytest.mark.parametrize("case", CASES,
-                         ids=lambda c: f"{c[0]}-T{c[1]}-C{c[2]}-s{c[3]}-h0{int(c[4])}")
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant,case", FORWARD_CASES,
+                         ids=[f"{v.id}-{c[0]}-T{c[1]}-C{c[2]}-s{c[3]}-h0{int(c[4])}" for v, c in FORWARD_CASES])
 def test_forward_and_grads(variant, case, rng):
     impl, T, chunk_size, scale, h0 = case
-    args = make_inputs(rng, variant, B=2, T=T, H=2, K=16, V=24, initial_state=h0)
+    args = lc.make_inputs(rng, variant, B=2, T=T, H=2, K=16, V=24, initial_state=h0)
     Wo, Ws = functional_weights(rng, args, variant)
     op_kw = {"impl": impl, "scale": scale}
     if chunk_size is not None:
@@ -255,20 +204,22 @@ def test_forward_and_grads(variant, case, rng):
 
 # chunked with C=64 (two chunks, the second ragged) and C=128 (one chunk longer than T)
 EXTREME_IMPLS = (("chunked", 64), ("chunked", 128), ("recurrent", None), ("parallel", None))
+EXTREME_CASES = [(v, *form) for v in GATED for form in EXTREME_IMPLS] + [
+    (v, "pallas", 32) for v in GATED if v in WITH_KERNEL]
 
 
-@pytest.mark.parametrize("impl,chunk_size", EXTREME_IMPLS, ids=lambda x: str(x))
-@pytest.mark.parametrize("variant", GATED)
+@pytest.mark.parametrize("variant,impl,chunk_size", EXTREME_CASES,
+                         ids=[f"{v.id}-{impl}-{chunk}" for v, impl, chunk in EXTREME_CASES])
 def test_extreme_gates(variant, impl, chunk_size, rng):
     """Head 0: log gates uniform in [-20, 0] (decays down to 2e-9 per step;
     cumulative log decay reaches ~-1000 within a 100-token sequence / 64-chunk).
     Head 1: gates in [-1e-3, 0], a quarter of them exactly 0 (no decay)."""
-    args = make_inputs(rng, variant, B=1, T=100, H=2, K=16, V=24)
-    for name in ("g", "gk"):
-        if name in args:
+    args = lc.make_inputs(rng, variant, B=1, T=100, H=2, K=16, V=24)
+    for name, gate in variant.spec.gates.items():
+        if gate.range == "log":
             x = args[name]
-            x[:, :, 0] = log_gates(rng, x[:, :, 0].shape, "extreme")
-            x[:, :, 1] = log_gates(rng, x[:, :, 1].shape, "near_zero")
+            x[:, :, 0] = lc.log_gates(rng, x[:, :, 0].shape, "extreme")
+            x[:, :, 1] = lc.log_gates(rng, x[:, :, 1].shape, "near_zero")
     Wo, Ws = functional_weights(rng, args, variant)
     op_kw = {"impl": impl}
     if chunk_size is not None:
@@ -281,18 +232,20 @@ def test_extreme_gates(variant, impl, chunk_size, rng):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids(VARIANTS))
 def test_defaults(variant, rng):
     """impl / chunk_size / scale defaults; final_state is None unless asked for."""
-    args = make_inputs(rng, variant, B=1, T=100, H=2, K=16, V=24, initial_state=False)
-    o, S = jax.jit(lambda a: call_op(variant, a))(args)
+    args = lc.make_inputs(rng, variant, B=1, T=100, H=2, K=16, V=24, initial_state=False)
+    o, S = jax.jit(lambda a: lc.call_op(variant, a))(args)
     assert S is None
     o_ref, _ = call_np_ref(variant, args)  # scale = K ** -0.5
     assert rel_err(o, o_ref) <= FWD_TOL
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("variant", VARIANTS)
+CARRY_CASES = [(v, impl) for v in VARIANTS for impl in IMPLS] + [(v, "pallas") for v in WITH_KERNEL]
+
+
+@pytest.mark.parametrize("variant,impl", CARRY_CASES, ids=[f"{v.id}-{impl}" for v, impl in CARRY_CASES])
 def test_state_carry(variant, impl, rng):
     """Running [0, T) == running [0, t) then [t, T) from the carried final state.
 
@@ -301,11 +254,11 @@ def test_state_carry(variant, impl, rng):
     unsplit run is represented by the float64 reference over [0, T)
     (test_forward_and_grads ties the unsplit op to that same reference)."""
     T, t = 100, 50
-    args = make_inputs(rng, variant, B=2, T=T, H=2, K=16, V=24)
+    args = lc.make_inputs(rng, variant, B=2, T=T, H=2, K=16, V=24)
     kw = {"impl": impl, "output_final_state": True}
-    if impl == "chunked":
+    if impl in ("chunked", "pallas"):
         kw["chunk_size"] = 32
-    run = jax.jit(lambda a: call_op(variant, a, **kw))
+    run = jax.jit(lambda a: lc.call_op(variant, a, **kw))
 
     first = {n: (x if n == "initial_state" else x[:, :t]) for n, x in args.items()}
     o1, S1 = run(first)
@@ -343,21 +296,21 @@ _LONG_REF_CACHE = {}
 
 
 def long_inputs_and_ref(variant):
-    if variant not in _LONG_REF_CACHE:
-        rng = np.random.default_rng(1234 + VARIANTS.index(variant))
-        args = make_inputs(rng, variant, B=1, T=16384, H=2, K=16, V=16,
-                           gates="loguniform", initial_state=False)
-        _LONG_REF_CACHE[variant] = (args, call_np_ref(variant, args))
-    return _LONG_REF_CACHE[variant]
+    if variant.id not in _LONG_REF_CACHE:
+        rng = np.random.default_rng(zlib.crc32(variant.id.encode()))
+        args = lc.make_inputs(rng, variant, B=1, T=16384, H=2, K=16, V=16,
+                              gates="loguniform", initial_state=False)
+        _LONG_REF_CACHE[variant.id] = (args, call_np_ref(variant, args))
+    return _LONG_REF_CACHE[variant.id]
 
 
 @pytest.mark.parametrize("impl", ("chunked", "recurrent"))  # parallel is O(T^2)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=ids(VARIANTS))
 def test_long_sequence_bf16(variant, impl):
     """T=16384, bf16 q/k/v/gates/beta; |log gate| log-uniform in [1e-4, 20]."""
     args, (o_ref, S_ref) = long_inputs_and_ref(variant)
     bf = {n: jnp.asarray(x, jnp.bfloat16) for n, x in args.items()}
-    o, S = jax.jit(lambda a: call_op(variant, a, impl=impl, output_final_state=True))(bf)
+    o, S = jax.jit(lambda a: lc.call_op(variant, a, impl=impl, output_final_state=True))(bf)
     o = np.asarray(o.astype(jnp.float32))
     S = np.asarray(S)
     assert S.dtype == np.float32
@@ -367,22 +320,22 @@ def test_long_sequence_bf16(variant, impl):
     assert e_S <= BF16_TOL, f"final_state rel err {e_S:.3g}"
 
 
-@pytest.mark.parametrize("variant", ("simple_gla", "gla"))
+@pytest.mark.parametrize("variant", DIAGONAL, ids=ids(DIAGONAL))
 def test_key_dim_one(variant, rng):
     """K = 1: a per-key gate [B, T, H, 1] must not be mistaken for a per-head one in the chunked backward pass."""
-    args = make_inputs(rng, variant, B=1, T=40, H=2, K=1, V=3)
+    args = lc.make_inputs(rng, variant, B=1, T=40, H=2, K=1, V=3)
     Wo, Ws = functional_weights(rng, args, variant)
     check_forward_and_grads(variant, args, Wo, Ws, {"impl": "chunked", "chunk_size": 16}, {})
 
 
-@pytest.mark.parametrize("variant", ("simple_gla", "gla"))
+@pytest.mark.parametrize("variant", DIAGONAL, ids=ids(DIAGONAL))
 def test_long_sequence_gate_gradients(variant):
     """The chunked form takes the gate's gradient from the identity dL/dG_t = q_t·dq_t - k_t·dk_t and one running
     sum over the whole sequence (``recurrence.DiagonalGate``), not by differentiating the chunk math: at T = 4096,
     with gates from near-perfect memory to instant forgetting, an initial state and a loss on the final state,
     every gradient must still match the per-token scan reference within the float32 gradient tolerance."""
     rng = np.random.default_rng(99)
-    args = make_inputs(rng, variant, B=1, T=4096, H=2, K=16, V=16, gates="loguniform")
+    args = lc.make_inputs(rng, variant, B=1, T=4096, H=2, K=16, V=16, gates="loguniform")
     Wo, Ws = functional_weights(rng, args, variant)
     check_forward_and_grads(variant, args, Wo, Ws, {"impl": "chunked"}, {})
 
@@ -399,58 +352,58 @@ def names(*ns):
 
 def _bad_cases(variant):
     B, T, H, K, V = 1, 8, 2, 4, 6
-    op = op_name(variant)
-    cols = state_cols(variant, V)
+    cols = variant.state_columns(V)
     yield "impl", {}, {"impl": "blocked"}, names("impl")
     yield "chunk_size0", {}, {"chunk_size": 0}, names("chunk_size")
     yield "chunk_size-16", {}, {"chunk_size": -16}, names("chunk_size")
-    yield "k_dim", {"k": np.ones((B, T, H, K + 1), np.float32)}, {}, names("q", "k")
-    yield "k_len", {"k": np.ones((B, T + 1, H, K), np.float32)}, {}, names("q", "k")
+    yield "q_rank", {"q": np.ones((B, T, H), np.float32)}, {}, names("q")
+    if "k" in variant.spec.inputs:
+        yield "k_dim", {"k": np.ones((B, T, H, K + 1), np.float32)}, {}, names("q", "k")
+        yield "k_len", {"k": np.ones((B, T + 1, H, K), np.float32)}, {}, names("q", "k")
     yield "v_len", {"v": np.ones((B, T - 1, H, V), np.float32)}, {}, names("v", "k", "q")
     yield "v_heads", {"v": np.ones((B, T, H + 1, V), np.float32)}, {}, names("v", "k", "q")
     yield ("state_shape", {"initial_state": np.zeros((B, H, K, cols + 1), np.float32)}, {},
            names("initial_state"))
     yield ("state_heads", {"initial_state": np.zeros((B, H + 1, K, cols), np.float32)}, {},
            names("initial_state"))
-    if "g" in ref.GATE_ARGS[op]:
-        yield "g_shape", {"g": np.zeros((B, T, H, K), np.float32)}, {}, names("g")
-        yield "g_len", {"g": np.zeros((B, T + 3, H), np.float32)}, {}, names("g")
-    if "gk" in ref.GATE_ARGS[op]:
-        yield "gk_shape", {"gk": np.zeros((B, T, H), np.float32)}, {}, names("gk")
-        yield "gk_dim", {"gk": np.zeros((B, T, H, K + 2), np.float32)}, {}, names("gk")
-    if "beta" in ref.GATE_ARGS[op]:
-        yield "beta_shape", {"beta": np.ones((B, T, H, K), np.float32)}, {}, names("beta")
-        yield "beta_len", {"beta": np.ones((B, T - 2, H), np.float32)}, {}, names("beta")
+    for name, gate in variant.spec.gates.items():
+        fill = np.zeros if gate.range == "log" else np.ones
+        if gate.shape == "head":
+            yield f"{name}_shape", {name: fill((B, T, H, K), np.float32)}, {}, names(name)
+            yield f"{name}_len", {name: fill((B, T + 3, H), np.float32)}, {}, names(name)
+        else:
+            yield f"{name}_shape", {name: fill((B, T, H), np.float32)}, {}, names(name)
+            yield f"{name}_dim", {name: fill((B, T, H, K + 2), np.float32)}, {}, names(name)
 
 
 @functools.lru_cache(maxsize=None)
 def assert_valid_small_call_accepted(variant):
-    args = make_inputs(np.random.default_rng(0), variant, B=1, T=8, H=2, K=4, V=6)
-    o, S = call_op(variant, args, output_final_state=True)
-    assert o.shape == (1, 8, 2, 6) and S.shape == (1, 2, 4, state_cols(variant, 6))
+    args = lc.make_inputs(np.random.default_rng(0), variant, B=1, T=8, H=2, K=4, V=6)
+    o, S = lc.call_op(variant, args, output_final_state=True)
+    assert o.shape == (1, 8, 2, 6) and S.shape == (1, 2, 4, variant.state_columns(6))
 
 
 BAD = [(variant, *c) for variant in VARIANTS for c in _bad_cases(variant)]
 
 
 @pytest.mark.parametrize("variant,case,override,kw,pattern", BAD,
-                         ids=[f"{b[0]}-{b[1]}" for b in BAD])
+                         ids=[f"{b[0].id}-{b[1]}" for b in BAD])
 def test_invalid_input_raises(variant, case, override, kw, pattern, rng):
-    args = make_inputs(rng, variant, B=1, T=8, H=2, K=4, V=6)
+    args = lc.make_inputs(rng, variant, B=1, T=8, H=2, K=4, V=6)
     assert_valid_small_call_accepted(variant)  # so the error is due to the change
     args.update(override)
     with pytest.raises(ValueError, match=pattern):
-        call_op(variant, args, output_final_state=True, **kw)
+        lc.call_op(variant, args, output_final_state=True, **kw)
 
 
 def test_normalized_state_needs_extra_column(rng):
     """normalize=True takes a [B, H, K, V+1] state; a [B, H, K, V] one is rejected,
     and vice versa."""
-    args = make_inputs(rng, "linear_attn", B=1, T=8, H=2, K=4, V=6)  # [.., V] state
+    args = lc.make_inputs(rng, lc.case("linear_attn"), B=1, T=8, H=2, K=4, V=6)  # [.., V] state
     with pytest.raises(ValueError, match=names("initial_state")):
         ops.linear_attn(args["q"], args["k"], args["v"], normalize=True,
                         initial_state=args["initial_state"])
-    args = make_inputs(rng, "linear_attn_normalized", B=1, T=8, H=2, K=4, V=6)
+    args = lc.make_inputs(rng, lc.case("linear_attn_normalized"), B=1, T=8, H=2, K=4, V=6)
     with pytest.raises(ValueError, match=names("initial_state")):
         ops.linear_attn(args["q"], args["k"], args["v"], normalize=False,
                         initial_state=args["initial_state"])

@@ -21,7 +21,7 @@ import pytest
 import reference as ref
 from reference import rel_err
 from seqlab import ops
-from seqlab.core import online_softmax
+from seqlab.core import masks, online_softmax
 from seqlab.ops.softmax_attn import DEFAULT_BLOCK_SIZE, MIN_WINDOW_BLOCK_SIZE, default_block_size
 
 FWD_TOL = 1e-5
@@ -212,7 +212,8 @@ def test_block_plan_reads_every_visible_key_and_skips_empty_blocks(T, block, cau
     """Each query block's key window covers every block holding a key visible to it, and its last block is
     non-empty; with no more distinct widths than classes, rows read exactly their non-empty blocks, and with
     rounding (19 causal rows in 8 classes) at most 10% more than that."""
-    plan = online_softmax.BlockPlan(T, block, causal, window, group=1)
+    mask = masks.Causal(window) if causal else masks.Bidirectional(window)
+    plan = online_softmax.BlockPlan(T, block, mask, group=1)
     visible = _visible_pairs(T, causal, window)
     n = -(-T // block)
     assert len(plan.classes) <= online_softmax.MAX_ROW_CLASSES

@@ -17,11 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as ref
+import linear_cases as lc
 from reference import rel_err
 from pallas_kernels import _common
 from pallas_kernels.delta_rule import DeltaRuleBlocks, delta_rule
-from seqlab import ops
 
 FWD_TOL = 1e-5
 GRAD_TOL = 1e-5
@@ -59,37 +58,30 @@ def run_pallas(args, blocks, **kw):
     )
 
 
+DELTA_OPS = lc.cases(lambda spec: spec.kernel == "delta_rule")  # the declared ops on this kernel
+
+
+def delta_op(args) -> lc.Case:
+    """The declared op on this kernel whose inputs ``args`` holds: DeltaNet (beta), Gated DeltaNet (g and beta)."""
+    return next(c for c in DELTA_OPS if set(c.spec.inputs) == set(args) - {"initial_state"})
+
+
 def run_chunked(args, chunk):
-    q, k, v, beta = args["q"], args["k"], args["v"], args["beta"]
-    kw = dict(initial_state=args.get("initial_state"), output_final_state=True, impl="chunked", chunk_size=chunk)
-    if "g" in args:
-        return ops.gated_delta_rule(q, k, v, args["g"], beta, **kw)
-    return ops.delta_rule(q, k, v, beta, **kw)
+    return lc.call_op(delta_op(args), args, output_final_state=True, impl="chunked", chunk_size=chunk)
 
 
 def run_scan(args):
-    q, k, v, beta, h0 = args["q"], args["k"], args["v"], args["beta"], args.get("initial_state")
-    if "g" in args:
-        return ref.jnp_gated_delta_rule(q, k, v, args["g"], beta, initial_state=h0)
-    return ref.jnp_delta_rule(q, k, v, beta, initial_state=h0)
+    return lc.call_reference(delta_op(args), "jnp", args)
 
 
 def run_np(args):
-    q, k, v, beta, h0 = args["q"], args["k"], args["v"], args["beta"], args.get("initial_state")
-    if "g" in args:
-        return ref.np_gated_delta_rule(q, k, v, args["g"], beta, initial_state=h0)
-    return ref.np_delta_rule(q, k, v, beta, initial_state=h0)
+    return lc.call_reference(delta_op(args), "np", args)
 
 
-def value_and_grads(fn, args, Wo, Ws):
-    """(o, final state, d(<Wo, o> + <Ws, S>)/d args) for fn(args) -> (o, S), jitted."""
-
-    def loss(a):
-        o, S = fn(a)
-        return jnp.sum(o.astype(jnp.float32) * Wo) + jnp.sum(S * Ws), (o, S)
-
-    (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
-    return np.asarray(o, np.float32), np.asarray(S), {n: np.asarray(g) for n, g in grads.items()}
+def test_every_op_on_the_kernel_is_tested():
+    """The cases below (DeltaNet inputs, gated inputs) reach every declared op on this kernel."""
+    reached = {delta_op(make_inputs(np.random.default_rng(0), gates=gates)).id for gates in (None, "default")}
+    assert reached == {c.id for c in DELTA_OPS}
 
 
 def loss_weights(rng, args):
@@ -112,16 +104,16 @@ def test_matches_chunked_and_float64(rng, gates, chunk, chunk_bwd, T, initial_st
     args = make_inputs(rng, T=T, gates=gates, initial_state=initial_state)
     Wo, Ws = loss_weights(rng, args)
     blocks = DeltaRuleBlocks(chunk=chunk, chunk_bwd=chunk_bwd, value_block=16)  # V' = 32: two column blocks
-    o, S, grads = value_and_grads(lambda a: run_pallas(a, blocks), args, Wo, Ws)
+    o, S, grads = lc.value_and_grads(lambda a: run_pallas(a, blocks), args, Wo, Ws)
     assert o.shape == args["v"].shape and o.dtype == np.float32
     assert S.shape == (2, 2, 16, 24) and S.dtype == np.float32
 
     o_np, S_np = run_np(args)
-    o_xla, S_xla, grads_xla = value_and_grads(lambda a: run_chunked(a, chunk), args, Wo, Ws)
+    o_xla, S_xla, grads_xla = lc.value_and_grads(lambda a: run_chunked(a, chunk), args, Wo, Ws)
     for name, got, want in (("o", o, o_np), ("S", S, S_np), ("o vs xla", o, o_xla), ("S vs xla", S, S_xla)):
         assert rel_err(got, want) <= FWD_TOL, f"{name}: rel err {rel_err(got, want):.3g}"
     assert set(grads) == set(args)
-    _, _, grads_scan = value_and_grads(run_scan, args, Wo, Ws)
+    _, _, grads_scan = lc.value_and_grads(run_scan, args, Wo, Ws)
     for reference_grads in (grads_xla, grads_scan):
         errs = {n: rel_err(grads[n], reference_grads[n]) for n in args}
         assert max(errs.values()) <= GRAD_TOL, errs
@@ -134,8 +126,8 @@ def test_bf16_inputs(rng):
     args16 = {n: (jnp.asarray(x, jnp.bfloat16) if n in ("q", "k", "v") else x) for n, x in args.items()}
     Wo, Ws = loss_weights(rng, args)
     blocks = DeltaRuleBlocks(chunk=16, chunk_bwd=32)
-    results16 = value_and_grads(lambda a: run_pallas(a, blocks), args16, Wo, Ws)
-    results32 = value_and_grads(lambda a: run_chunked(a, 16), args, Wo, Ws)
+    results16 = lc.value_and_grads(lambda a: run_pallas(a, blocks), args16, Wo, Ws)
+    results32 = lc.value_and_grads(lambda a: run_chunked(a, 16), args, Wo, Ws)
     assert {n: g.dtype for n, g in results16[2].items()} == {n: x.dtype for n, x in args16.items()}
     pairs = [("o", results16[0], results32[0]), ("S", results16[1], results32[1])]
     pairs += [(f"d{n}", results16[2][n], results32[2][n]) for n in args]

@@ -1,7 +1,8 @@
 """pallas_kernels.flash_attention in interpret mode (CPU): outputs and gradients against the XLA chunked path
 (``seqlab.ops.softmax_attn(impl="chunked")``) for causal / bidirectional masks, and against a dense masked softmax
-whose mask is built here, pair by pair, from each mask's definition (no code shared with the kernels) for the
-block-diagonal, strided, block-sparse and per-head masks; the visit tables; lowering for GPU (Triton) and TPU
+whose mask is built pair by pair from each mask's definition (``test_masks.reference_mask``, no code shared with
+the kernels) for the block-diagonal, strided, block-sparse and per-head masks (every other mask kind and
+composition: tests/test_masks.py); the visit tables; lowering for GPU (Triton) and TPU
 (Mosaic); argument errors.
 
 Tolerances (relative error ||a - b|| / ||b|| over the whole tensor): 1e-5 for float32 outputs and gradients (both
@@ -24,9 +25,9 @@ from pallas_kernels import _common
 from pallas_kernels import flash_attention as fa
 from reference import rel_err
 from seqlab import ops
+from test_masks import dense_reference, nonempty_tiles, reference_mask
 
 TOL = 1e-5
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def make_inputs(seed, *, B=2, T=37, H=4, H_kv=2, D=16, V=24):
@@ -55,49 +56,6 @@ def assert_close(got, want, tol=TOL):
     (o, grads), (o_ref, grads_ref) = got, want
     errors = {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), [o, *grads], [o_ref, *grads_ref])}
     assert all(e <= tol for e in errors.values()), f"relative errors above {tol}: {errors}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the dense reference: a mask built pair by pair from the definitions, then a plain masked softmax
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def pair_visible(mask, t: int, s: int) -> bool:
-    """Key s visible to query t, written from each mask's definition."""
-    if isinstance(mask, fa.Causal):
-        return s <= t and (mask.window is None or t - s < mask.window)
-    if isinstance(mask, fa.Bidirectional):
-        return mask.window is None or abs(t - s) < mask.window
-    if isinstance(mask, fa.BlockDiagonal):
-        return t // mask.size == s // mask.size and (s <= t or not mask.causal)
-    if isinstance(mask, fa.Strided):
-        return (t - s) % mask.stride == 0 and (s <= t or not mask.causal)
-    if isinstance(mask, fa.BlockSparse):
-        return mask.layout[t // mask.block][s // mask.block] and (s <= t or not mask.causal)
-    raise TypeError(mask)
-
-
-def dense_mask(mask, T: int, H: int) -> np.ndarray:
-    """[H, T, T] bool from Python loops over (t, s)."""
-    per_head = mask.masks if isinstance(mask, fa.PerHead) else (mask,) * H
-    return np.array([[[pair_visible(m, t, s) for s in range(T)] for t in range(T)] for m in per_head])
-
-
-def dense_attention(visible: np.ndarray, scale=None):
-    """Masked softmax attention with the [H, T, T] mask ``visible``; a query that sees no key gives 0."""
-
-    def attention(q, k, v):
-        group = q.shape[2] // k.shape[2]
-        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        logits = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST) * (scale or q.shape[-1] ** -0.5)
-        logits = jnp.where(visible, logits, -1e30)
-        m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(logits - m), 0.0)
-        l = jnp.sum(p, axis=-1, keepdims=True)
-        p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
-        return jnp.einsum("bhts,bshv->bthv", p, v, precision=HIGHEST)
-
-    return attention
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,7 +101,7 @@ DENSE_CASES = [
 def test_matches_dense_reference(mask, T, H, H_kv, blocks):
     q, k, v, W = make_inputs(T + H, T=T, H=H, H_kv=H_kv, D=32, V=8)
     got = value_and_grads(flash(mask, blocks), q, k, v, W)
-    assert_close(got, value_and_grads(dense_attention(dense_mask(mask, T, H)), q, k, v, W))
+    assert_close(got, value_and_grads(dense_reference(reference_mask(mask, T, H)), q, k, v, W))
 
 
 SPARSE_LAYOUT = (
@@ -170,7 +128,7 @@ def test_block_sparse_matches_dense_reference_and_never_reads_unvisited_tiles():
     assert np.isfinite(o).all() and all(np.isfinite(g).all() for g in grads)
     assert not o[:, block : 2 * block].any()
     assert not grads[1][:, dead].any() and not grads[2][:, dead].any()
-    assert_close((o, grads), value_and_grads(dense_attention(dense_mask(mask, T, 4)), q, k, v, W))
+    assert_close((o, grads), value_and_grads(dense_reference(reference_mask(mask, T, 4)), q, k, v, W))
 
 
 # bf16 inputs against the float32 dense reference on the same (bf16-rounded) inputs. The bf16 path rounds the
@@ -187,7 +145,7 @@ def test_bf16_matches_float32():
     assert jax.eval_shape(attention, *bf16).dtype == jnp.bfloat16
     float32 = [x.astype(jnp.float32) for x in bf16]
     assert_close(value_and_grads(attention, *bf16, W),
-                 value_and_grads(dense_attention(dense_mask(mask, T, H)), *float32, W), BF16_TOL)
+                 value_and_grads(dense_reference(reference_mask(mask, T, H)), *float32, W), BF16_TOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,19 +180,12 @@ def test_property_forward_matches_dense_reference(problem):
     mask, blocks, shape, seed = problem
     q, k, v, _ = make_inputs(seed, B=1, **shape)
     o = jax.jit(flash(mask, blocks))(q, k, v)
-    assert rel_err(o, dense_attention(dense_mask(mask, shape["T"], shape["H"]))(q, k, v)) <= TOL
+    assert rel_err(o, dense_reference(reference_mask(mask, shape["T"], shape["H"]))(q, k, v)) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # visit tables: only non-empty tiles
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def nonempty_tiles(visible: np.ndarray, block_q: int, block_k: int, padded: int) -> np.ndarray:
-    """[padded / block_q, padded / block_k] bool from the element mask [T, T]: tiles holding a visible pair."""
-    grid = np.zeros((padded, padded), bool)
-    grid[: visible.shape[0], : visible.shape[1]] = visible
-    return grid.reshape(padded // block_q, block_q, padded // block_k, block_k).any(axis=(1, 3))
 
 
 @pytest.mark.parametrize("mask", [
@@ -248,7 +199,7 @@ def test_visit_tables_list_exactly_the_nonempty_tiles(mask, block_q, block_k):
     the count of each tile is its number of non-empty partner tiles, the listed tiles are those in order, and
     tiles in the padding have none."""
     T, padded = 70, 96
-    expected = nonempty_tiles(dense_mask(mask, T, 1)[0], block_q, block_k, padded)
+    expected = nonempty_tiles(reference_mask(mask, T, 1)[0, 0], block_q, block_k, padded)
     for by_key, tiles in ((False, expected), (True, expected.T)):
         blocks = (block_k, block_q) if by_key else (block_q, block_k)
         table = fa._visit_table((mask,), T, padded, *blocks, by_key=by_key)

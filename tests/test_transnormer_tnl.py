@@ -19,14 +19,10 @@ import pytest
 from flax import nnx
 from reference import rel_err
 
-from seqlab.mixers.lrpe import LRPE, URPE
-from seqlab.mixers.tnl import TNLAttention
-from seqlab.mixers.transnormer import (
-    BlockCache,
-    DiagAttention,
-    NormAttention,
-    transnormer_layout,
-)
+from seqlab.layers.lrpe import LRPE, URPE
+from seqlab.mixers.caches import BlockCache
+from seqlab.mixers.linear.tnl import TNLAttention
+from seqlab.mixers.linear.transnormer import DiagAttention, NormAttention, transnormer_layout
 from seqlab.ops.block_local_attn import block_local_attn, block_local_attn_cached
 
 FWD_TOL = 1e-5

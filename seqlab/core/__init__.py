@@ -29,13 +29,19 @@ What a family gets, with no code of its own (``seqlab.core.recurrence``):
 - ``segment_summary`` / ``combine_summaries``: what a segment does to the state, (transition, state), with an
   associative combine (P_b P_a, P_b S_a + S_b) — the object sequence parallelism plugs into.
 
-Softmax attention (``seqlab.core.online_softmax``)
---------------------------------------------------
-Each query block against the contiguous key blocks a mask (causal, sliding window, non-causal) leaves visible, from a
-static ``BlockPlan``, so masked blocks cost nothing; an exact softmax per row, and a flash-attention backward
-(``jax.custom_vjp``) that recomputes scores from the log-normaliser. An online-softmax ``Partial`` (running max,
-normaliser, output) with ``merge`` as its associative combine is the chunk summary the decode step and sequence
-parallelism use.
+Softmax attention (``seqlab.core.masks``, ``seqlab.core.online_softmax``)
+--------------------------------------------------------------------------
+One mask algebra serves the XLA forms and the Pallas kernels (``pallas_kernels.flash_attention``): a mask
+(``Causal``, ``Bidirectional``, ``BlockDiagonal``, ``Strided``, ``BlockSparse``, ``Terraced``, ``Document``, their
+compositions ``And`` / ``Or`` and ``PerHead``) gives an element predicate ``visible(q_pos, k_pos)`` on absolute
+positions (segment ids for a ``Document`` term) and, statically, a tile map; ``visit_lists`` turns the map into the
+ordered key tiles each query tile visits, and ``is_span`` tells the fast path (one contiguous span per row). The
+blockwise form walks those visit lists from a static ``BlockPlan`` — span rows with one slice of front-padded keys,
+other rows by gathering their tiles — so unvisited tiles cost nothing; an exact softmax per row, an optional
+``score_mod(scores, q_idx, k_idx, head)`` on the scaled float32 scores before masking, and a flash-attention
+backward (``jax.custom_vjp``) that recomputes scores from the log-normaliser. An online-softmax ``Partial``
+(running max, normaliser, output) with ``merge`` as its associative combine is the chunk summary the decode step and
+sequence parallelism use.
 """
 
 from seqlab.core.online_softmax import Partial, merge

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from seqlab.mixers.base import check_choice, check_positive_int, positions
+from seqlab.checks import check_choice, check_positive_int
+from seqlab.layers.positional import positions
 from seqlab.models.blocks import Block, make_norm
+from seqlab.models.prepbn import set_progress
 
 POSITION_EMBEDDINGS = ("none", "learned")
 
@@ -113,6 +115,11 @@ class Backbone(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> DecodeCache:
         layers = tuple(block.init_cache(batch, max_len) for block in self.blocks)
         return DecodeCache(layers=layers, pos=jnp.zeros((), jnp.int32))
+
+    def on_train_progress(self, step: int | jax.Array, total_steps: int) -> None:
+        """Training step `step` of `total_steps` is next: set λ of every PRepBN norm (model.norm="prepbn"; no norm
+        of another kind depends on the step)."""
+        set_progress(self, step, total_steps)
 
     def _through_caches(self, advance: Callable, h: jax.Array, caches: tuple) -> tuple[jax.Array, tuple]:
         """h through every block by `advance(block, h, cache) -> (h, cache)`; returns h and the new caches."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import mixers
-from seqlab.mixers.base import check_choice, check_positive
+from seqlab.checks import check_choice, check_positive
 from seqlab.models.prepbn import PRepBN
 
 NORMS = ("layernorm", "rmsnorm", "prepbn")

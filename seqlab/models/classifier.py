@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqlab.mixers.base import check_choice, check_positive_int, positions
+from seqlab.checks import check_choice, check_positive_int
+from seqlab.layers.positional import positions
 from seqlab.models.backbone import Backbone
 
 POOLINGS = ("mean", "cls")
@@ -37,6 +38,10 @@ class SequenceClassifier(nnx.Module):
         """tokens [B, T] int, lengths [B] int (real tokens per row) -> logits [B, C] float32."""
         h = self.backbone(tokens, dropout_rng=dropout_rng).astype(jnp.float32)
         return self.head(pool(h, lengths, self.pooling, self.backbone.sequence_axis))
+
+    def on_train_progress(self, step: int | jax.Array, total_steps: int) -> None:
+        """Called by the train step before step `step` of `total_steps` (see `Backbone.on_train_progress`)."""
+        self.backbone.on_train_progress(step, total_steps)
 
 
 def pool(h: jax.Array, lengths: jax.Array, pooling: str, sequence_axis: str | None = None) -> jax.Array:

@@ -40,6 +40,10 @@ class DecoderLM(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> DecodeCache:
         return self.backbone.init_cache(batch, max_len)
 
+    def on_train_progress(self, step: int | jax.Array, total_steps: int) -> None:
+        """Called by the train step before step `step` of `total_steps` (see `Backbone.on_train_progress`)."""
+        self.backbone.on_train_progress(step, total_steps)
+
     def _logits(self, h: jax.Array) -> jax.Array:
         table = self.backbone.embed.embedding[...]
         return jnp.einsum("...d,vd->...v", h.astype(jnp.float32), table.astype(jnp.float32))

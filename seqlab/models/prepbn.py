@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqlab.mixers.base import check_choice, check_positive, check_positive_int
+from seqlab.checks import check_choice, check_positive, check_positive_int
 
 EVAL_NORMS = ("repbn", "mixed")
 

@@ -1,8 +1,17 @@
-"""Argument checking and dispatch shared by the linear-state ops (errors name the offending argument)."""
+"""Argument checking, dispatch and declarations shared by the linear-state ops (errors name the offending argument).
+
+A linear-state op declares itself with ``@linear_op(...)``: which of its arguments are gates (shape and range),
+whether it expects L2-normalised keys, its flag variants and its Pallas kernel. ``linear_ops()`` lists the declared
+ops; the tests generate inputs and find references from these declarations, so a new op is covered by the op,
+kernel and sequence-parallel tests with no table to edit.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+import dataclasses
+import importlib.util
+import inspect
+from typing import Any, Callable, Mapping, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +24,118 @@ Array = jax.Array
 
 IMPLS = ("auto", *recurrence.FORMS, "pallas")
 ACCELERATORS = ("gpu", "tpu")
+GATE_SHAPES = ("head", "key")
+GATE_RANGES = ("log", "unit")
+QKV = ("q", "k", "v")
+
+OpFn = TypeVar("OpFn", bound=Callable[..., Any])
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    """A gate argument of a linear op.
+
+    shape: "head" ([B, T, H], one value per head and token) or "key" ([B, T, H, K], one per key dim).
+    range: "log" (a natural-log decay, <= 0) or "unit" (a weight in (0, 1), such as the delta rule's beta).
+    """
+
+    shape: str
+    range: str
+
+    def __post_init__(self):
+        if self.shape not in GATE_SHAPES:
+            raise ValueError(f"Gate.shape must be one of {GATE_SHAPES}, got {self.shape!r}")
+        if self.range not in GATE_RANGES:
+            raise ValueError(f"Gate.range must be one of {GATE_RANGES}, got {self.range!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A setting of an op's keyword flags that changes what it computes (linear_attn's ``normalize=True``).
+
+    kwargs: the flags; state_columns: value columns the state has beyond V (normalize: the key sum z);
+    positive_features: q and k must be positive (a normaliser divides by q · z).
+    """
+
+    kwargs: Mapping[str, Any]
+    state_columns: int = 0
+    positive_features: bool = False
+
+
+DEFAULT_VARIANT = Variant({})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # one spec per declared op: compared and hashed by identity
+class LinearOpSpec:
+    """A declared linear-state op: ``fn(*inputs, *, scale, initial_state, output_final_state, impl, chunk_size,
+    sequence_axis, **variant.kwargs) -> (o [B, T, H, V], final state [B, H, K, V + state_columns] or None)``.
+
+    inputs: its positional array arguments in order (q, v, optionally k, and the gates), from its signature;
+    gates: shape and range of each gate argument; normalized_keys: k is expected L2-normalised (the delta rules);
+    kernel: the ``pallas_kernels`` module behind ``impl="pallas"``, or None; variants: "" (no flags) and the
+    named flag settings.
+    """
+
+    name: str
+    fn: Callable[..., tuple[Array, Array | None]]
+    inputs: tuple[str, ...]
+    gates: Mapping[str, Gate]
+    normalized_keys: bool
+    kernel: str | None
+    variants: Mapping[str, Variant]
+
+
+_LINEAR_OPS: dict[str, LinearOpSpec] = {}
+
+
+def linear_op(
+    *,
+    gates: Mapping[str, Gate] | None = None,
+    normalized_keys: bool = False,
+    kernel: str | None = None,
+    variants: Mapping[str, Variant] | None = None,
+) -> Callable[[OpFn], OpFn]:
+    """Declare the decorated function a linear-state op (see ``LinearOpSpec``) and register it under its name;
+    the function is returned unchanged. Its positional parameters without defaults are its array inputs: q, v,
+    optionally k, and exactly the ``gates``."""
+
+    def register(fn: OpFn) -> OpFn:
+        spec = LinearOpSpec(fn.__name__, fn, _array_inputs(fn), dict(gates or {}), normalized_keys,
+                            _checked_kernel(kernel), {"": DEFAULT_VARIANT, **(variants or {})})
+        _check_inputs(spec)
+        previous = _LINEAR_OPS.get(spec.name)
+        if previous is not None and previous.fn.__module__ != fn.__module__:
+            raise ValueError(f"linear_op: {spec.name!r} is already declared in {previous.fn.__module__}")
+        _LINEAR_OPS[spec.name] = spec
+        return fn
+
+    return register
+
+
+def linear_ops() -> tuple[LinearOpSpec, ...]:
+    """The declared linear-state ops, by name (every op module is imported by ``seqlab.ops``)."""
+    return tuple(_LINEAR_OPS[name] for name in sorted(_LINEAR_OPS))
+
+
+def _array_inputs(fn: Callable[..., Any]) -> tuple[str, ...]:
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty)
+
+
+def _checked_kernel(kernel: str | None) -> str | None:
+    if kernel is not None and importlib.util.find_spec(f"pallas_kernels.{kernel}") is None:
+        raise ValueError(f"linear_op: kernel must name a pallas_kernels module, got {kernel!r}")
+    return kernel
+
+
+def _check_inputs(spec: LinearOpSpec) -> None:
+    if "q" not in spec.inputs or "v" not in spec.inputs:
+        raise ValueError(f"linear_op: {spec.name} must take q and v positionally, got {spec.inputs}")
+    undeclared = [name for name in spec.inputs if name not in QKV and name not in spec.gates]
+    missing = [name for name in spec.gates if name not in spec.inputs]
+    if undeclared or missing:
+        raise ValueError(f"linear_op: gates of {spec.name} must be its inputs other than q, k, v: "
+                         f"undeclared {undeclared}, not an input {missing}")
 
 
 class KernelFn(Protocol):
@@ -56,10 +177,15 @@ def diagonal_kernel(gate_name: str | None) -> KernelFn:
 
 def check_qkv(q: Array, k: Array, v: Array) -> None:
     """q, k: [B, T, H, K]; v: [B, T, H, V]."""
-    if q.ndim != 4:
-        raise ValueError(f"q must be [batch, time, heads, key_dim], got shape {q.shape}")
+    check_qv(q, v)
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q {q.shape}, got {k.shape}")
+
+
+def check_qv(q: Array, v: Array) -> None:
+    """q: [B, T, H, K]; v: [B, T, H, V]."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, time, heads, key_dim], got shape {q.shape}")
     if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [batch, time, heads, value_dim] with (batch, time, heads) = {q.shape[:3]}, got {v.shape}")
 

@@ -11,6 +11,10 @@ scale defaults to K^-1/2 (the logits are q·k/√d on the raw q and k). The trai
 T·C, no T×T scores). Decoding keeps the keys and values of the current block only (at most C of them) and starts
 over at every block boundary (position % C == 0): ``block_local_attn_cached`` continues from such a cache, one
 token or a prompt at a time.
+
+The mask is ``seqlab.core.masks.BlockDiagonal(C)`` (its element predicate on positions within a block, through
+``masks.pairwise``) and masked logits take ``masks.MASKED`` before exponentiation; the blocks are dense, so the
+mask's tile map and visit lists (the blockwise attention's fast path) are not needed.
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from seqlab.core import chunk_math
+from seqlab.core import masks
 
 Array = jax.Array
 
 WEIGHTS = ("softmax", "relu")
-_MASKED = -1e30  # finite "minus infinity" for masked logits: exp(_MASKED - m) is 0, never inf - inf
 
 
 def _check(q: Array, k: Array, v: Array, block_size: int, weights: str, scale: float | None) -> None:
@@ -49,7 +52,7 @@ def attention_weights(logits: Array, visible: Array, weights: str) -> Array:
     at least one key (its own)."""
     if weights == "relu":
         return jnp.where(visible, jax.nn.relu(logits), 0.0)
-    logits = jnp.where(visible, logits, _MASKED)
+    logits = masks.masked_fill(logits, visible)
     p = jnp.where(visible, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
     return p / jnp.sum(p, axis=-1, keepdims=True)
 
@@ -73,7 +76,8 @@ def block_local_attn(
         return x.reshape(b, num_blocks, block_size, h, x.shape[-1])
 
     logits = jnp.einsum("bnihk,bnjhk->bnhij", blocks(q) * scale, blocks(k))
-    w = attention_weights(logits, chunk_math.causal_mask(block_size), weights)
+    pos = jnp.arange(block_size)
+    w = attention_weights(logits, masks.pairwise(masks.BlockDiagonal(block_size), pos, pos), weights)
     o = jnp.einsum("bnhij,bnjhv->bnihv", w, blocks(v))
     return o.reshape(b, num_blocks * block_size, h, v.shape[-1])[:, :t].astype(v.dtype)
 
@@ -125,7 +129,8 @@ def _decode_step(q, k, v, k_block, v_block, slot, weights, scale):
     k_block = k_block.at[:, slot].set(k[:, 0].astype(jnp.float32))
     v_block = v_block.at[:, slot].set(v[:, 0].astype(jnp.float32))
     logits = jnp.einsum("bhk,bshk->bhs", q[:, 0].astype(jnp.float32) * scale, k_block)
-    w = attention_weights(logits, jnp.arange(k_block.shape[1]) <= slot, weights)
+    slots = jnp.arange(k_block.shape[1])
+    w = attention_weights(logits, masks.BlockDiagonal(k_block.shape[1]).visible(slot, slots), weights)
     o = jnp.einsum("bhs,bshv->bhv", w, v_block)
     return o[:, None].astype(v.dtype), k_block, v_block
 

@@ -127,6 +127,7 @@ def _pallas_kernel(q, k, v, gates, *, scale, initial_state, chunk_size):
     )
 
 
+@_common.linear_op(gates={"beta": _common.Gate("head", "unit")}, normalized_keys=True, kernel="delta_rule")
 def delta_rule(
     q: Array,
     k: Array,
@@ -155,6 +156,11 @@ def delta_rule(
     return o.astype(v.dtype), state
 
 
+@_common.linear_op(
+    gates={"g": _common.Gate("head", "log"), "beta": _common.Gate("head", "unit")},
+    normalized_keys=True,
+    kernel="delta_rule",
+)
 def gated_delta_rule(
     q: Array,
     k: Array,

@@ -60,6 +60,7 @@ def vector_gate_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     return ChunkTerms(scores @ v, q * jnp.exp(b), Transition(b_last), jnp.einsum("...ck,...cv->...kv", k_write, v))
 
 
+@_common.linear_op(gates={"gk": _common.Gate("key", "log")}, kernel="linear_attention")
 def gla(
     q: Array,
     k: Array,

@@ -19,6 +19,10 @@ from seqlab.ops.simple_gla import scalar_decay_chunk_terms
 Array = jax.Array
 
 
+@_common.linear_op(
+    kernel="linear_attention",
+    variants={"normalized": _common.Variant({"normalize": True}, state_columns=1, positive_features=True)},
+)
 def linear_attn(
     q: Array,
     k: Array,

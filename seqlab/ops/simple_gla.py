@@ -36,6 +36,7 @@ def scalar_decay_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     return ChunkTerms(o_local, q_read, Transition(b_last), jnp.einsum("...ck,...cv->...kv", k_write, v))
 
 
+@_common.linear_op(gates={"g": _common.Gate("head", "log")}, kernel="linear_attention")
 def simple_gla(
     q: Array,
     k: Array,

@@ -1,15 +1,23 @@
-"""Softmax attention — "Attention Is All You Need" — causal, sliding-window ("Longformer"-style local attention)
-and non-causal, with grouped-query heads ("GQA: Training Generalized Multi-Query Transformer Models").
+"""Softmax attention — "Attention Is All You Need" — under any mask of ``seqlab.core.masks``, with grouped-query
+heads ("GQA: Training Generalized Multi-Query Transformer Models").
 
-    o_t = Σ_{s visible from t} exp(q_t·k_s · scale) v_s / Σ_{s visible} exp(q_t·k_s · scale)
+    o_t = Σ_{s visible from t} exp(mod(q_t·k_s · scale)) v_s / Σ_{s visible} exp(mod(q_t·k_s · scale))
 
-causal: s <= t; window w: t - w < s (a query sees itself and the w - 1 keys before it); non-causal: every s
-(|t - s| < w with a window). The chunked form is ``seqlab.core.online_softmax.blockwise_attention``.
+(0 for a query that sees no key). The mask algebra (``seqlab.core.masks``) gives each mask an element predicate,
+evaluated on absolute positions (and segment ids for a ``Document`` term), and a static tile map from which every
+query tile gets the list of key tiles it visits. ``causal`` / ``window`` are shorthands for ``Causal(window)``
+(s <= t, t - w < s) and ``Bidirectional(window)`` (|t - s| < w). Forms: "chunked" is
+``seqlab.core.online_softmax.blockwise_attention`` over the visit lists (one slice per row on the fast path, where
+each row's visits are one contiguous span; gathered tiles otherwise), "parallel" its dense form, "pallas"
+``pallas_kernels.flash_attention`` (no score_mod), "recurrent" a scan of decode steps (``Causal`` masks only).
+``score_mod(scores, q_idx, k_idx, head)`` rewrites the scaled float32 scores before masking; the shapes it receives
+are stated in ``seqlab.core.online_softmax``.
 
 With ``sequence_axis`` the sequence is split into contiguous segments along that mesh axis (inside
 ``jax.shard_map``) and ``seqlab.parallel.attention`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:
 Rethinking Sequence Parallelism for Linear Attention and Its Hybrid") or "ring" ("Ring Attention with Blockwise
-Transformers for Near-Infinite Context"); sliding windows with w - 1 <= T_local exchange only a halo.
+Transformers for Near-Infinite Context"); sliding windows with w - 1 <= T_local exchange only a halo. Only
+``Causal`` and ``Bidirectional`` masks (with a window) are supported there.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as pallas_common
 from pallas_kernels import flash_attention as pallas_flash
-from seqlab.core import online_softmax
+from seqlab.core import masks, online_softmax
 from seqlab.ops import _common
 from seqlab.parallel import attention as sequence_attention
 
@@ -36,7 +44,12 @@ def default_block_size(window: int | None) -> int:
     return min(DEFAULT_BLOCK_SIZE, max(MIN_WINDOW_BLOCK_SIZE, 1 << (window - 1).bit_length()))
 
 
-def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: bool, block_size: int | None) -> None:
+def _mask_window(mask: masks.Mask) -> int | None:
+    """The sliding window of a Causal / Bidirectional mask (it sets the default block size), else None."""
+    return mask.window if isinstance(mask, (masks.Causal, masks.Bidirectional)) else None
+
+
+def _check(q: Array, k: Array, v: Array, impl: str, block_size: int | None) -> None:
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, time, heads, head_dim], got shape {q.shape}")
     if k.ndim != 4 or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
@@ -45,16 +58,22 @@ def _check(q: Array, k: Array, v: Array, window: int | None, impl: str, causal: 
         raise ValueError(f"v must be [batch, time, kv_heads, value_dim] matching k {k.shape[:3]}, got {v.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"the kv heads of k ({k.shape[2]}) must divide the query heads of q ({q.shape[2]})")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or a positive int, got {window!r}")
     if impl not in _common.IMPLS:
         raise ValueError(f"impl must be one of {_common.IMPLS}, got {impl!r}")
-    if impl == "recurrent" and not causal:
-        raise ValueError("impl='recurrent' needs causal=True (a non-causal query sees future keys)")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
     if impl == "pallas" and block_size is not None and not pallas_common.is_block_size(block_size):
         raise ValueError(f"block_size must be None or a power of two >= 16 with impl='pallas', got {block_size}")
+
+
+def _check_form(mask: masks.Mask, impl: str, sequence_axis: str | None, extras: bool) -> None:
+    """What the recurrent and sequence-parallel forms support; extras: a score_mod or segment_ids was given."""
+    if impl == "recurrent" and (not isinstance(mask, masks.Causal) or extras):
+        raise ValueError(f"impl='recurrent' needs a causal mask, Causal(window) (causal=True), without score_mod or "
+                         f"segment_ids; got mask={mask!r}")
+    if sequence_axis is not None and (not isinstance(mask, (masks.Causal, masks.Bidirectional)) or extras):
+        raise ValueError(f"mask: with sequence_axis only Causal or Bidirectional masks (causal / window), without "
+                         f"score_mod or segment_ids, are supported; got mask={mask!r}")
 
 
 def _check_sequence(impl: str, sequence_axis: str | None, sequence_parallel: str) -> None:
@@ -77,8 +96,11 @@ def softmax_attn(
     v: Array,
     *,
     scale: float | None = None,
+    mask: masks.Mask | None = None,
     causal: bool = True,
     window: int | None = None,
+    score_mod: masks.ScoreMod | None = None,
+    segment_ids: Array | None = None,
     impl: str = "auto",
     block_size: int | None = None,
     sequence_axis: str | None = None,
@@ -86,6 +108,10 @@ def softmax_attn(
 ) -> Array:
     """q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, V] with Hkv dividing H. Returns o [B, T, H, V].
 
+    mask: any ``seqlab.core.masks`` mask; None builds ``Causal(window)`` (causal) or ``Bidirectional(window)``
+    (giving both mask and a non-default causal / window is an error). score_mod: see the module docstring (not
+    with impl="pallas"; impl="auto" then runs "chunked"). segment_ids: [B, T] int, needed iff the mask has a
+    ``Document`` term.
     sequence_axis: a mesh axis name; q, k, v are then this device's segment [B, T_local, ...] of a sequence split
     contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
     sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
@@ -95,34 +121,37 @@ def softmax_attn(
     T > 1, else "chunked". The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
     nested) works, forward mode (``jax.jvp``) does not; use impl="parallel" for that.
     """
-    _check(q, k, v, window, impl, causal, block_size)
+    _check(q, k, v, impl, block_size)
+    mask = masks.resolve(mask, causal, window)
+    _check_form(mask, impl, sequence_axis, score_mod is not None or segment_ids is not None)
     _check_sequence(impl, sequence_axis, sequence_parallel)
-    impl = _common.resolve_impl(impl, has_kernel=True, sequence_axis=sequence_axis, length=q.shape[1])
+    kernel = score_mod is None or impl == "pallas"  # an explicit impl="pallas" with score_mod: the kernel's error
+    impl = _common.resolve_impl(impl, has_kernel=kernel, sequence_axis=sequence_axis, length=q.shape[1])
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if impl == "pallas":
-        mask = pallas_flash.Causal(window) if causal else pallas_flash.Bidirectional(window)
         blocks = pallas_flash.FlashBlocks() if block_size is None else pallas_flash.FlashBlocks(*(block_size,) * 4)
-        return pallas_flash.flash_attention(q, k, v, mask=mask, scale=scale, blocks=blocks)
+        return pallas_flash.flash_attention(q, k, v, mask=mask, scale=scale, blocks=blocks, score_mod=score_mod,
+                                            segment_ids=segment_ids)
     qg = _group_heads(q, k.shape[2], scale)
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
+    block_size = block_size or default_block_size(_mask_window(mask))
     if sequence_axis is not None:
         o = sequence_attention.sequence_parallel_attention(
-            qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, causal=causal, window=window,
-            block_size=(block_size or default_block_size(window)) if impl == "chunked" else None,
+            qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, mask=mask,
+            block_size=block_size if impl == "chunked" else None,
         )
     elif impl == "chunked":
-        o = online_softmax.blockwise_attention(
-            qg, kt, vt, causal=causal, window=window, block_size=block_size or default_block_size(window)
-        )
+        o = online_softmax.blockwise_attention(qg, kt, vt, mask=mask, block_size=block_size, score_mod=score_mod,
+                                               segment_ids=segment_ids)
     elif impl == "parallel":
-        o = online_softmax.dense_attention(qg, kt, vt, causal=causal, window=window)
+        o = online_softmax.dense_attention(qg, kt, vt, mask=mask, score_mod=score_mod, segment_ids=segment_ids)
     else:
         positions = jnp.arange(t)
 
         def step(_, xs):
             q_t, pos = xs
-            return None, online_softmax.cache_attention(q_t, kt, vt, positions, pos, window=window)
+            return None, online_softmax.cache_attention(q_t, kt, vt, positions, pos, window=mask.window)
 
         _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions))
         o = jnp.moveaxis(o, 0, 3)

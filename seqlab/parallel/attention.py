@@ -1,4 +1,5 @@
-"""Softmax attention over a sequence split into contiguous segments along a mesh axis.
+"""Softmax attention over a sequence split into contiguous segments along a mesh axis, under a ``Causal`` or
+``Bidirectional`` mask of ``seqlab.core.masks`` (with an optional sliding window).
 
 Called inside ``jax.shard_map``: of P devices on the axis, device i holds tokens [i·T_local, (i+1)·T_local) of q,
 k and v. Every exchange below ends in the online-softmax ``Partial`` of ``seqlab.core.online_softmax``, computed
@@ -15,6 +16,10 @@ block, a scan over the key blocks it can reach, where a block with no visible pa
   and values of device i - 1 (and, non-causal, the first w - 1 of device i + 1) by one ``ppermute`` each, then
   attends locally. Edge devices receive zeros at positions outside [0, T), which the mask hides. Communication
   does not grow with T.
+
+Visibility is the mask's element predicate on global positions (``masks.pairwise``, keys outside [0, T)
+invisible); which key blocks a query block scans comes from the window (``SequenceMask.reach``), not from tile maps,
+since the key segments' offsets are traced.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from seqlab.core import masks
 from seqlab.core.online_softmax import (
-    Partial, empty_partial, finalize, join_blocks, merge, partial_from_scores, split_blocks, visibility,
+    Partial, empty_partial, finalize, join_blocks, merge, partial_from_scores, split_blocks,
 )
 
 Array = jax.Array
@@ -34,14 +40,21 @@ MODES = ("allgather", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
-class Mask:
-    """Which keys a query sees: positions in [0, length); causal and window as in ``visibility``; the block size
-    of the query and key loops."""
+class SequenceMask:
+    """Which keys a query sees: ``mask`` (Causal or Bidirectional) on positions in [0, length); the block size of
+    the query and key loops."""
 
+    mask: masks.Causal | masks.Bidirectional
     length: int
-    causal: bool
-    window: int | None
     block: int
+
+    @property
+    def causal(self) -> bool:
+        return isinstance(self.mask, masks.Causal)
+
+    @property
+    def window(self) -> int | None:
+        return self.mask.window
 
     def reach(self, num_key_blocks: int) -> int:
         """How many consecutive key blocks one query block can see (static)."""
@@ -60,27 +73,30 @@ class Mask:
 
 
 def sequence_parallel_attention(
-    q: Array, k: Array, v: Array, *, axis_name: str, mode: str, causal: bool, window: int | None,
+    q: Array, k: Array, v: Array, *, axis_name: str, mode: str, mask: masks.Causal | masks.Bidirectional,
     block_size: int | None,
 ) -> Array:
     """This device's segment of softmax attention over the sequence split along ``axis_name``.
 
     q: [B, Hkv, G, T_local, D] (G query heads per key/value head, scaled, float32); k: [B, Hkv, T_local, D];
-    v: [B, Hkv, T_local, V]; mode in ``MODES``; block_size None: one block of T_local (the parallel form).
+    v: [B, Hkv, T_local, V]; mode in ``MODES``; mask: Causal or Bidirectional (global positions); block_size None:
+    one block of T_local (the parallel form).
     Returns o [B, Hkv, G, T_local, V] float32.
     """
     t_local = q.shape[3]
-    mask = Mask(t_local * jax.lax.axis_size(axis_name), causal, window, min(block_size or t_local, t_local))
-    if window is not None and window - 1 <= t_local:
-        part = _halo(q, k, v, axis_name, mask)
+    if not isinstance(mask, (masks.Causal, masks.Bidirectional)):
+        raise ValueError(f"mask must be Causal or Bidirectional under sequence parallelism, got {mask!r}")
+    spec = SequenceMask(mask, t_local * jax.lax.axis_size(axis_name), min(block_size or t_local, t_local))
+    if spec.window is not None and spec.window - 1 <= t_local:
+        part = _halo(q, k, v, axis_name, spec)
     elif mode == "allgather":
-        part = _allgather(q, k, v, axis_name, mask)
+        part = _allgather(q, k, v, axis_name, spec)
     else:
-        part = _ring(q, k, v, axis_name, mask)
+        part = _ring(q, k, v, axis_name, spec)
     return finalize(part)
 
 
-def _allgather(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
+def _allgather(q: Array, k: Array, v: Array, axis_name: str, mask: SequenceMask) -> Partial:
     """Local queries against the all-gathered K/V, one device segment at a time (a scan merging partials, so the
     backward pass holds one segment's blocks at a time)."""
     devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
@@ -94,7 +110,7 @@ def _allgather(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Part
     return part
 
 
-def _ring(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
+def _ring(q: Array, k: Array, v: Array, axis_name: str, mask: SequenceMask) -> Partial:
     """P - 1 ppermute steps of the K/V segments around the ring, merging one partial per segment held."""
     devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
     to_next = [(i, (i + 1) % devices) for i in range(devices)]
@@ -110,7 +126,7 @@ def _ring(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
     return part
 
 
-def _halo(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
+def _halo(q: Array, k: Array, v: Array, axis_name: str, mask: SequenceMask) -> Partial:
     """Local attention over [halo from device i-1; local; halo from device i+1 (non-causal)], halos w - 1 long."""
     devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
     width, start = mask.window - 1, index * t_local
@@ -124,7 +140,8 @@ def _halo(q: Array, k: Array, v: Array, axis_name: str, mask: Mask) -> Partial:
     return segment_partial(q, k_all, v_all, start, start - width, mask)
 
 
-def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start: Array | int, mask: Mask) -> Partial:
+def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start: Array | int,
+                    mask: SequenceMask) -> Partial:
     """The partial of queries at absolute positions q_start + [0, Tq) over keys at k_start + [0, Tk).
 
     q: [B, Hkv, G, Tq, D] (scaled); k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, V]; the starts may be traced.
@@ -141,8 +158,8 @@ def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start:
         first = mask.first_key_block(q_start + index * block - k_start, kb.shape[0])
 
         def key_block(part, key_index):
-            visible = visibility(q_pos, _positions(k_start, key_index, block, tk), mask.length, mask.causal,
-                                 mask.window) & (q_pos >= 0)[:, None]
+            k_pos = _positions(k_start, key_index, block, tk)
+            visible = masks.pairwise(mask.mask, q_pos, k_pos, length=mask.length) & (q_pos >= 0)[:, None]
 
             def attend(part):
                 scores = jnp.einsum("bhgqd,bhkd->bhgqk", q_block, kb[key_index])

@@ -1,7 +1,7 @@
 """The device mesh of a run and how batches are laid out on it.
 
 Axes: ``data`` (the batch is split over it) and ``seq`` (each sequence is split into contiguous segments over it;
-the model's mixers then run sequence-parallel, see `seqlab.mixers.base.shard_sequence`). Parameters are replicated.
+the model's mixers then run sequence-parallel, see `shard_sequence`). Parameters are replicated.
 ``config.mesh.data * config.mesh.seq`` devices are used, across every process of a multi-host run.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -63,3 +64,13 @@ def previous_segment_tail(x: jax.Array, size: int, sequence_axis: str) -> jax.Ar
                          f"this layer needs from the previous shard; use fewer devices on {sequence_axis!r}")
     num = jax.lax.axis_size(sequence_axis)
     return jax.lax.ppermute(x[:, x.shape[1] - size :], sequence_axis, [(i, i + 1) for i in range(num - 1)])
+
+
+def shard_sequence(module: nnx.Module, axis_name: str | None) -> None:
+    """Run the training path of `module` (a mixer or a whole model) on a sequence split over the mesh axis
+    `axis_name` — inside shard_map, each device holding a contiguous segment — or on whole sequences again with
+    None. Every submodule with a ``sequence_axis`` attribute (mixers, short convolutions, the model backbone) takes
+    it; ops then exchange chunk summaries (LASP-2), keys/values or halos along the axis. Decoding is unaffected."""
+    for _, child in nnx.iter_modules(module):
+        if hasattr(child, "sequence_axis"):
+            child.sequence_axis = axis_name

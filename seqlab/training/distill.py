@@ -23,8 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from seqlab.checks import check_positive
 from seqlab.core import chunk_math
-from seqlab.mixers.base import check_positive
 
 Array = jax.Array
 

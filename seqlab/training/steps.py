@@ -20,7 +20,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from seqlab.models.prepbn import set_progress
 from seqlab.parallel.mesh import DATA_AXIS, batch_spec
 
 IGNORE_LABEL = -100
@@ -104,11 +103,13 @@ def stateful_sums(
     graphdef: nnx.GraphDef, rest: nnx.State, kind: str, total_steps: int
 ) -> Callable[[Any, Any, Batch, jax.Array, jax.Array], tuple[Sums, nnx.State]]:
     """(params, batch_stats, batch, dropout key, step) -> (sums, updated batch_stats), for models whose BatchNorm
-    statistics change in train mode (PRepBN, whose λ is set from the step first). Single device only."""
+    statistics change in train mode (PRepBN, whose λ the model's `on_train_progress` sets from the step first). Single
+    device only."""
 
     def fn(params, stats, batch, rng, step):
         model = nnx.merge(graphdef, params, stats, rest, copy=True)  # fresh variables of this trace, so λ can be set
-        set_progress(model, step, total_steps)
+        if hasattr(model, "on_train_progress"):
+            model.on_train_progress(step, total_steps)
         return batch_sums(model, batch, kind, rng), nnx.state(model, nnx.BatchStat)
 
     return fn

@@ -15,25 +15,37 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from seqlab import config as config_lib, mixers
-from seqlab.mixers.base import shard_sequence
 from seqlab.models import DecoderLM
+from seqlab.parallel.mesh import shard_sequence
 from seqlab.train import train_and_evaluate
 from seqlab.training import load_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, T, VOCAB = 2, 64, 32
-MIXER_ARGS = {"sliding_window": {"window": 8}, "based": {"feature_dim": 4}, "mamba2": {"d_state": 8},
-              "softmax": {}, "linear_attn": {}, "transnormer_diag": {"block_size": 8},
-              "lightnet": {"feature_dim": 16, "gate_low_rank_dim": 8}, "slab": {"max_len": T},
-              "lolcats": {"window": 4, "num_features": 4}, "liger": {"window": 8}}
+CHUNK = 8  # the linear ops' chunk: T / 4 devices = 16 tokens per device, two chunks each
+
+
+MODEL_SET = ("layer_index", "num_layers")  # the model gives every layer its depth
+
+
+def first_example(name: str) -> dict:
+    """The first registered example of mixer `name` (less the depth, which the model sets), with the linear ops'
+    chunk_size CHUNK where it runs one."""
+    entry = mixers.info(name)
+    chunk = {"chunk_size": CHUNK} if "chunk_size" in mixers.keyword_arguments(entry.cls) else {}
+    example = next(iter(entry.examples.values()))
+    return {**chunk, **{key: value for key, value in example.items() if key not in MODEL_SET}}
 
 
 def build(mixer_pattern: tuple[str, ...]) -> DecoderLM:
+    """A DecoderLM over the pattern, each mixer with its first registered example's arguments; a single-mixer model
+    takes that example's num_heads, a hybrid 2 heads throughout."""
+    mixer_args = {name: first_example(name) for name in mixer_pattern}
+    heads = {args.pop("num_heads", 2) for args in mixer_args.values()}
     args = dict(
-        vocab_size=VOCAB, d_model=32, num_layers=len(mixer_pattern), num_heads=2, mixers=mixer_pattern,
-        mixer_args={name: {"chunk_size": 8, **MIXER_ARGS.get(name, {})} for name in mixer_pattern}, mlp="swiglu",
-        mlp_ratio=2.0, norm="rmsnorm", position_embedding="learned", max_len=T, embed_dropout=0.0,
-        rngs=nnx.Rngs(0),
+        vocab_size=VOCAB, d_model=32, num_layers=len(mixer_pattern), num_heads=heads.pop() if len(heads) == 1 else 2,
+        mixers=mixer_pattern, mixer_args=mixer_args, mlp="swiglu", mlp_ratio=2.0, norm="rmsnorm",
+        position_embedding="learned", max_len=T, embed_dropout=0.0, rngs=nnx.Rngs(0),
     )  # fmt: skip
     return DecoderLM(**args)
 

@@ -1,5 +1,6 @@
 """Sequence-parallel linear ops (LASP-2 on the engine's chunk summaries) against the single-device ops, forward and
-gradient, for seq-axis sizes 2, 4 and 8. Runs in its own process with 8 host devices (tests/test_multidevice.py)."""
+gradient, for seq-axis sizes 2, 4 and 8: every op declared in ``seqlab.ops.linear_ops()``, with each of its flag
+variants. Runs in its own process with 8 host devices (tests/test_multidevice.py)."""
 
 from __future__ import annotations
 
@@ -11,38 +12,27 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from seqlab import ops
+import linear_cases as lc
 
 B, H, K, V = 2, 2, 8, 6
 CHUNK = 16
 T = 8 * 24  # 24 tokens per device at 8 devices: local segments end on partial chunks of CHUNK
 
-FAMILIES = {
-    "linear_attn": (ops.linear_attn, ()),
-    "linear_attn_normalized": (functools.partial(ops.linear_attn, normalize=True), ()),
-    "simple_gla": (ops.simple_gla, ("g",)),
-    "gla": (ops.gla, ("gk",)),
-    "delta_rule": (ops.delta_rule, ("beta",)),
-    "gated_delta_rule": (ops.gated_delta_rule, ("g", "beta")),
-}
+FAMILIES = [case.id for case in lc.cases()]
+
+
+def op_of(family: str):
+    """The op of case ``family`` with its variant's flags."""
+    case = lc.case(family)
+    return functools.partial(case.spec.fn, **case.variant.kwargs)
 
 
 def make_inputs(family: str, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    q, k = (jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32) for _ in range(2))
-    v = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
-    if family.startswith("delta") or family.startswith("gated_delta"):
-        k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-    if family == "linear_attn_normalized":  # positive features (elu + 1), as the normalised form is used
-        q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
-    gates = {
-        "g": jnp.asarray(-rng.uniform(0.0, 0.3, size=(B, T, H)), jnp.float32),
-        "gk": jnp.asarray(-rng.uniform(0.0, 0.3, size=(B, T, H, K)), jnp.float32),
-        "beta": jnp.asarray(rng.uniform(0.1, 0.9, size=(B, T, H)), jnp.float32),
-    }
-    state_v = V + 1 if family == "linear_attn_normalized" else V
-    s0 = jnp.asarray(rng.normal(size=(B, H, K, state_v)) * 0.1, jnp.float32)
-    return (q, k, v) + tuple(gates[name] for name in FAMILIES[family][1]), s0
+    """The op's positional inputs (gentle decays, so the state crosses device boundaries) and an initial state."""
+    case = lc.case(family)
+    args = lc.make_inputs(np.random.default_rng(seed), case, B=B, T=T, H=H, K=K, V=V, gates="gentle")
+    s0 = jnp.asarray(args.pop("initial_state"))
+    return tuple(jnp.asarray(x) for x in lc.positional(case, args)), s0
 
 
 def rel(a, b) -> float:
@@ -72,7 +62,7 @@ CASES = [
 
 @pytest.mark.parametrize("family, num_devices, impl", CASES)
 def test_sequence_parallel_equals_single_device(family, num_devices, impl):
-    op, _ = FAMILIES[family]
+    op = op_of(family)
     args, s0 = make_inputs(family)
     kwargs = dict(impl=impl, chunk_size=CHUNK)
     o_ref, s_ref = jax.jit(functools.partial(op, output_final_state=True, **kwargs))(*args, initial_state=s0)

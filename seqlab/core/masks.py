@@ -1,0 +1,471 @@
+"""The mask algebra of softmax attention: which keys each query sees, shared by the XLA paths
+(``seqlab.core.online_softmax``, ``seqlab.parallel.attention``, the LoLCATs and block-local ops) and the Pallas
+kernels (``pallas_kernels.flash_attention``).
+
+A mask is a frozen, hashable dataclass (it is static: it keys compilation caches and custom_vjp plans). The basic
+masks are ``Causal(window)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``, ``Strided(stride,
+causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window) and ``Document()``
+(segment ids); ``And(a, b, ...)`` / ``a & b`` and ``Or(a, b, ...)`` / ``a | b`` compose them, and ``PerHead(masks)``
+gives one per query head (``PerHead & m`` combines head by head). Every element mask (``ElementMask``) gives:
+
+- the element predicate ``visible(q_pos, k_pos, *, segments=None, cells=None)``: bool, in jnp, from int32 absolute
+  positions of one broadcast shape (iota positions of a tile inside a Pallas kernel, an outer grid in XLA). It must
+  be right for positions in [0, T) only: callers make keys outside the sequence (padding, a dummy tile, empty cache
+  slots, tokens before the sequence) invisible themselves, as ``pairwise`` does. ``segments = (q_segment,
+  k_segment)``: int segment ids broadcasting like the positions, which a ``Document`` term compares (a query sees a
+  key of its own segment only); segment ids are runtime arrays, so masks hold none and the attention functions take
+  ``segment_ids [B, T]`` when ``needs_segments(mask)``. ``cells``: for each ``BlockSparse`` term, its value on the
+  current tile (a scalar bool), where the caller knows it statically (a Pallas tile lies inside one layout cell);
+  without it the layout is looked up element by element.
+- statically, in numpy, ``any_visible(q_first, q_last, k_first, k_last)`` (broadcasting) and from it
+  ``tile_map(T, block_q, block_k)`` [ceil(T / block_q), ceil(T / block_k)] bool: which key tiles each query tile
+  must visit. A tile map never misses a visible pair; it may mark a tile whose pairs are all masked (the predicate
+  then masks it, so visiting it is only wasted work). The basic masks' maps are exact; ``And``'s is the AND of its
+  terms' maps (conservative), ``Or``'s the OR; a ``Document`` term marks every tile (the ids are not static).
+  ``PerHead``'s map is the union of its heads' maps.
+- ``check(T)``: ValueError, naming the argument, if the mask does not fit T tokens.
+
+``visit_lists(mask, T, block_q, block_k)``: per query tile, the ascending key tiles it visits (its tile-map row;
+``by_key=True``: per key tile, the query tiles that visit it). ``is_span(visits)``: whether they are one contiguous
+run of tiles — the fast path of the XLA blockwise form reads such a row with one slice.
+
+Masked scores take ``MASKED`` (``masked_fill``, or ``scores + mask_bias(visible)`` where the addition fuses into
+the score matmul), a finite "minus infinity": exp(MASKED − m) is 0 and never inf − inf; scores are masked before
+they are exponentiated.
+
+A ``ScoreMod`` ``score_mod(scores, q_idx, k_idx, head) -> scores`` rewrites float32 scaled scores before masking
+(bias, temperature, softcap): scores [B, H, Tq, Tk] float32, q_idx [Tq, 1] and k_idx [1, Tk] int32 absolute
+positions (clipped into [0, T)), head [H, 1, 1] int32 query head indices; it returns scores of the same shape. It
+must act on each score independently of the others (no reduction over Tq or Tk): the blockwise form calls it tile
+by tile.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ScoreMod = Callable[[Array, Array, Array, Array], Array]
+Segments = tuple[Array, Array]  # (query segment ids, key segment ids), broadcasting like the positions
+
+MASKED = -1e30  # finite "minus infinity": exp(MASKED - m) is 0 and never produces inf - inf
+
+
+def masked_fill(scores: Array, visible: Array) -> Array:
+    """scores where visible, MASKED elsewhere (visible: bool, broadcasting against scores)."""
+    return jnp.where(visible, scores, MASKED)
+
+
+def mask_bias(visible: Array) -> Array:
+    """0 where visible, MASKED elsewhere (float32): ``scores + mask_bias(visible)`` is ``masked_fill`` for finite
+    scores below 1e22 in magnitude (MASKED absorbs them), and XLA:CPU fuses the addition into the score matmul."""
+    return jnp.where(visible, 0.0, MASKED)
+
+
+def _check_positive(owner: str, name: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        allowed = "None or a positive int" if optional else "a positive int"
+        raise ValueError(f"{owner}.{name} must be {allowed}, got {value!r}")
+
+
+class Mask(abc.ABC):
+    """Which keys each query sees: an element mask (``ElementMask``) shared by every head, or ``PerHead``."""
+
+    @abc.abstractmethod
+    def head_masks(self, num_heads: int) -> tuple[ElementMask, ...]:
+        """One element mask shared by every head, or one per query head (ValueError if there are not num_heads)."""
+
+    @abc.abstractmethod
+    def tile_map(self, length: int, block_q: int, block_k: int) -> np.ndarray:
+        """[ceil(T / block_q), ceil(T / block_k)] bool: the (query tile, key tile) pairs to visit."""
+
+    def check(self, length: int) -> None:
+        """ValueError if the mask does not fit a sequence of ``length`` tokens."""
+
+    def __and__(self, other: object) -> Mask:
+        return _combine(And, self, other)
+
+    def __or__(self, other: object) -> Mask:
+        return _combine(Or, self, other)
+
+
+class ElementMask(Mask):
+    """A mask given by an element predicate and, statically, the map of the tiles holding a visible pair."""
+
+    @abc.abstractmethod
+    def visible(self, q_pos: Array, k_pos: Array, *, segments: Segments | None = None,
+                cells: Mapping[BlockSparse, Array] | None = None) -> Array:
+        """Bool, from int32 positions broadcasting together: key k_pos visible to query q_pos (positions in [0, T);
+        see the module docstring for segments and cells)."""
+
+    @abc.abstractmethod
+    def any_visible(self, q_first: np.ndarray, q_last: np.ndarray, k_first: np.ndarray,
+                    k_last: np.ndarray) -> np.ndarray:
+        """Whether some query in [q_first, q_last] may see some key in [k_first, k_last] (numpy, broadcasting)."""
+
+    def head_masks(self, num_heads: int) -> tuple[ElementMask, ...]:
+        return (self,)
+
+    def tile_map(self, length: int, block_q: int, block_k: int) -> np.ndarray:
+        q_first, q_last = _tile_bounds(length, block_q)
+        k_first, k_last = _tile_bounds(length, block_k)
+        shape = (q_first.size, k_first.size)
+        return np.broadcast_to(self.any_visible(q_first[:, None], q_last[:, None], k_first[None], k_last[None]), shape)
+
+
+def _tile_bounds(length: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last position of each tile of ``block`` tokens, the last one clipped to the sequence."""
+    first = np.arange(0, length, block)
+    return first, np.minimum(first + block, length) - 1
+
+
+def _differences(q_first, q_last, k_first, k_last) -> tuple[np.ndarray, np.ndarray]:
+    """The range [lo, hi] of t − s over a tile pair; every integer in it occurs."""
+    return q_first - k_last, q_last - k_first
+
+
+def _all(*arrays: np.ndarray) -> np.ndarray:
+    return np.full(np.broadcast_shapes(*(np.shape(a) for a in arrays)), True)
+
+
+def _rectangle_sum(a: np.ndarray, rows: tuple[np.ndarray, np.ndarray],
+                   cols: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Sum of a[r0 : r1 + 1, c0 : c1 + 1] for broadcasting index arrays rows = (r0, r1), cols = (c0, c1)."""
+    table = np.pad(np.cumsum(np.cumsum(a, axis=0), axis=1), ((1, 0), (1, 0)))
+    (r0, r1), (c0, c1) = rows, cols
+    return table[r1 + 1, c1 + 1] - table[r0, c1 + 1] - table[r1 + 1, c0] + table[r0, c0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Causal(ElementMask):
+    """Key s visible to query t iff s <= t and t − s < window (a sliding window; None: no limit)."""
+
+    window: int | None = None
+
+    def __post_init__(self):
+        _check_positive("Causal", "window", self.window, optional=True)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        diff = q_pos - k_pos
+        return (diff >= 0) if self.window is None else (diff >= 0) & (diff < self.window)
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        lo, hi = _differences(q_first, q_last, k_first, k_last)
+        return (hi >= 0) if self.window is None else (hi >= 0) & (lo < self.window)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bidirectional(ElementMask):
+    """Every key visible to every query; with a window, iff |t − s| < window."""
+
+    window: int | None = None
+
+    def __post_init__(self):
+        _check_positive("Bidirectional", "window", self.window, optional=True)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        diff = q_pos - k_pos
+        if self.window is None:
+            return jnp.full(diff.shape, True)
+        return (diff < self.window) & (diff > -self.window)
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        lo, hi = _differences(q_first, q_last, k_first, k_last)
+        if self.window is None:
+            return _all(lo, hi)
+        return (hi > -self.window) & (lo < self.window)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiagonal(ElementMask):
+    """t and s in the same block of ``size`` tokens (t // size == s // size), and s <= t if ``causal``."""
+
+    size: int
+    causal: bool = True
+
+    def __post_init__(self):
+        _check_positive("BlockDiagonal", "size", self.size)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        same = jax.lax.div(q_pos, self.size) == jax.lax.div(k_pos, self.size)  # positions are >= 0
+        return same & (k_pos <= q_pos) if self.causal else same
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        # Some block meets both ranges; with causal, the latest query of that block is then at or after its
+        # earliest key as soon as k_first <= q_last.
+        shared = (q_first // self.size <= k_last // self.size) & (k_first // self.size <= q_last // self.size)
+        return shared & (k_first <= q_last) if self.causal else shared
+
+
+@dataclasses.dataclass(frozen=True)
+class Strided(ElementMask):
+    """(t − s) % stride == 0, and s <= t if ``causal`` (the strided heads of the Sparse Transformer)."""
+
+    stride: int
+    causal: bool = True
+
+    def __post_init__(self):
+        _check_positive("Strided", "stride", self.stride)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        diff = q_pos - k_pos
+        on_stride = jax.lax.rem(diff, self.stride) == 0
+        return on_stride & (diff >= 0) if self.causal else on_stride
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        lo, hi = _differences(q_first, q_last, k_first, k_last)
+        if self.causal:
+            lo = np.maximum(lo, 0)
+        return (hi // self.stride) * self.stride >= lo  # the largest multiple of stride <= hi lies in [lo, hi]
+
+
+@dataclasses.dataclass(frozen=True)
+class Terraced(ElementMask):
+    """LoLCATs' "terracing" window: the query's own block of ``window`` tokens (causal) plus the whole previous
+    block, s <= t and s >= window · (t // window − 1) (blocks aligned to position 0)."""
+
+    window: int
+
+    def __post_init__(self):
+        _check_positive("Terraced", "window", self.window)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        return (k_pos <= q_pos) & (k_pos >= self.window * (jax.lax.div(q_pos, self.window) - 1))
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        # Both ends of a query's key range grow with the query: the earliest query at or after k_first decides.
+        query = np.maximum(q_first, k_first)
+        return (query <= q_last) & (self.window * (query // self.window - 1) <= k_last)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparse(ElementMask):
+    """A static [nq, nk] layout over tiles of ``block`` tokens: within a tile marked True every pair is visible
+    (intersected with s <= t if ``causal``); nq = nk = ceil(T / block). Lists of bools are turned into tuples."""
+
+    layout: tuple[tuple[bool, ...], ...]
+    block: int
+    causal: bool = False
+
+    def __post_init__(self):
+        _check_positive("BlockSparse", "block", self.block)
+        try:
+            rows = tuple(tuple(bool(x) for x in row) for row in self.layout)
+        except TypeError:
+            raise ValueError("BlockSparse.layout must be a 2-d nesting of bools") from None
+        if not rows or len({len(row) for row in rows}) != 1:
+            raise ValueError("BlockSparse.layout must be a non-empty rectangle of bools")
+        object.__setattr__(self, "layout", rows)
+
+    def check(self, length: int) -> None:
+        tiles = -(-length // self.block)
+        shape = (len(self.layout), len(self.layout[0]))
+        if shape != (tiles, tiles):
+            raise ValueError(f"BlockSparse.layout must have shape ({tiles}, {tiles}) for T={length} and "
+                             f"block={self.block}, got {shape}")
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        shape = jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos))
+        cell = cells[self] if cells is not None and self in cells else self._lookup(q_pos, k_pos)
+        return jnp.broadcast_to(cell, shape) & (k_pos <= q_pos) if self.causal else jnp.broadcast_to(cell, shape)
+
+    def _lookup(self, q_pos: Array, k_pos: Array) -> Array:
+        layout = np.asarray(self.layout)
+        rows = jnp.clip(q_pos // self.block, 0, layout.shape[0] - 1)
+        cols = jnp.clip(k_pos // self.block, 0, layout.shape[1] - 1)
+        return jnp.asarray(layout)[rows, cols]
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        layout = np.asarray(self.layout)
+        rows, cols = (q_first // self.block, q_last // self.block), (k_first // self.block, k_last // self.block)
+        if not self.causal:
+            return _rectangle_sum(layout, rows, cols) > 0
+        # Cells below the diagonal are wholly causal; a diagonal cell holds a pair with s <= t iff k_first <= q_last.
+        below = _rectangle_sum(np.tril(layout, -1), rows, cols) > 0
+        first, last = np.maximum(rows[0], cols[0]), np.minimum(rows[1], cols[1])
+        diagonal = np.concatenate([[0], np.cumsum(np.diag(layout))])
+        on_diagonal = (last >= first) & (diagonal[np.maximum(last + 1, first)] > diagonal[first])
+        return below | on_diagonal & (k_first <= q_last)
+
+    @property
+    def aligned_block(self) -> int:
+        """The largest power of two dividing ``block``: tiles of at most this size never straddle cells."""
+        return self.block & -self.block
+
+
+@dataclasses.dataclass(frozen=True)
+class Document(ElementMask):
+    """Document (segment-id) masking: key s visible to query t iff both lie in the same segment,
+    segment_ids[t] == segment_ids[s]. The ids are runtime values passed with the call (``segments``); statically
+    every tile may hold a visible pair. Compose for more: ``Causal() & Document()``."""
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        if segments is None:
+            raise ValueError("segment_ids: a Document mask needs the segment ids [B, T] of the sequence")
+        return segments[0] == segments[1]
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        return _all(q_first, q_last, k_first, k_last)
+
+
+def _element_terms(owner: str, masks: object) -> tuple[ElementMask, ...]:
+    terms = tuple(masks) if isinstance(masks, (tuple, list)) else ()
+    if not terms or not all(isinstance(m, ElementMask) for m in terms):
+        raise ValueError(f"{owner}.masks must be a non-empty tuple of element masks (not PerHead), got {masks!r}")
+    return terms
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class _Combination(ElementMask):
+    """Terms combined pair by pair with ``_jnp_op`` (the predicate) and ``_np_op`` (``any_visible``)."""
+
+    masks: tuple[ElementMask, ...]
+    _jnp_op = staticmethod(jnp.logical_and)
+    _np_op = staticmethod(np.logical_and)
+
+    def __init__(self, *masks: ElementMask):
+        object.__setattr__(self, "masks", _element_terms(type(self).__name__, masks))
+
+    def check(self, length: int) -> None:
+        _check_terms(self.masks, length)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        terms = (m.visible(q_pos, k_pos, segments=segments, cells=cells) for m in self.masks)
+        return functools.reduce(self._jnp_op, terms)
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        return functools.reduce(self._np_op, (m.any_visible(q_first, q_last, k_first, k_last) for m in self.masks))
+
+
+def _check_terms(masks: tuple[ElementMask, ...], length: int) -> None:
+    for mask in masks:
+        mask.check(length)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class And(_Combination):
+    """Key visible iff every term sees it; tile map: the AND of the terms' maps (a superset of the tiles holding a
+    visible pair)."""
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Or(_Combination):
+    """Key visible iff some term sees it; tile map: the OR of the terms' maps."""
+
+    _jnp_op = staticmethod(jnp.logical_or)
+    _np_op = staticmethod(np.logical_or)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerHead(Mask):
+    """One element mask per query head (their number must equal H), e.g. the Sparse Transformer's
+    ``PerHead((Causal(window=w), Strided(w)))``. Its tile map is the union of the heads' maps."""
+
+    masks: tuple[ElementMask, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "masks", _element_terms("PerHead", self.masks))
+
+    def head_masks(self, num_heads: int) -> tuple[ElementMask, ...]:
+        if len(self.masks) != num_heads:
+            raise ValueError(f"PerHead.masks must have one mask per query head ({num_heads}), got {len(self.masks)}")
+        return self.masks
+
+    def tile_map(self, length: int, block_q: int, block_k: int) -> np.ndarray:
+        return functools.reduce(np.logical_or, (m.tile_map(length, block_q, block_k) for m in self.masks))
+
+    def check(self, length: int) -> None:
+        _check_terms(self.masks, length)
+
+
+def _combine(kind: type[And] | type[Or], a: Mask, b: object) -> Mask:
+    """``a & b`` / ``a | b``: nested terms of the same kind flattened; with a PerHead, head by head."""
+    if not isinstance(b, Mask):
+        return NotImplemented
+    if isinstance(a, PerHead) or isinstance(b, PerHead):
+        counts = sorted({len(m.masks) for m in (a, b) if isinstance(m, PerHead)})
+        if len(counts) > 1:
+            raise ValueError(f"PerHead.masks: combined PerHead masks need as many heads, got {counts}")
+        per_head = [m.masks if isinstance(m, PerHead) else (m,) * counts[0] for m in (a, b)]
+        return PerHead(tuple(_combine(kind, x, y) for x, y in zip(*per_head)))
+    flat = [m.masks if isinstance(m, kind) else (m,) for m in (a, b)]
+    return kind(*flat[0], *flat[1])
+
+
+def resolve(mask: Mask | None, causal: bool = True, window: int | None = None) -> Mask:
+    """The mask of a call: ``mask``, or from the shorthands ``Causal(window)`` (causal) / ``Bidirectional(window)``;
+    ValueError if both are given or mask is not a Mask."""
+    if mask is None:
+        return Causal(window) if causal else Bidirectional(window)
+    if not isinstance(mask, Mask):
+        raise ValueError(f"mask must be a Mask (Causal, Bidirectional, BlockDiagonal, Strided, BlockSparse, Terraced, "
+                         f"Document, And, Or or PerHead), got {mask!r}")
+    if causal is not True or window is not None:
+        raise ValueError("mask: give either mask or the causal / window shorthands, not both")
+    return mask
+
+
+def leaves(mask: Mask) -> tuple[ElementMask, ...]:
+    """The basic masks ``mask`` is built from, in order, each once."""
+    if not isinstance(mask, (And, Or, PerHead)):
+        return (mask,)
+    return tuple(dict.fromkeys(leaf for term in mask.masks for leaf in leaves(term)))
+
+
+def needs_segments(mask: Mask) -> bool:
+    """Whether the mask has a ``Document`` term (its calls need segment ids)."""
+    return any(isinstance(leaf, Document) for leaf in leaves(mask))
+
+
+def cell_terms(mask: Mask) -> tuple[BlockSparse, ...]:
+    """The ``BlockSparse`` terms of ``mask``: constant on a tile inside one layout cell (see ``cells``)."""
+    return tuple(leaf for leaf in leaves(mask) if isinstance(leaf, BlockSparse))
+
+
+def check_segment_ids(mask: Mask, segment_ids: Array | None, batch: int, length: int) -> Array | None:
+    """segment_ids as int32 [B, T] when the mask has a Document term, else None; ValueError naming segment_ids if
+    they are missing, not needed or of the wrong shape."""
+    if not needs_segments(mask):
+        if segment_ids is not None:
+            raise ValueError("segment_ids: given, but the mask has no Document term (use e.g. Causal() & Document())")
+        return None
+    if segment_ids is None:
+        raise ValueError(f"segment_ids: the mask {mask!r} has a Document term and needs segment_ids [B, T]")
+    if jnp.shape(segment_ids) != (batch, length) or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+        raise ValueError(f"segment_ids must be integers of shape ({batch}, {length}) [batch, time], got "
+                         f"{jnp.result_type(segment_ids)} {jnp.shape(segment_ids)}")
+    return jnp.asarray(segment_ids, jnp.int32)
+
+
+def pairwise(mask: ElementMask, q_pos: Array, k_pos: Array, *, length: int | None = None,
+             segments: Segments | None = None) -> Array:
+    """[..., Tq, Tk] bool: ``mask.visible`` on every pair of q_pos [..., Tq] and k_pos [..., Tk]; keys at negative
+    positions (empty cache slots, tokens before the sequence, front padding) or, given ``length``, at or after it
+    are invisible. segments: (q_segment [..., Tq], k_segment [..., Tk]), paired the same way."""
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    if segments is not None:
+        segments = (segments[0][..., :, None], segments[1][..., None, :])
+    in_range = (k >= 0) if length is None else (k >= 0) & (k < length)
+    return in_range & mask.visible(q, k, segments=segments)
+
+
+def visit_lists(mask: Mask, length: int, block_q: int, block_k: int, *,
+                by_key: bool = False) -> tuple[tuple[int, ...], ...]:
+    """Per query tile, the ascending key tiles it visits (the rows of ``mask.tile_map``); with ``by_key``, per key
+    tile the query tiles that visit it."""
+    tiles = mask.tile_map(length, block_q, block_k)
+    return tuple(tuple(np.flatnonzero(row).tolist()) for row in (tiles.T if by_key else tiles))
+
+
+def is_span(visits: Sequence[int]) -> bool:
+    """Whether ascending tile indices are one contiguous run (an empty list is one)."""
+    return not visits or visits[-1] - visits[0] + 1 == len(visits)

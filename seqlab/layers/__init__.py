@@ -1,0 +1,22 @@
+"""Building blocks shared by the token mixers (and usable by new ones):
+
+    norms         RMSNorm (per head, optionally swish-gated), srms_norm (SimpleRMSNorm), l2_normalize
+    conv          ShortConv, the depthwise causal short convolution
+    positional    positions (absolute positions of a call's tokens), RoPE, rotate_pairs
+    lrpe          URPE (TransNormer), LRPE (TransNormerLLM)
+    md_lrpe       MD-LRPE (LightNet): md_lrpe, grid_positions
+    feature_maps  linear-attention feature maps: identity, elu1, relu, taylor, hedgehog (make_feature_map)
+    global_means  the global means of non-causal layers (InLine, SLAB, LinFusion)
+    ssm           Mamba2's decay parameterisation (init_mamba_decay, mamba_decay)
+    heads         repeat_kv_columns (grouped key/value heads repeated per query head)
+"""
+
+from seqlab.layers.conv import ShortConv
+from seqlab.layers.feature_maps import FeatureMap, make_feature_map
+from seqlab.layers.global_means import GlobalMeans, global_means
+from seqlab.layers.heads import repeat_kv_columns
+from seqlab.layers.lrpe import LRPE, URPE
+from seqlab.layers.md_lrpe import grid_positions, md_lrpe
+from seqlab.layers.norms import RMSNorm, l2_normalize, srms_norm
+from seqlab.layers.positional import RoPE, positions, rotate_pairs
+from seqlab.layers.ssm import init_mamba_decay, mamba_decay

@@ -1,0 +1,176 @@
+"""Every decode cache of the mixers, and the ring-buffer write they share.
+
+A cache is a `flax.struct` dataclass (a pytree), built empty by the mixer's `init_cache(batch, max_len)` and
+returned updated by `prefill` and `step`. Every cache holds `pos` [] int32, the number of tokens consumed so far (the
+absolute position of the next token); the sequences of a batch decode in lockstep, so one counter serves all.
+Positions below are absolute token indices, p = 0 .. pos - 1. KV-cache compression plugs in here: the key/value
+caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_positions`), and the ops read only that.
+
+    RecurrentCache  linear-state families: the op's state [B, H, K, V] (+ the short conv's last inputs)
+    KVCache         softmax attention: keys/values of the last L positions (L = max_len, or the window's ring)
+    HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
+    ConvCache       BaseConv: the short conv's last inputs
+    BlockCache      TransNormer DiagAttention: keys/values of the current block
+    FlowCache       Flowformer: the flow's prefix sums
+    LightNetCache   LightNet: the GLA state and the running logsumexp of the keys
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from seqlab.ops.flow_attn import FlowState
+
+
+def ring_write(
+    buffers: tuple[jax.Array, ...], values: tuple[jax.Array, ...], key_positions: jax.Array, pos: jax.Array
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Write the next T tokens (positions pos .. pos+T-1) of each values [B, T, ...] into its ring buffer [B, L, ...]
+    at slots p % L (of T > L tokens only the last L land). Returns the buffers and key_positions [L] (the absolute
+    position held by each slot, -1 = empty)."""
+    length, slots = values[0].shape[1], buffers[0].shape[1]
+    kept = min(length, slots)
+    written = pos + jnp.arange(length - kept, length, dtype=jnp.int32)
+    slot = written % slots
+    new = tuple(b.at[:, slot].set(v[:, length - kept :].astype(b.dtype)) for b, v in zip(buffers, values))
+    return new, key_positions.at[slot].set(written)
+
+
+@struct.dataclass
+class RecurrentCache:
+    """Decode cache of the linear-recurrent families.
+
+    state: [B, H, K, V] float32, the op's state after positions 0 .. pos-1 (V+1 columns for normalised linear
+           attention; the family's docstring gives its layout).
+    pos:   [] int32, number of tokens consumed so far.
+    conv:  [B, kernel_size - 1, C], the short convolution's inputs at positions pos-K+1 .. pos-1 (zeros before
+           position 0), or None if the mixer has none.
+    """
+
+    state: jax.Array
+    pos: jax.Array
+    conv: jax.Array | None = None
+
+    @classmethod
+    def empty(cls, state_shape: tuple[int, ...], conv: jax.Array | None = None) -> RecurrentCache:
+        """Zero state, position 0, and the given (zero) conv cache."""
+        return cls(state=jnp.zeros(state_shape, jnp.float32), pos=jnp.zeros((), jnp.int32), conv=conv)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of softmax attention in L slots, position p in slot p % L.
+
+    k, v: [B, L, H_kv, d] keys (post-RoPE) and values. Full attention has L = max_len slots (every position so far;
+          decoding past max_len would overwrite the oldest, silently becoming a window of max_len); a sliding
+          window has a ring of L = min(window, max_len) slots, the last L positions.
+    key_positions: [L] int32, the absolute position held by each slot (-1 = empty).
+    pos: [] int32, number of tokens consumed so far.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    key_positions: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: Any) -> KVCache:
+        """L = shape[1] empty slots of keys and values [B, L, H_kv, d], position 0."""
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            key_positions=jnp.full((shape[1],), -1, jnp.int32),
+            pos=jnp.zeros((), jnp.int32),
+        )
+
+    def write(self, k: jax.Array, v: jax.Array) -> KVCache:
+        """The cache after the next T tokens: k, v [B, T, H_kv, d] of positions pos .. pos+T-1 in slots p % L (of
+        more than L tokens only the last L land); pos advances by T."""
+        (k_new, v_new), key_positions = ring_write((self.k, self.v), (k, v), self.key_positions, self.pos)
+        return self.replace(k=k_new, v=v_new, key_positions=key_positions, pos=self.pos + k.shape[1])
+
+
+@struct.dataclass
+class HybridCache(KVCache):
+    """Decode cache of a window + linear-state hybrid (LoLCATs, Liger): a `KVCache` ring of the last L positions and
+    the linear branch's state of every position before the ring.
+
+    k, v, key_positions, pos: as `KVCache` (L slots, position p in slot p % L).
+    state: [B, H, K, V] float32, the linear branch's state (the family's docstring says which positions it covers).
+    phi_k: [B, L, H, F] float32 feature-mapped keys of the ring's positions (same slots), or None for a mixer that
+           needs none.
+    """
+
+    state: jax.Array
+    phi_k: jax.Array | None = None
+
+    @classmethod
+    def empty(
+        cls, kv_shape: tuple[int, ...], state_shape: tuple[int, ...], dtype: Any,
+        phi_k_shape: tuple[int, ...] | None = None,
+    ) -> HybridCache:  # fmt: skip
+        """An empty ring of kv_shape [B, L, H_kv, d], a zero state, position 0, and zero φk if phi_k_shape is given."""
+        ring = KVCache.empty(kv_shape, dtype)
+        return cls(
+            k=ring.k, v=ring.v, key_positions=ring.key_positions, pos=ring.pos,
+            state=jnp.zeros(state_shape, jnp.float32),
+            phi_k=None if phi_k_shape is None else jnp.zeros(phi_k_shape, jnp.float32),
+        )  # fmt: skip
+
+    def write(self, k: jax.Array, v: jax.Array, phi_k: jax.Array | None = None) -> HybridCache:
+        """The cache after the next T tokens: k, v [B, T, H_kv, d] (and phi_k [B, T, H, F]) of positions pos..pos+T-1
+        in slots p % L (of a prompt longer than the ring only the last L land); pos advances by T. The state is
+        left to the caller."""
+        if phi_k is None:
+            return super().write(k, v)
+        (k_new, v_new, phi_new), key_positions = ring_write(
+            (self.k, self.v, self.phi_k), (k, v, phi_k), self.key_positions, self.pos
+        )
+        return self.replace(k=k_new, v=v_new, phi_k=phi_new, key_positions=key_positions, pos=self.pos + k.shape[1])
+
+
+@struct.dataclass
+class ConvCache:
+    """conv: [B, k-1, d_model], the short convolution's inputs at positions pos-k+1 .. pos-1 (zeros before position
+    0); pos: [] int32 tokens consumed."""
+
+    conv: jax.Array
+    pos: jax.Array
+
+
+@struct.dataclass
+class BlockCache:
+    """Decode cache of block-local attention (blocks of `block_size` positions, [n·bs, (n+1)·bs)).
+
+    k, v: [B, block_size, H, d] float32, the keys / values of the block of the last token read, position p in slot
+    p % block_size; zeros in the slots not written yet. A new block starts over at every position % block_size == 0.
+    pos: [] int32, the number of tokens read so far.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+
+@struct.dataclass
+class FlowCache:
+    """prefix: `FlowState` of positions 0 .. pos-1 (float32 prefix sums Σφk, Σφq, Σφk·O, Σφq·I [B, H, d], Σe^{Ô}
+    [B, H] and the state S [B, H, d, d]); pos: [] int32 number of tokens consumed."""
+
+    prefix: FlowState
+    pos: jax.Array
+
+
+@struct.dataclass
+class LightNetCache:
+    """state: [B, H, K, V] float32 GLA state of positions 0 .. pos-1 (K = d_f, or 2 d_f with cosine LRPE);
+    z: [B, H, d_f] float32 logsumexp of the keys of positions 0 .. pos-1 (-inf before the first token);
+    pos: [] int32 tokens consumed so far."""
+
+    state: jax.Array
+    z: jax.Array
+    pos: jax.Array

@@ -1,0 +1,1 @@
+"""Linear-state mixers: one family a module, each a recurrence run by a `seqlab.ops` op on the engine."""

@@ -1,0 +1,1 @@
+"""Softmax-attention mixers: full causal attention and sliding windows (RoPE, GQA)."""

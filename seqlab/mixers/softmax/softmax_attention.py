@@ -1,0 +1,138 @@
+"""o_t = sum_{s <= t, t - s < window} softmax_s(q_t . k_s / sqrt(d)) v_s  (causal softmax attention).
+
+Papers: "Attention Is All You Need" (Vaswani et al., 2017); rotary positions from "RoFormer: Enhanced Transformer
+with Rotary Position Embedding" (Su et al., 2021); grouped-query attention from "GQA: Training Generalized
+Multi-Query Transformer Models from Multi-Head Checkpoints" (Ainslie et al., 2023); sliding windows as in
+"Longformer: The Long-Document Transformer" (Beltagy et al., 2020) and Based's local layers.
+
+Layer: q = RoPE(x W_q), k = RoPE(x W_k) with num_kv_heads (GQA) heads, v = x W_v, op `softmax_attn`, then W_o.
+A window w means query t sees keys t-w < s <= t (w keys, itself included; Based's "previous 128 + itself" is
+window=129).
+
+On a sequence split over devices (`shard_sequence`), keys and values travel by all-gather (default) or around a
+ring (`sequence_parallel="ring"`); a sliding window exchanges only a halo of window-1 keys with the previous device.
+
+Decode cache (`KVCache`): keys/values [B, L, H_kv, d] with absolute `key_positions` [L] (-1 = empty) and the
+position counter. A token at position p is written to slot p % L. Full attention uses L = max_len (decoding past
+max_len would overwrite the oldest slots, i.e. silently turn into a window of max_len; keep p < max_len). Sliding
+window attention uses a ring buffer of L = min(window, max_len) slots, so its cache never grows.
+
+Prefill (a T > 1 prompt into a fresh cache) runs the training path over the prompt and writes the keys and values
+of its last min(T, L) tokens to their slots; a full-attention prompt must fit the cache (T <= max_len).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqlab import ops
+from seqlab.checks import check_choice, check_optional_positive_int
+from seqlab.layers.positional import positions
+from seqlab.mixers.base import Mixer
+from seqlab.mixers.caches import KVCache
+from seqlab.mixers.registry import register
+from seqlab.ops.softmax_attn import default_block_size
+from seqlab.parallel.attention import MODES as SEQUENCE_PARALLEL_MODES
+
+
+@register(
+    "softmax",
+    kind="softmax",
+    paper="Attention Is All You Need",
+    examples={"gqa": dict(num_heads=4, num_kv_heads=2, block_size=16)},
+)
+class SoftmaxAttention(Mixer):
+    """Causal multi-head softmax attention with RoPE, GQA and an optional sliding window.
+
+    block_size: the softmax op's query/key block (None: `default_block_size(window)`, 512 or the window rounded
+    up to a power of two); it tiles the computation and does not change the result.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        window: int | None = None,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        rope_interleaved: bool = False,
+        use_bias: bool = False,
+        sequence_parallel: str = "allgather",
+        impl: str = "auto",
+        block_size: int | None = None,
+        rngs: nnx.Rngs | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        check_optional_positive_int("window", window)
+        check_optional_positive_int("block_size", block_size)
+        super().__init__(d_model, num_heads, impl=impl, chunk_size=None, dtype=dtype, param_dtype=param_dtype)
+        rngs = self._rngs(rngs)
+        check_choice("sequence_parallel", sequence_parallel, SEQUENCE_PARALLEL_MODES)
+        self.block_size = default_block_size(window) if block_size is None else block_size
+        self.sequence_parallel = sequence_parallel
+        self._attention_projections(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, rope=rope, rope_base=rope_base,
+            rope_interleaved=rope_interleaved, use_bias=use_bias, rngs=rngs,
+        )  # fmt: skip
+        self.window = window
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        self._check_cache_args(batch, max_len)
+        length = max_len if self.window is None else min(self.window, max_len)
+        return KVCache.empty((batch, length, self.num_kv_heads, self.head_dim), self.dtype or jnp.float32)
+
+    def queries_keys(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q [B, T, H, d] and k [B, T, H_kv, d] of x [B, T, d_model] at positions pos [T], RoPE applied."""
+        q = self._heads(self.q_proj(x), self.head_dim)
+        k = self._heads(self.k_proj(x), self.head_dim)
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        return q, k
+
+    def _forward(self, x: jax.Array, cache: KVCache | None):
+        T = x.shape[1]
+        q, k = self.queries_keys(x, positions(cache, T, None if cache is not None else self.sequence_axis))
+        v = self._heads(self.v_proj(x), self.head_dim)
+        if cache is not None:
+            cache = self._write(cache, k, v)
+        if cache is not None and T == 1:  # a decode step attends to the cache; training and prompts to themselves
+            o = ops.softmax_decode_step(
+                q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, window=self.window
+            )[:, None]
+        else:
+            o = ops.softmax_attn(
+                q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.block_size,
+                sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
+            )  # fmt: skip
+        return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+
+    def _write(self, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
+        """The cache with the keys/values k, v [B, T, H_kv, d] of the next T positions in slots p % L; of a prompt
+        longer than a ring buffer of L slots only the last L tokens land."""
+        T, slots = k.shape[1], cache.k.shape[1]
+        if self.window is None and T > slots:
+            raise ValueError(f"x: a prompt of {T} tokens does not fit a KV cache of max_len={slots}")
+        return cache.write(k, v)
+
+
+@register(
+    "sliding_window",
+    kind="softmax",
+    paper="Longformer: The Long-Document Transformer",
+    examples={"ring": dict(num_heads=4, num_kv_heads=1, window=8)},
+)
+class SlidingWindowAttention(SoftmaxAttention):
+    """Softmax attention restricted to the last `window` keys (default 64, as LoLCATs-sw and Liger); ring-buffer cache."""
+
+    def __init__(self, d_model: int, num_heads: int, *, window: int = 64, **kwargs):
+        if window is None:
+            raise ValueError("window must be a positive integer for sliding-window attention, got None")
+        super().__init__(d_model, num_heads, window=window, **kwargs)
