@@ -1,6 +1,7 @@
 """Independent reference implementations for the seqlab functional ops.
 
-Nothing here imports seqlab.  Every recurrence is written literally, one
+Nothing here calls seqlab (the mask references read the parameters of the
+``seqlab.core.masks`` classes, never their methods).  Every recurrence is written literally, one
 token at a time, straight from the defining equations (flash-linear-attention
 conventions):
 
@@ -23,9 +24,13 @@ order, then ``scale``, ``initial_state`` and the op's variant flags as keywords.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from seqlab.core import masks as M
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -379,3 +384,82 @@ def rel_err(a, b):
     nb = np.linalg.norm(b.ravel())
     assert nb > 0, "reference is identically zero; the comparison would be vacuous"
     return float(np.linalg.norm((a - b).ravel()) / nb)
+
+
+# ---------------------------------------------------------------------------
+# masks: visibility pair by pair, from the definitions (the mask classes are
+# read for their parameters only; none of their methods is called)
+# ---------------------------------------------------------------------------
+
+
+def reference_visible(mask, t: int, s: int, segments) -> bool:
+    """Key s visible to query t (segments: this batch element's segment id per position)."""
+    if isinstance(mask, M.Causal):
+        return s <= t and (mask.window is None or t - s < mask.window)
+    if isinstance(mask, M.Bidirectional):
+        return mask.window is None or abs(t - s) < mask.window
+    if isinstance(mask, M.BlockDiagonal):
+        return t // mask.size == s // mask.size and (s <= t or not mask.causal)
+    if isinstance(mask, M.Strided):
+        return (t - s) % mask.stride == 0 and (s <= t or not mask.causal)
+    if isinstance(mask, M.BlockSparse):
+        return mask.layout[t // mask.block][s // mask.block] and (s <= t or not mask.causal)
+    if isinstance(mask, M.Terraced):  # the query's block of `window` tokens up to itself, and the block before
+        return s <= t and s // mask.window in (t // mask.window, t // mask.window - 1)
+    if isinstance(mask, M.Document):
+        return segments[t] == segments[s]
+    if isinstance(mask, M.And):
+        return all(reference_visible(m, t, s, segments) for m in mask.masks)
+    if isinstance(mask, M.Or):
+        return any(reference_visible(m, t, s, segments) for m in mask.masks)
+    raise TypeError(mask)
+
+
+def has_document(mask) -> bool:
+    if isinstance(mask, M.Document):
+        return True
+    return isinstance(mask, (M.And, M.Or, M.PerHead)) and any(has_document(m) for m in mask.masks)
+
+
+def segment_ids(T: int) -> np.ndarray:
+    """[B, T] int32: sorted documents in batch element 0, ids scattered at random in batch element 1."""
+    rng = np.random.default_rng(T)
+    return np.stack([np.sort(rng.integers(0, 4, T)), rng.integers(0, 3, T)]).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_mask(mask, T: int, H: int) -> np.ndarray:
+    """[B, H, T, T] bool from Python loops over (t, s), over ``segment_ids(T)`` for a mask with a Document term;
+    [1, H, T, T] for any other."""
+    per_head = mask.masks if isinstance(mask, M.PerHead) else (mask,) * H
+    ids = segment_ids(T) if has_document(mask) else [None]
+    return np.array([[[[reference_visible(m, t, s, seg) for s in range(T)] for t in range(T)] for m in per_head]
+                     for seg in ids])
+
+
+def dense_reference(visible: np.ndarray, scale: float | None = None, score_mod=None):
+    """Masked softmax attention with the [B or 1, H, T, T] mask ``visible`` (0 for a query that sees no key);
+    scale None: ."""
+
+    def attention(q, k, v):
+        group, (T, H) = q.shape[2] // k.shape[2], q.shape[1:3]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST) * (scale or q.shape[-1] ** -0.5)
+        if score_mod is not None:
+            logits = score_mod(logits, jnp.arange(T)[:, None], jnp.arange(T)[None], jnp.arange(H)[:, None, None])
+        logits = jnp.where(visible, logits, -1e30)
+        m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        p = jnp.where(visible, jnp.exp(logits - m), 0.0)
+        l = jnp.sum(p, axis=-1, keepdims=True)
+        p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
+        return jnp.einsum("bhts,bshv->bthv", p, v, precision=HIGHEST)
+
+    return attention
+
+
+def nonempty_tiles(visible: np.ndarray, block_q: int, block_k: int, padded: int) -> np.ndarray:
+    """[padded / block_q, padded / block_k] bool from the element mask [T, T] (nothing visible past T): the tiles
+    holding a visible pair."""
+    grid = np.zeros((padded, padded), bool)
+    grid[: visible.shape[0], : visible.shape[1]] = visible
+    return grid.reshape(padded // block_q, block_q, padded // block_k, block_k).any(axis=(1, 3))

@@ -1,5 +1,5 @@
 """The mask algebra of softmax attention: which keys each query sees, shared by the XLA paths
-(``seqlab.core.online_softmax``, ``seqlab.parallel.attention``, the LoLCATs and block-local ops) and the Pallas
+(``seqlab.core.online_softmax``, ``seqlab.core.softmax_parallel``, the LoLCATs and block-local ops) and the Pallas
 kernels (``pallas_kernels.flash_attention``).
 
 A mask is a frozen, hashable dataclass (it is static: it keys compilation caches and custom_vjp plans). The basic

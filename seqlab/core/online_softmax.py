@@ -2,7 +2,7 @@
 
 A ``Partial`` (running max m, normaliser l, unnormalised output acc, all float32) is softmax attention's chunk
 summary: partials over disjoint key sets merge associatively (``merge``), which the KV-cache decode step and the
-sequence-parallel forms (``seqlab.parallel.attention``: all-gather, ring, halo) use.
+sequence-parallel forms (``seqlab.core.softmax_parallel``: all-gather, ring, halo) use.
 
 Masks are ``seqlab.core.masks`` objects (the mask algebra's contract is stated there): the element predicate runs
 on each row's absolute positions (``masks.pairwise``: keys outside [0, T) invisible), with the segment ids

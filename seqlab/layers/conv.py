@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab.checks import check_choice, check_positive_int
-from seqlab.parallel.mesh import previous_segment_tail
+from seqlab.core.halo import previous_segment_tail
 
 
 class ShortConv(nnx.Module):

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from seqlab.core import masks
 from seqlab.ops import _common
 from seqlab.ops.linear_attn import linear_attn
-from seqlab.parallel.mesh import previous_segment_tail
+from seqlab.core.halo import previous_segment_tail
 
 Array = jax.Array
 

@@ -14,7 +14,7 @@ each row's visits are one contiguous span; gathered tiles otherwise), "parallel"
 are stated in ``seqlab.core.online_softmax``.
 
 With ``sequence_axis`` the sequence is split into contiguous segments along that mesh axis (inside
-``jax.shard_map``) and ``seqlab.parallel.attention`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:
+``jax.shard_map``) and ``seqlab.core.softmax_parallel`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:
 Rethinking Sequence Parallelism for Linear Attention and Its Hybrid") or "ring" ("Ring Attention with Blockwise
 Transformers for Near-Infinite Context"); sliding windows with w - 1 <= T_local exchange only a halo. Only
 ``Causal`` and ``Bidirectional`` masks (with a window) are supported there.
@@ -29,7 +29,7 @@ from pallas_kernels import _common as pallas_common
 from pallas_kernels import flash_attention as pallas_flash
 from seqlab.core import masks, online_softmax
 from seqlab.ops import _common
-from seqlab.parallel import attention as sequence_attention
+from seqlab.core import softmax_parallel as sequence_attention
 
 Array = jax.Array
 DEFAULT_BLOCK_SIZE = 512  # XLA:CPU runs [512, D] x [D, L] score matmuls near its square-matmul rate (BENCHMARKS.md)
@@ -114,7 +114,7 @@ def softmax_attn(
     ``Document`` term.
     sequence_axis: a mesh axis name; q, k, v are then this device's segment [B, T_local, ...] of a sequence split
     contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
-    sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.parallel.attention``);
+    sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.core.softmax_parallel``);
     impl "chunked" loops over blocks of ``block_size`` (None: ``default_block_size(window)``), "parallel" over
     blocks of T_local; "pallas" runs ``pallas_kernels.flash_attention`` (blocks of ``block_size`` both ways, or
     ``FlashBlocks()``; interpreted on CPU); "auto" is "pallas" on a GPU or TPU without ``sequence_axis`` for

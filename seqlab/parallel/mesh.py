@@ -56,16 +56,6 @@ def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def previous_segment_tail(x: jax.Array, size: int, sequence_axis: str) -> jax.Array:
-    """The last `size` tokens of the previous device's segment of x [B, T_local, ...] (zeros on the first device):
-    one ppermute along `sequence_axis`. Needs T_local >= size."""
-    if x.shape[1] < size:
-        raise ValueError(f"x: a sequence shard of {x.shape[1]} tokens is shorter than the {size} tokens of context "
-                         f"this layer needs from the previous shard; use fewer devices on {sequence_axis!r}")
-    num = jax.lax.axis_size(sequence_axis)
-    return jax.lax.ppermute(x[:, x.shape[1] - size :], sequence_axis, [(i, i + 1) for i in range(num - 1)])
-
-
 def shard_sequence(module: nnx.Module, axis_name: str | None) -> None:
     """Run the training path of `module` (a mixer or a whole model) on a sequence split over the mesh axis
     `axis_name` — inside shard_map, each device holding a contiguous segment — or on whole sequences again with

@@ -3,7 +3,7 @@
 
 Paper: "LoLCATs: On Low-Rank Linearizing of Large Language Models" (Zhang et al., 2024); read from
 HazyResearch/lolcats (`linear_window_attention_tk.py`, `_sw.py`, `feature_map.py`). The op, its windows and its
-decomposition are documented in `seqlab.ops.window_hybrid`.
+decomposition are documented in `seqlab.ops.lolcats_attn`.
 
 Layer: q = RoPE(x W_q), k = RoPE(x W_k) with num_kv_heads (GQA) heads, v = x W_v, the layer's softmax attention
 with its weights unchanged; φ is the Hedgehog map ("The Hedgehog & the Porcupine", LoLCATs normalisation: two

@@ -36,7 +36,7 @@ from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import KVCache
 from seqlab.mixers.registry import register
 from seqlab.ops.softmax_attn import default_block_size
-from seqlab.parallel.attention import MODES as SEQUENCE_PARALLEL_MODES
+from seqlab.core.softmax_parallel import MODES as SEQUENCE_PARALLEL_MODES
 
 
 @register(

@@ -24,7 +24,7 @@ import pytest
 
 from pallas_kernels import _common
 from pallas_kernels import flash_attention as fa
-from reference import rel_err
+from reference import dense_reference, has_document, nonempty_tiles, reference_mask, rel_err, segment_ids
 from seqlab import ops
 from seqlab.core import masks as M
 
@@ -33,76 +33,6 @@ BF16_TOL = 1e-2
 HIGHEST = jax.lax.Precision.HIGHEST
 B, D, V = 2, 16, 8
 IMPLS = ("chunked", "parallel", "pallas")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the reference: visibility pair by pair, from the definitions
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def reference_visible(mask, t: int, s: int, segments) -> bool:
-    """Key s visible to query t (segments: this batch element's segment id per position)."""
-    if isinstance(mask, M.Causal):
-        return s <= t and (mask.window is None or t - s < mask.window)
-    if isinstance(mask, M.Bidirectional):
-        return mask.window is None or abs(t - s) < mask.window
-    if isinstance(mask, M.BlockDiagonal):
-        return t // mask.size == s // mask.size and (s <= t or not mask.causal)
-    if isinstance(mask, M.Strided):
-        return (t - s) % mask.stride == 0 and (s <= t or not mask.causal)
-    if isinstance(mask, M.BlockSparse):
-        return mask.layout[t // mask.block][s // mask.block] and (s <= t or not mask.causal)
-    if isinstance(mask, M.Terraced):  # the query's block of `window` tokens up to itself, and the block before
-        return s <= t and s // mask.window in (t // mask.window, t // mask.window - 1)
-    if isinstance(mask, M.Document):
-        return segments[t] == segments[s]
-    if isinstance(mask, M.And):
-        return all(reference_visible(m, t, s, segments) for m in mask.masks)
-    if isinstance(mask, M.Or):
-        return any(reference_visible(m, t, s, segments) for m in mask.masks)
-    raise TypeError(mask)
-
-
-def has_document(mask) -> bool:
-    if isinstance(mask, M.Document):
-        return True
-    return isinstance(mask, (M.And, M.Or, M.PerHead)) and any(has_document(m) for m in mask.masks)
-
-
-def segment_ids(T: int) -> np.ndarray:
-    """[B, T] int32: sorted documents in batch element 0, ids scattered at random in batch element 1."""
-    rng = np.random.default_rng(T)
-    return np.stack([np.sort(rng.integers(0, 4, T)), rng.integers(0, 3, T)]).astype(np.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def reference_mask(mask, T: int, H: int) -> np.ndarray:
-    """[B, H, T, T] bool from Python loops over (t, s), over ``segment_ids(T)`` for a mask with a Document term;
-    [1, H, T, T] for any other."""
-    per_head = mask.masks if isinstance(mask, M.PerHead) else (mask,) * H
-    ids = segment_ids(T) if has_document(mask) else [None]
-    return np.array([[[[reference_visible(m, t, s, seg) for s in range(T)] for t in range(T)] for m in per_head]
-                     for seg in ids])
-
-
-def dense_reference(visible: np.ndarray, scale: float | None = None, score_mod=None):
-    """Masked softmax attention with the [B or 1, H, T, T] mask ``visible`` (0 for a query that sees no key);
-    scale None: ."""
-
-    def attention(q, k, v):
-        group, (T, H) = q.shape[2] // k.shape[2], q.shape[1:3]
-        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        logits = jnp.einsum("bthd,bshd->bhts", q, k, precision=HIGHEST) * (scale or q.shape[-1] ** -0.5)
-        if score_mod is not None:
-            logits = score_mod(logits, jnp.arange(T)[:, None], jnp.arange(T)[None], jnp.arange(H)[:, None, None])
-        logits = jnp.where(visible, logits, -1e30)
-        m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        p = jnp.where(visible, jnp.exp(logits - m), 0.0)
-        l = jnp.sum(p, axis=-1, keepdims=True)
-        p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
-        return jnp.einsum("bhts,bshv->bthv", p, v, precision=HIGHEST)
-
-    return attention
 
 
 def make_inputs(seed: int, T: int, H: int, H_kv: int, q_scale: float = 1.0):
@@ -217,14 +147,6 @@ TILE_MASKS = [
     (M.Causal(window=20) & M.Strided(3), False), (M.BlockDiagonal(20) & M.Strided(7, causal=False), False),
     (M.Document(), False), (M.Causal() & M.Document(), False), (M.Terraced(8) | M.Document(), False),
 ]
-
-
-def nonempty_tiles(visible: np.ndarray, block_q: int, block_k: int, padded: int) -> np.ndarray:
-    """[padded / block_q, padded / block_k] bool from the element mask [T, T] (nothing visible past T): the tiles
-    holding a visible pair."""
-    grid = np.zeros((padded, padded), bool)
-    grid[: visible.shape[0], : visible.shape[1]] = visible
-    return grid.reshape(padded // block_q, block_q, padded // block_k, block_k).any(axis=(1, 3))
 
 
 @pytest.mark.parametrize("mask,exact", TILE_MASKS, ids=[str(m) for m, _ in TILE_MASKS])

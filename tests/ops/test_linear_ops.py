@@ -185,7 +185,7 @@ CASES = (
 )
 # (T % C == 0 is covered by test_long_sequence_bf16: T=16384 with the default C=64.)
 # The ops with a Pallas kernel also run it (interpreted): several chunks, the last ragged, an explicit scale and an
-# initial state (test_pallas_linear_attention checks more kernel sizes, test_op_dispatch no initial state).
+# initial state (tests/kernels/test_linear_attention_kernel.py checks more kernel sizes, test_op_dispatch no initial state).
 PALLAS_CASES = (("pallas", 50, 16, 0.3, True),)
 FORWARD_CASES = [(v, c) for v in VARIANTS for c in CASES] + [(v, c) for v in WITH_KERNEL for c in PALLAS_CASES]
 

@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 
 from pallas_kernels import _common
 from pallas_kernels import flash_attention as fa
-from reference import rel_err
+from reference import dense_reference, nonempty_tiles, reference_mask, rel_err
 from seqlab import ops
-from test_masks import dense_reference, nonempty_tiles, reference_mask
 
 TOL = 1e-5
 

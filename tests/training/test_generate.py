@@ -35,7 +35,7 @@ PATTERNS = {
     "mamba2": (("mamba2",), {"mamba2": {"d_state": 8}}),
 }
 LINEAR = ("gla", "deltanet", "baseconv+based", "mamba2")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build(mixers: tuple[str, ...], mixer_args: dict, *, vocab_size: int = VOCAB, **overrides) -> DecoderLM:

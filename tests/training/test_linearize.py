@@ -19,7 +19,7 @@ from seqlab import linearize, mixers
 from seqlab.layers.heads import repeat_kv_columns
 from seqlab.models import DecoderLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, T, VOCAB, D = 2, 24, 16, 32
 
 

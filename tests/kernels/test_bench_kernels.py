@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_kernels.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "bench_kernels.py"
 
 
 def _bench_kernels():

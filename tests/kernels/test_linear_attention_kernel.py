@@ -164,7 +164,7 @@ def test_bf16_inputs(family):
 @pytest.mark.parametrize("variant", WITH_KERNEL, ids=[c.id for c in WITH_KERNEL])
 def test_op_dispatch(variant):
     """impl="pallas" through seqlab.ops equals impl="chunked" for every declared op with a kernel (the kernels'
-    gradients are checked here and in test_pallas_delta_rule, every op's in test_ops_linear); impl="auto" runs the
+    gradients are checked here and in test_delta_rule_kernel.py, every op's in test_linear_ops.py); impl="auto" runs the
     XLA chunked path on this CPU (no pallas_call in its program)."""
     args = lc.make_inputs(np.random.default_rng(7), variant, B=1, T=40, H=2, K=8, V=8, initial_state=False)
 

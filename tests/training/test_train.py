@@ -22,7 +22,7 @@ from seqlab import config as config_lib, data
 from seqlab.train import NonFiniteLossError, train_and_evaluate
 from seqlab.training import checkpoints, load_metrics, restore_model, steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(spec: str):
