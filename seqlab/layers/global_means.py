@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from seqlab import ops
+from seqlab.ops import _common as ops_common
 
 
 class GlobalMeans(NamedTuple):
@@ -22,11 +23,6 @@ class GlobalMeans(NamedTuple):
     length: int
 
 
-def append_ones(x: jax.Array) -> jax.Array:
-    """[..., d] -> [..., d + 1]: x with a last column of ones."""
-    return jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], axis=-1)
-
-
 def global_means(
     k: jax.Array, v: jax.Array, *, impl: str, chunk_size: int, sequence_axis: str | None = None
 ) -> GlobalMeans:
@@ -36,8 +32,8 @@ def global_means(
     sequence and are replicated on every device."""
     length = k.shape[1] * (1 if sequence_axis is None else jax.lax.axis_size(sequence_axis))
     root = length**-0.5
-    keys = append_ones(k.astype(jnp.float32)) * root
-    values = append_ones(v.astype(jnp.float32)) * root
+    keys = ops_common.with_ones(k) * root
+    values = ops_common.with_ones(v) * root
     _, state = ops.linear_attn(
         jnp.zeros_like(keys), keys, values, scale=1.0, output_final_state=True, impl=impl, chunk_size=chunk_size,
         sequence_axis=sequence_axis,

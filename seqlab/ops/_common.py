@@ -250,3 +250,9 @@ def run_linear_op(
     inputs.update({name: g.astype(jnp.float32) for name, g in gates.items()})
     o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis, gate)
     return o, (final if output_final_state else None)
+
+
+def with_ones(v: Array) -> Array:
+    """[..., V] -> [..., V + 1] float32: the ones column that turns the numerator into the denominator."""
+    v = v.astype(jnp.float32)
+    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), jnp.float32)], axis=-1)

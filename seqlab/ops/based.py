@@ -37,6 +37,7 @@ from seqlab.core.recurrence import ChunkTerms, Transition
 from seqlab.ops import _common
 
 Array = jax.Array
+__all__ = ["based_attn"]
 
 
 def based_state_rows(feature_dim: int) -> int:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from seqlab.core import masks
 
 Array = jax.Array
+__all__ = ["block_local_attn"]
 
 WEIGHTS = ("softmax", "relu")
 

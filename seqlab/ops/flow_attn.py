@@ -35,6 +35,7 @@ from seqlab.ops import _common
 from seqlab.ops.linear_attn import linear_attn
 
 Array = jax.Array
+__all__ = ["flow_attn"]
 
 
 class FlowState(NamedTuple):

@@ -50,6 +50,7 @@ from seqlab.ops.linear_attn import linear_attn
 from seqlab.core.halo import previous_segment_tail
 
 Array = jax.Array
+__all__ = ["lolcats_attn", "lolcats_decode_step"]
 
 KINDS = ("sw", "tk")
 
@@ -97,12 +98,6 @@ def _check_window(window: int, kind: str) -> None:
 def repeat_heads(x: Array, heads: int) -> Array:
     """[B, T, Hkv, D] -> [B, T, H, D]: query head h reads kv head h // (H / Hkv) (softmax_attn's grouping)."""
     return jnp.repeat(x, heads // x.shape[2], axis=2)
-
-
-def with_ones(v: Array) -> Array:
-    """[..., V] -> [..., V + 1] float32: the ones column that turns the numerator into the denominator."""
-    v = v.astype(jnp.float32)
-    return jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), jnp.float32)], axis=-1)
 
 
 def _per_head(factor: Array | float, heads: int) -> Array:
@@ -213,7 +208,7 @@ def lolcats_attn(
     reach = window_reach(window, kind)
     phi_q32 = phi_q.astype(jnp.float32)
     keys = jnp.concatenate(
-        [repeat_heads(k, heads).astype(jnp.float32), phi_k.astype(jnp.float32), with_ones(repeat_heads(v, heads))], -1
+        [repeat_heads(k, heads).astype(jnp.float32), phi_k.astype(jnp.float32), _common.with_ones(repeat_heads(v, heads))], -1
     )  # [B, T, H, D + F + V + 1]
     before, start = _previous_tokens(keys, reach, sequence_axis)
     keys = jnp.concatenate([before, keys], axis=1)  # token t of the segment at index R + t
@@ -268,7 +263,7 @@ def lolcats_decode_step(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     gamma, lam = _per_head(window_factor, heads), _per_head(linear_factor, heads)
     keys = repeat_heads(k_cache, heads).astype(jnp.float32)  # [B, L, H, D]
-    v1 = with_ones(repeat_heads(v_cache, heads))
+    v1 = _common.with_ones(repeat_heads(v_cache, heads))
     scores = jnp.einsum("bhd,blhd->bhl", q.astype(jnp.float32), keys)[:, :, None] * scale  # [B, H, 1, L]
     phi_scores = None
     if kind == "tk":  # a sliding window's band is the window itself

@@ -32,6 +32,7 @@ from seqlab.ops import _common
 from seqlab.core import softmax_parallel as sequence_attention
 
 Array = jax.Array
+__all__ = ["softmax_attn", "softmax_decode_step"]
 DEFAULT_BLOCK_SIZE = 512  # XLA:CPU runs [512, D] x [D, L] score matmuls near its square-matmul rate (BENCHMARKS.md)
 MIN_WINDOW_BLOCK_SIZE = 64
 

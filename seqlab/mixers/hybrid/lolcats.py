@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
+from seqlab.ops import _common as ops_common
 from seqlab.checks import check_choice, check_finite, check_input, check_positive_int
 from seqlab.layers.feature_maps import make_feature_map
 from seqlab.layers.positional import positions
@@ -62,7 +63,6 @@ from seqlab.ops.lolcats_attn import (
     lolcats_decode_step,
     repeat_heads,
     window_reach,
-    with_ones,
 )
 
 WINDOW_FACTOR_INIT = -2.1972  # sigmoid(-2.1972) = 0.1
@@ -207,7 +207,7 @@ class LoLCATsAttention(Mixer):
         linear state, write the new token, attend over the ring plus the state. Returns o [B, 1, H, d]."""
         slot = cache.pos % cache.k.shape[1]
         evicted_phi_k = cache.phi_k[:, slot][:, None]  # [B, 1, H, F]; zero for a still-empty slot
-        evicted_v1 = with_ones(repeat_heads(cache.v[:, slot][:, None], self.num_heads))  # [B, 1, H, d + 1]
+        evicted_v1 = ops_common.with_ones(repeat_heads(cache.v[:, slot][:, None], self.num_heads))  # [B, 1, H, d + 1]
         linear_numerator, state = ops.linear_attn(
             phi_q, evicted_phi_k, evicted_v1, scale=1.0, **self._op_kwargs(cache.state)
         )  # φq · (S | z) over every token up to position pos − R

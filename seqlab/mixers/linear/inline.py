@@ -36,9 +36,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
+from seqlab.ops import _common as ops_common
 from seqlab.checks import check_positive, check_positive_int, resolve_dim
 from seqlab.layers.conv import ShortConv
-from seqlab.layers.global_means import append_ones, global_means
+from seqlab.layers.global_means import global_means
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -116,7 +117,7 @@ class InLineAttention(Mixer):
         """q, k [B, T, H, d], v [B, T, H, d]; state [B, H, d + 1, d + 1] or None -> (o [B, T, H, d] float32, new
         state or None). Reads [S_tᵀq_t, q_t·z_t] and [u_t, t] from the engine (two calls on the values [v, 1])."""
         d = self.head_dim
-        values = append_ones(v.astype(jnp.float32))
+        values = ops_common.with_ones(v)
         ones = jnp.ones((*v.shape[:-1], 1), jnp.float32)
         kv_state, sums_state = (None, None) if state is None else (state[..., :d, :], state[..., d:, :])
         read, kv_state = ops.linear_attn(q, k, values, scale=1.0, **self._op_kwargs(kv_state))
