@@ -1,9 +1,10 @@
-"""LoLCATs' window + linear hybrid op (seqlab.ops.window_hybrid) and the LoLCATs and Liger mixers.
+"""LoLCATs: the window + linear hybrid op (seqlab.ops.lolcats_attn) and the LoLCATs mixer (its decode path,
+defaults, `from_softmax` and transfer outputs).
 
-Ground truth is written here from the equations (families.md §9, §10) and imports nothing under test:
+Ground truth is written here from the equations (families.md §9) and imports nothing under test:
 * `np_hybrid`: float64 numpy, a double loop over queries i and keys j <= i with the window rule written literally
-  (`in_window`); the layer references (`np_lolcats_layer`, `np_liger_layer`) add projections, RoPE, the Hedgehog
-  map, the GLA recurrence (token by token) and sliding-window softmax in numpy, reading only the mixers' parameters;
+  (`in_window`); the layer reference (`np_lolcats_layer`) adds projections, RoPE, the Hedgehog map and the hybrid
+  in numpy, reading only the mixer's parameters;
 * `jnp_hybrid`: float32 jnp, the dense masked T x T form, for gradients.
 
 Sizes are tiny: T = 21 (odd, not a multiple of the windows 4 and 8 nor of the chunk sizes 3 and 8), H = 2 query
@@ -18,23 +19,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from mixer_references import (
+    D_MODEL,
+    FWD_TOL,
+    GRAD_TOL,
+    T_MIX,
+    B,
+    check_bad_inputs_name_the_argument,
+    check_decode_prefill_and_cache_allclose,
+    f64,
+    liger,
+    mixer_input,
+    np_output,
+    np_projections,
+    np_rope,
+    raises_naming,
+    softmax,
+    steps,
+    trained_softmax,
+)
+from reference import rel_err
 
 from seqlab.mixers.hybrid.liger import LigerAttention
 from seqlab.mixers.hybrid.lolcats import LoLCATsAttention
-from seqlab.mixers.softmax.softmax_attention import SlidingWindowAttention, SoftmaxAttention
+from seqlab.mixers.softmax.softmax_attention import SlidingWindowAttention
 from seqlab.ops.lolcats_attn import lolcats_attn
 
-FWD_TOL, GRAD_TOL = 1e-5, 1e-4
-B, T, H, DK, DV, F = 2, 21, 2, 8, 5, 6
-D_MODEL, T_MIX, PROMPT = 32, 21, 11
+T, H, DK, DV, F = 21, 2, 8, 5, 6
 FORMS = [("chunked", 3), ("chunked", 8), ("recurrent", 8), ("parallel", 8)]
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.linalg.norm(b) > 0, "the reference is zero; the comparison would be vacuous"
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,76 +106,20 @@ def jnp_hybrid(q, k, v, phi_q, phi_k, gamma, lam, window, kind):
     return jnp.einsum("bhij,bjhv->bihv", weights, v) / jnp.sum(weights, -1).transpose(0, 2, 1)[..., None]
 
 
-def np_rope(x, base=10000.0):
-    """Half-split rotary embedding of [B, T, H, d] at positions 0..T-1."""
-    d = x.shape[-1]
-    angle = np.arange(x.shape[1])[:, None] * base ** (-np.arange(d // 2) * 2.0 / d)  # [T, d/2]
-    cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
-
-
-def np_softmax(y, axis=-1):
-    e = np.exp(y - y.max(axis, keepdims=True))
-    return e / e.sum(axis, keepdims=True)
-
-
 def np_hedgehog(x, weight):
     """[softmax(x W_h), softmax(-x W_h)] per head, clamped at 1e-12."""
     y = np.einsum("bthd,hdf->bthf", x, weight)
-    return np.maximum(np.concatenate([np_softmax(y), np_softmax(-y)], -1), 1e-12)
-
-
-def f64(param) -> np.ndarray:
-    return np.asarray(param[...], np.float64)
-
-
-def np_projections(mixer, x):
-    """q [B, T, H, d], k, v [B, T, H_kv, d] (pre-RoPE) from the mixer's kernels (and biases)."""
-    x = np.asarray(x, np.float64)
-
-    def project(name):
-        layer = getattr(mixer, name)
-        y = x @ f64(layer.kernel)
-        return (y if layer.bias is None else y + f64(layer.bias)).reshape(*x.shape[:2], -1, mixer.head_dim)
-
-    return project("q_proj"), project("k_proj"), project("v_proj")
-
-
-def np_output(mixer, o):
-    return o.reshape(*o.shape[:2], -1) @ f64(mixer.o_proj.kernel)
+    return np.maximum(np.concatenate([softmax(np, y), softmax(np, -y)], -1), 1e-12)
 
 
 def np_lolcats_layer(mixer: LoLCATsAttention, x):
     q, k, v = np_projections(mixer, x)
     q, k = np_rope(q), np_rope(k)
-    phi_q = np_hedgehog(q, f64(mixer.q_map.weight))
-    phi_k = np_hedgehog(np.repeat(k, mixer.num_heads // k.shape[2], axis=2), f64(mixer.k_map.weight))
-    gamma = 1.0 / (1.0 + np.exp(-f64(mixer.window_factor)))
+    phi_q = np_hedgehog(q, f64(mixer.q_map.weight[...]))
+    phi_k = np_hedgehog(np.repeat(k, mixer.num_heads // k.shape[2], axis=2), f64(mixer.k_map.weight[...]))
+    gamma = 1.0 / (1.0 + np.exp(-f64(mixer.window_factor[...])))
     lam = 1.0 - gamma if mixer.affine_attention_factors else np.ones_like(gamma)
     return np_output(mixer, np_hybrid(q, k, v, phi_q, phi_k, gamma, lam, mixer.window, mixer.kind))
-
-
-def np_liger_layer(mixer: LigerAttention, x):
-    """mix * SWA(RoPE q, k) + (1 - mix) * GLA(softmax q, softmax k, gate logsigmoid(k)/16), token by token."""
-    q, k, v = np_projections(mixer, x)
-    batch, length, heads, d = q.shape
-    group = heads // k.shape[2]
-    log_alpha = -np.logaddexp(0.0, -k) / mixer.gate_logit_normalizer
-    phi_q, phi_k = np_softmax(q), np_softmax(k)
-    qr, kr = np_rope(q), np_rope(k)
-    gla, swa = np.zeros_like(q), np.zeros_like(q)
-    state = np.zeros((batch, heads, d, d))
-    for t in range(length):
-        for h in range(heads):
-            g = h // group
-            state[:, h] = np.exp(log_alpha[:, t, g])[..., None] * state[:, h]
-            state[:, h] += phi_k[:, t, g][:, :, None] * v[:, t, g][:, None, :]
-            gla[:, t, h] = np.einsum("bk,bkv->bv", phi_q[:, t, h], state[:, h])
-            keys = [s for s in range(t + 1) if t - s < mixer.window]
-            scores = np.stack([np.sum(qr[:, t, h] * kr[:, s, g], -1) / np.sqrt(d) for s in keys], -1)
-            swa[:, t, h] = np.einsum("bs,bsv->bv", np_softmax(scores), v[:, keys, g])
-    return np_output(mixer, mixer.mix * swa + (1.0 - mixer.mix) * gla)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -272,12 +228,8 @@ def test_lolcats_attn_bad_arguments_name_the_argument(rng, change, arg):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The mixers
+# The mixer
 # --------------------------------------------------------------------------------------------------------------
-
-
-def mixer_input(seed: int = 0, length: int = T_MIX):
-    return jax.random.normal(jax.random.key(seed), (B, length, D_MODEL), jnp.float32)
 
 
 def lolcats(kind: str, **kw) -> LoLCATsAttention:
@@ -285,11 +237,6 @@ def lolcats(kind: str, **kw) -> LoLCATsAttention:
     mixer = LoLCATsAttention(D_MODEL, **{**args, **kw})
     mixer.window_factor[...] = jnp.linspace(-1.0, 1.5, mixer.num_heads)  # distinct per-head factors
     return mixer
-
-
-def liger(**kw) -> LigerAttention:
-    args = dict(num_heads=4, num_kv_heads=2, window=4, chunk_size=8, rngs=nnx.Rngs(0))
-    return LigerAttention(D_MODEL, **{**args, **kw})
 
 
 @pytest.mark.parametrize(
@@ -301,52 +248,12 @@ def test_lolcats_layer_matches_numpy_reference(kind, options):
     assert rel_err(nnx.jit(lambda m, x: m(x))(mixer, x), np_lolcats_layer(mixer, x)) < FWD_TOL
 
 
-@pytest.mark.parametrize("options", [{}, dict(mix=0.2, num_kv_heads=4, use_bias=True, impl="recurrent")])
-def test_liger_layer_matches_numpy_reference(options):
-    mixer = liger(**options)
-    x = mixer_input()
-    assert rel_err(nnx.jit(lambda m, x: m(x))(mixer, x), np_liger_layer(mixer, x)) < FWD_TOL
-
-
-def steps(mixer, x, cache):
-    """(y [B, T, D], cache) feeding x one token at a time through `step`."""
-
-    def body(c, x_t):
-        y_t, c = mixer.step(x_t, c)
-        return c, y_t
-
-    cache, ys = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1), cache
-
-
-DECODE_CASES = {"lolcats-sw": lambda: lolcats("sw"), "lolcats-tk": lambda: lolcats("tk"), "liger": liger}
-
-
-def decode_outputs(mixer, x):
-    """(token-by-token decode, prefill(PROMPT) + decode, the prefilled cache, the cache after stepping PROMPT)."""
-    y_decode, _ = steps(mixer, x, mixer.init_cache(B, T_MIX))
-    y_prompt, prefilled = mixer.prefill(x[:, :PROMPT], mixer.init_cache(B, T_MIX))
-    y_rest, _ = steps(mixer, x[:, PROMPT:], prefilled)
-    _, stepped = steps(mixer, x[:, :PROMPT], mixer.init_cache(B, T_MIX))
-    return y_decode, jnp.concatenate([y_prompt, y_rest], 1), prefilled, stepped
-
-
-@pytest.mark.parametrize("case", sorted(DECODE_CASES))
-def test_decode_and_prefill_match_full_forward(case):
-    """T = 21 > 2 R for R = 8 (tk) and 4 (sw, liger): the ring buffer wraps and tokens leave the window. Token by
-    token decode == the training path; prefill(11 tokens) + decode == the training path, and the prefilled cache ==
-    the cache after stepping the same 11 tokens."""
-    mixer = DECODE_CASES[case]()
-    x = mixer_input(1)
-    y_full, (y_decode, y_prefill, prefilled, stepped) = nnx.jit(lambda m, x: (m(x), decode_outputs(m, x)))(mixer, x)
-    assert rel_err(y_decode, y_full) < FWD_TOL and rel_err(y_prefill, y_full) < FWD_TOL
-    assert int(prefilled.pos) == PROMPT
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(prefilled), jax.tree_util.tree_leaves(stepped)):
-        assert got.shape == want.shape and got.dtype == want.dtype, jax.tree_util.keystr(path)
-        if jnp.issubdtype(want.dtype, jnp.integer):
-            np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
-        else:
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+@pytest.mark.parametrize("kind", ["sw", "tk"])
+def test_decode_and_prefill_match_full_forward(kind):
+    """T = 21 > 2 R for R = 8 (tk) and 4 (sw): the ring buffer wraps and tokens leave the window. Token by token
+    decode == the training path; prefill(11 tokens) + decode == the training path, and the prefilled cache == the
+    cache after stepping the same 11 tokens."""
+    check_decode_prefill_and_cache_allclose(lolcats(kind), mixer_input(1))
 
 
 def test_decode_gradient_matches_full_gradient():
@@ -390,10 +297,6 @@ def test_lolcats_defaults_follow_the_paper():
     assert LigerAttention(D_MODEL, 4).window == 64 and LigerAttention(D_MODEL, 4).mix == 0.5
 
 
-def trained_softmax() -> SoftmaxAttention:
-    return SoftmaxAttention(D_MODEL, 4, num_kv_heads=2, use_bias=True, rope_base=500.0, rngs=nnx.Rngs(7))
-
-
 @pytest.mark.parametrize("kind", ["sw", "tk"])
 def test_lolcats_from_softmax_copies_weights_and_a_full_window_is_the_teacher(kind):
     """With window >= T every key is in the window: the hybrid is softmax attention for any window factor."""
@@ -430,22 +333,6 @@ def test_lolcats_transfer_outputs_are_the_layer_and_its_teacher_before_o_proj():
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree_util.tree_leaves(teacher_grads))
 
 
-def test_liger_from_softmax_copies_weights_and_mix_one_with_a_full_window_is_the_teacher():
-    """Also: jit + grad of the default mix (0.5) reach every parameter."""
-    attn = trained_softmax()
-    mixer = LigerAttention.from_softmax(attn, window=T_MIX, mix=1.0, chunk_size=8)
-    assert len(jax.tree_util.tree_leaves(nnx.state(mixer, nnx.Param))) == 8  # q, k, v, o kernels and biases only
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        np.testing.assert_array_equal(getattr(mixer, name).kernel[...], getattr(attn, name).kernel[...])
-    x = mixer_input(5)
-    y, y_teacher = nnx.jit(lambda m, a, x: (m(x), a(x)))(mixer, attn, x)
-    assert rel_err(y, y_teacher) < FWD_TOL
-    hybrid = LigerAttention.from_softmax(attn, window=4, chunk_size=8)
-    grads = nnx.jit(lambda m: nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(m))(hybrid)
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0, jax.tree_util.keystr(path)
-
-
 @pytest.mark.parametrize(
     "build, arg",
     [
@@ -459,24 +346,11 @@ def test_liger_from_softmax_copies_weights_and_mix_one_with_a_full_window_is_the
         (lambda: LoLCATsAttention(D_MODEL, 4).init_cache(0, 8), "batch"),
         (lambda: LoLCATsAttention.from_softmax(liger()), "attn"),
         (lambda: LoLCATsAttention.from_softmax(SlidingWindowAttention(D_MODEL, 4, window=8)), "attn"),
-        (lambda: LigerAttention(D_MODEL, 4, mix=1.5), "mix"),
-        (lambda: LigerAttention(D_MODEL, 4, window=None), "window"),
-        (lambda: LigerAttention(D_MODEL, 4, gate_logit_normalizer=0.0), "gate_logit_normalizer"),
-        (lambda: LigerAttention(D_MODEL, 4, num_kv_heads=0), "num_kv_heads"),
-        (lambda: LigerAttention(D_MODEL, 4).init_cache(2, 0), "max_len"),
-        (lambda: LigerAttention.from_softmax(SlidingWindowAttention(D_MODEL, 4, window=8)), "attn"),
     ],
 )
 def test_bad_arguments_name_the_argument(build, arg):
-    with pytest.raises(ValueError) as info:
-        build()
-    assert str(info.value).startswith(arg), str(info.value)
+    raises_naming(build, arg)
 
 
-@pytest.mark.parametrize("make", [lambda: lolcats("tk"), liger], ids=["lolcats", "liger"])
-def test_bad_inputs_name_the_argument(make):
-    mixer = make()
-    with pytest.raises(ValueError, match=r"^x "):
-        mixer(jnp.zeros((B, D_MODEL)))
-    with pytest.raises(ValueError, match=r"^x_t last dim"):
-        mixer.step(jnp.zeros((B, D_MODEL - 1)), mixer.init_cache(B, 4))
+def test_bad_inputs_name_the_argument():
+    check_bad_inputs_name_the_argument(lolcats("tk"))

@@ -70,7 +70,7 @@ def sharded_loss(model, num_devices: int):
 
 
 # The issue-4 families' single-mixer models run under `pytest -m slow` (all pass); CI keeps LoLCATs, whose band
-# needs the previous device's tokens, and tests LightNet / Flowformer in tests/test_lightnet_flow_dsf.py. GLA and
+# needs the previous device's tokens, and tests LightNet / Flowformer in tests/mixers/test_lightnet.py. GLA and
 # DeltaNet run in CI in the 8-device mixed model below, Gated DeltaNet's op in test_sp_ops.py; their single-mixer
 # 4-device models are slow-only too (47 s of the suite's CPU time).
 SLOW_MIXERS = ("transnormer_norm", "transnormer_diag", "tnl", "lightnet", "flowformer", "dsf", "inline", "slab",
