@@ -30,7 +30,8 @@ class UnknownArgumentError(TypeError, ValueError):
 class MixerInfo:
     """What the registry knows of mixer `name`.
 
-    cls: the `Mixer` subclass. kind: one of `KINDS`. paper: the title of the paper the family comes from.
+    cls: the `Mixer` subclass. kind: one of `KINDS` (None: not given). paper: the title of the paper the family
+    comes from ("" if not given).
     examples: named small constructor-argument sets (num_heads included; d_model is the caller's, 32 in the shared
     tests), each a read-only mapping; the shared tests build every one. causal: the class's causality (`cls.causal`);
     a mixer whose causality is a constructor argument (``causal=False``) reports it through `causal_with`.
@@ -38,7 +39,7 @@ class MixerInfo:
 
     name: str
     cls: type[Mixer]
-    kind: str
+    kind: str | None
     paper: str
     examples: Mapping[str, Mapping[str, Any]]
     causal: bool
@@ -52,18 +53,21 @@ _REGISTRY: dict[str, MixerInfo] = {}
 
 
 def register(
-    name: str, *, kind: str, paper: str, examples: Mapping[str, Mapping[str, Any]] | None = None
+    name: str, *, kind: str | None = None, paper: str = "", examples: Mapping[str, Mapping[str, Any]] | None = None
 ) -> Callable[[type[Mixer]], type[Mixer]]:
     """Class decorator: register a `Mixer` subclass under `name` (examples default to ``{"default": {}}``).
+
+    kind (one of `KINDS`) and paper (the title it implements) are listing metadata: optional for a project's own
+    mixer (``@register("mine")``), given by every built-in one.
 
     A second registration of `name` with another class raises ValueError; the same class (or, on a module reload,
     the class of the same module and qualified name) replaces the entry."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    if not isinstance(paper, str) or not paper:
-        raise ValueError(f"paper must be the paper's title, got {paper!r}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be None or one of {list(KINDS)}, got {kind!r}")
+    if not isinstance(paper, str):
+        raise ValueError(f"paper must be the paper's title (a string), got {paper!r}")
     examples = {"default": {}} if examples is None else examples
     if not examples:
         raise ValueError(f"examples of mixer {name!r} must name at least one argument set")

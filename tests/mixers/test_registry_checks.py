@@ -292,6 +292,8 @@ def test_a_mixer_defined_outside_seqlab_registers_and_is_created_by_name(registr
     x, _ = inputs()
     assert rel_err(decode(mixer, x), mixer(x)) < 1e-4
     mixers.register("toy_decay", kind="linear", paper="A toy")(ToyDecay)  # the same class again: accepted
+    mixers.register("toy_bare")(ToyDecay)  # kind and paper are optional metadata
+    assert (mixers.info("toy_bare").kind, mixers.info("toy_bare").paper) == (None, "")
 
     class Other(ToyDecay):
         pass
@@ -304,7 +306,7 @@ def test_a_mixer_defined_outside_seqlab_registers_and_is_created_by_name(registr
 def test_register_refuses_non_mixers_bad_metadata_and_unknown_example_arguments(registry_copy):
     with pytest.raises(TypeError, match="only a seqlab.mixers.Mixer subclass"):
         mixers.register("toy_dict", kind="linear", paper="A toy")(dict)
-    with pytest.raises(ValueError, match="^kind must be one of"):
+    with pytest.raises(ValueError, match="^kind must be None or one of"):
         mixers.register("toy_decay", kind="rnn", paper="A toy")
     with pytest.raises(ValueError, match="^examples: window not an argument of mixer 'toy_decay'"):
         mixers.register("toy_decay", kind="linear", paper="A toy", examples={"w": dict(window=4)})(ToyDecay)

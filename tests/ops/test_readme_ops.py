@@ -16,11 +16,11 @@ README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 def test_readme_ops_block_runs():
     block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "masks.Strided(8)" in b)
-    B, T, H, D = 2, 64, 4, 16
+    B, T, H, D = 1, 32, 4, 16
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(key, (B, T, H, D)) for key in keys[:3])
     namespace = dict(q=q, k=k, v=v, gk=-jax.nn.softplus(jax.random.normal(keys[3], (B, T, H, D))), jnp=jnp,
-                     segment_ids=jnp.repeat(jnp.arange(4), 16)[None].repeat(B, 0))
+                     segment_ids=jnp.repeat(jnp.arange(4), 8)[None].repeat(B, 0))
     exec(compile(block, str(README), "exec"), namespace)
     assert namespace["o"].shape == (B, T, H, D) and np.all(np.isfinite(namespace["o"]))
     strided = ops.softmax_attn(q, k, v, mask=masks.Strided(8), impl="chunked")
