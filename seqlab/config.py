@@ -157,7 +157,7 @@ def import_modules(names: Sequence[str]) -> None:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as error:
-            if error.name is None or not name.startswith(error.name):
+            if error.name != name and not name.startswith(f"{error.name}."):
                 raise  # the module exists but one of its own imports is missing: the user's traceback matters
             raise ValueError(f"imports: no module named {name!r} (is its directory on PYTHONPATH?)") from None
 

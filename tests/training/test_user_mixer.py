@@ -114,3 +114,18 @@ def test_a_missing_import_is_one_line(user_dir, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip() == ("seqlab.train: imports: no module named 'no_such_mod' (is its directory on "
                                    "PYTHONPATH?)")
+
+
+def test_a_module_whose_own_import_fails_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only a missing module named in `imports` is a one-line error; a missing import inside it is the user's bug
+    and raises as such."""
+    from seqlab import config as config_lib
+
+    (tmp_path / "broken_user_mixers.py").write_text("import no_such_dependency_of_the_user\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_of_the_user"):
+        config_lib.import_modules(("broken_user_mixers",))
+    with pytest.raises(ValueError, match="^imports: no module named 'broken_user'"):
+        config_lib.import_modules(("broken_user",))
+    with pytest.raises(ValueError, match="^imports must be a tuple of module names"):
+        config_lib.import_modules("broken_user_mixers")
