@@ -65,6 +65,27 @@ def steps(mixer, x, cache):
     return jnp.swapaxes(ys, 0, 1), cache
 
 
+def assert_same_leaves(got_tree, want_tree, close) -> None:
+    """Two caches leaf by leaf: the same shape and dtype, integer leaves equal, float leaves `close(got, want,
+    name)` (an assertion)."""
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_tree), jax.tree_util.tree_leaves(want_tree)):
+        name = jax.tree_util.keystr(path)
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        if jnp.issubdtype(want.dtype, jnp.integer):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        else:
+            close(got, want, name)
+
+
+def rel_close(tol: float):
+    """A `close` for `assert_same_leaves`: relative error (reference.rel_err) at most tol."""
+
+    def close(got, want, name):
+        assert rel_err(got, want) <= tol, (name, rel_err(got, want))
+
+    return close
+
+
 def decode_paths(mixer, x, prompt: int):
     """The decode paths of a causal mixer over x [B, T, D], jitted: (full forward, token-by-token decode,
     prefill(x[:, :prompt]) + token-by-token decode of the rest, caches) with the caches after stepping all of x
@@ -446,9 +467,7 @@ def check_decode_prefill_and_cache(mixer, x, prompt: int):
     assert rel_err(y_prefill, y_full) <= FWD_TOL, rel_err(y_prefill, y_full)
     prefilled, stepped = caches["prefilled"], caches["stepped"]
     assert int(prefilled.pos) == prompt and int(caches["stepped_all"].pos) == x.shape[1]
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(prefilled), jax.tree_util.tree_leaves(stepped)):
-        assert got.shape == want.shape and got.dtype == want.dtype, jax.tree_util.keystr(path)
-        assert rel_err(got, want) <= FWD_TOL, (jax.tree_util.keystr(path), rel_err(got, want))
+    assert_same_leaves(prefilled, stepped, rel_close(FWD_TOL))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -494,12 +513,8 @@ def check_decode_prefill_and_cache_allclose(mixer, x):
     assert rel_err(y_decode, y_full) < FWD_TOL and rel_err(y_prefill, y_full) < FWD_TOL
     prefilled, stepped = caches["prefilled"], caches["stepped"]
     assert int(prefilled.pos) == PROMPT
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(prefilled), jax.tree_util.tree_leaves(stepped)):
-        assert got.shape == want.shape and got.dtype == want.dtype, jax.tree_util.keystr(path)
-        if jnp.issubdtype(want.dtype, jnp.integer):
-            np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
-        else:
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert_same_leaves(prefilled, stepped,
+                       lambda got, want, name: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name))
 
 
 def check_bad_inputs_name_the_argument(mixer):

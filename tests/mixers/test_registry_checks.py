@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mixer_references import assert_same_leaves, steps
 from seqlab import mixers, ops
 from seqlab.layers.conv import ShortConv
 from seqlab.layers.feature_maps import make_feature_map
@@ -53,17 +54,6 @@ def inputs(seed: int = 0):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def steps(mixer: mixers.Mixer, x: jax.Array, cache):
-    """(y [B, T, D], cache) by feeding x one token at a time through step from `cache` (a scan over time)."""
-
-    def body(c, x_t):
-        y_t, c = mixer.step(x_t, c)
-        return c, y_t
-
-    cache, ys = jax.lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
-    return jnp.swapaxes(ys, 0, 1), cache
 
 
 def decode(mixer: mixers.Mixer, x: jax.Array, max_len: int = T) -> jax.Array:
@@ -148,12 +138,8 @@ def test_prefill_then_decode_matches_full_forward_and_stepped_cache(case):
     y_full, y_prefill, prefilled, stepped = run(mixer, x)
     assert rel_err(y_prefill, y_full) < 1e-5, rel_err(y_prefill, y_full)
     assert int(prefilled.pos) == PROMPT
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(prefilled), jax.tree_util.tree_leaves(stepped)):
-        assert got.shape == want.shape and got.dtype == want.dtype, jax.tree_util.keystr(path)
-        if jnp.issubdtype(want.dtype, jnp.integer):
-            np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
-        else:
-            assert rel_err(got, want) < 1e-5, (jax.tree_util.keystr(path), rel_err(got, want))
+    assert_same_leaves(prefilled, stepped, lambda got, want, name: rel_err(got, want) < 1e-5 or pytest.fail(
+        f"{name}: {rel_err(got, want)}"))
 
 
 def test_softmax_prefill_longer_than_the_cache_is_an_error():
