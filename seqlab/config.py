@@ -11,18 +11,32 @@ registered when their module is imported (``@seqlab.mixers.register``). It is re
 the launcher imports the modules of a ``--config.imports=...`` flag before it loads the config file, so the new
 mixers' ``model.mixer_args.<name>`` keys can be set on the command line too.
 
+`model.mixers` is the layer pattern: it repeats over the ``model.num_layers`` layers (layer i uses
+``mixers[i % len(mixers)]``), and ``num_layers`` need not be a multiple of its length — the last repetition may be
+partial (``("baseconv", "based", "sliding_window")`` over 4 layers: baseconv, based, sliding_window, baseconv). A
+pattern longer than ``num_layers`` is refused (its extra mixers would never be built).
+
+`optim.warmup_steps` is a number of steps (a whole number >= 1) or, below 1, a fraction of ``train.steps``
+(0.1: the first 10% of the run); `seqlab.training.optim.warmup_steps` resolves it (and clamps a number of steps
+larger than the run, with a warning).
+
 `validate(config)` runs before anything compiles: it imports ``config.imports``, then rejects keys that do not
-exist, unknown names (task, mixer, optimizer, schedule, ...) and dimensions that do not fit, with a ValueError
-naming the key and what is allowed.
+exist, a bare string where the schema has a tuple, unknown names (task, mixer, optimizer, schedule, ...) and
+dimensions that do not fit, with a one-line ValueError naming the key, what is allowed and the close matches
+(`did_you_mean`). `explain_override_error` turns the launcher's flag-parsing errors (``--config.key=value``
+overrides) into the same kind of message.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -40,6 +54,11 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # Mixer constructor arguments the model sets itself (not configurable per mixer).
 _MODEL_SET_ARGS = ("d_model", "num_heads", "rngs", "dtype", "param_dtype", "layer_index", "num_layers")
 _PLACEHOLDER_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# What the items of a tuple-typed key are (for its error message).
+_TUPLE_ITEMS = {"imports": "module names", "model.mixers": "mixer names"}
+# How a message names what a field of each type takes.
+_TYPE_PHRASES = {"int": "an integer", "float": "a number", "bool": "true or false", "tuple": "a tuple",
+                 "str": "a string"}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -49,8 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = _data_config()
     config.model = _model_config()
+    # warmup_steps is a float field, so that a fraction of train.steps (0.1) can be set as well as steps (300).
     config.optim = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_learning_rate_ratio=0.0,
+        name="adamw", learning_rate=1e-3, warmup_steps=100.0, schedule="cosine", min_learning_rate_ratio=0.0,
         b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
     ))  # fmt: skip
     config.mesh = ml_collections.ConfigDict(dict(data=1, seq=1))
@@ -115,9 +135,48 @@ def parse_variant(arg: str | None, variants: dict, default: str) -> tuple[str, b
     parts = [p for p in (arg or "").split(",") if p]
     tiny = "tiny" in parts
     names = [p for p in parts if p != "tiny"]
-    if len(names) > 1 or (names and names[0] not in variants):
-        raise ValueError(f"config variant {arg!r}: expected one of {', '.join(variants)} (optionally with ',tiny')")
+    allowed = f"expected one of {', '.join(variants)}, optionally with ',tiny'"
+    if len(names) > 1:
+        raise ValueError(f"config variant '{arg}' names {len(names)} variants ({allowed})")
+    if names and names[0] not in variants:
+        head = f"config variant '{names[0]}' does not exist"
+        raise ValueError(_with_close_matches(head, names[0], variants, allowed))
     return (names[0] if names else default), tiny
+
+
+def did_you_mean(name: Any, choices: Iterable[str], prefix: str = "") -> str:
+    """"; did you mean 'x'?" (or "'x' or 'y'") naming the choices close to `name`, each shown after `prefix`
+    (e.g. the section of a key); "" when none is close. Every "unknown name" message of the config ends this way."""
+    matches = [f"'{prefix}{m}'" for m in difflib.get_close_matches(str(name), [str(c) for c in choices], n=3)]
+    if not matches:
+        return ""
+    listed = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
+    return f"; did you mean {listed}?"
+
+
+def _with_close_matches(head: str, name: Any, choices: Iterable[str], listing: str, prefix: str = "") -> str:
+    """`head`, the close matches of `name` (if any) and `listing` (what is allowed), on one line."""
+    hint = did_you_mean(name, choices, prefix)
+    return f"{head}{hint} ({listing})" if hint else f"{head}; {listing}"
+
+
+def _unknown_name(key: str, kind: str, name: Any, choices: Sequence[str]) -> ValueError:
+    listing = f"known {kind}s: {', '.join(choices)}"
+    return ValueError(_with_close_matches(f"{key}: unknown {kind} '{name}'", name, choices, listing))
+
+
+def _check_choice(section: ml_collections.ConfigDict, key: str, choices: Sequence[str], prefix: str) -> None:
+    if section[key] not in choices:
+        raise _unknown_name(f"{prefix}.{key}", key.replace("_", " "), section[key], choices)
+
+
+def _unknown_key(path: str, section_keys: Iterable[str]) -> str:
+    """The message for a key `path` that its section (with keys `section_keys`) does not have."""
+    section, _, leaf = path.rpartition(".")
+    keys = sorted(section_keys)
+    listing = f"{f'keys under {section}' if section else 'top-level keys'}: {', '.join(keys)}"
+    return _with_close_matches(f"config key '{path}' does not exist", leaf, keys, listing,
+                               f"{section}." if section else "")
 
 
 def shrink(config: ml_collections.ConfigDict) -> None:
@@ -139,11 +198,13 @@ def validate(config: ml_collections.ConfigDict) -> data.Task:
     the offending key. Mixers registered by the imported modules get their ``model.mixer_args`` section here."""
     import_modules(config.get("imports", ()))
     _add_mixer_sections(config.model.mixer_args)
-    check_known_keys(config, base_config())
+    schema = base_config()
+    check_known_keys(config, schema)
+    check_tuple_keys(config, schema)
     task = make_task(config)
     _check_model(config.model, task)
     _check_train(config.train)
-    _check_optim(config.optim, config.train.steps)
+    _check_optim(config.optim)
     _check_mesh(config.mesh, config.train, task, config.model)
     return task
 
@@ -178,31 +239,45 @@ def check_known_keys(config: Any, schema: Any, prefix: str = "") -> None:
     for key in config.keys():
         path = f"{prefix}{key}"
         if key not in schema:
-            allowed = ", ".join(sorted(schema.keys()))
-            raise ValueError(f"config key {path!r} does not exist; keys allowed under {prefix or 'the root'}: {allowed}")
+            raise ValueError(_unknown_key(path, schema.keys()))
         check_known_keys(config[key], schema[key], f"{path}.")
+
+
+def check_tuple_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every key whose default in `schema` is a tuple must hold a tuple (or a list, as config.json stores it) in
+    `config` (recursively; `config` has only keys of `schema`). A bare string is the usual slip."""
+    for key in config.keys():
+        path, value, default = f"{prefix}{key}", config[key], schema[key]
+        if isinstance(default, ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
+            check_tuple_keys(value, default, f"{path}.")
+        elif isinstance(default, tuple) and not isinstance(value, (tuple, list)):
+            items = f" of {_TUPLE_ITEMS[path]}" if path in _TUPLE_ITEMS else ""
+            if isinstance(value, str):
+                raise ValueError(f"{path} must be a tuple{items}, e.g. --config.{path}=\"{(value,)!r}\" ; got the "
+                                 f"string '{value}'")
+            raise ValueError(f"{path} must be a tuple{items}, got {value!r}")
 
 
 def make_task(config: ml_collections.ConfigDict) -> data.Task:
     """The task named by data.task, built from data.<task> (its options are validated by the task)."""
     name = config.data.task
     if name not in data.available_tasks():
-        raise ValueError(f"data.task: unknown task {name!r}; known tasks: {', '.join(data.available_tasks())}")
+        raise _unknown_name("data.task", "task", name, data.available_tasks())
     return data.make_task(name, **config.data[name].to_dict())
 
 
 def _check_model(model: ml_collections.ConfigDict, task: data.Task) -> None:
-    pattern = tuple(model.mixers) if isinstance(model.mixers, (tuple, list)) else (model.mixers,)
+    pattern = tuple(model.mixers)
     for name in pattern:
         if name not in mixers.available():
-            raise ValueError(f"model.mixers: unknown mixer {name!r}; known mixers: {', '.join(mixers.available())}")
+            raise _unknown_name("model.mixers", "mixer", name, mixers.available())
     _check_positive_ints(model, ("d_model", "num_layers", "num_heads"), "model")
+    _check_pattern_length(pattern, model.num_layers)
     if model.d_model % model.num_heads:
         raise ValueError(f"model.d_model ({model.d_model}) must be divisible by model.num_heads ({model.num_heads})")
     for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("position_embedding", POSITION_EMBEDDINGS),
                          ("pooling", POOLINGS)):
-        if model[key] not in allowed:
-            raise ValueError(f"model.{key}: {model[key]!r} is not one of {', '.join(allowed)}")
+        _check_choice(model, key, allowed, "model")
     for name in set(pattern):
         causal = mixers.get(name).causal and model.mixer_args[name].get("causal", True) is not False
         if task.kind == "lm" and not causal:
@@ -218,19 +293,38 @@ def _check_model(model: ml_collections.ConfigDict, task: data.Task) -> None:
             )
 
 
-def _check_optim(optim: ml_collections.ConfigDict, steps: int) -> None:
+def _check_pattern_length(pattern: tuple[str, ...], num_layers: int) -> None:
+    """The pattern repeats over the layers (the last repetition may be partial); one longer than the model is
+    refused, since its extra mixers would never be built."""
+    if not pattern:
+        raise ValueError("model.mixers must name at least one mixer")
+    if len(pattern) > num_layers:
+        dropped = ", ".join(f"'{name}'" for name in pattern[num_layers:])
+        raise ValueError(f"model.mixers names {len(pattern)} mixers but model.num_layers is {num_layers}, so {dropped} "
+                         f"would never be built; shorten the pattern or raise model.num_layers (the pattern repeats "
+                         f"over the layers, so it may be shorter)")
+
+
+def _check_optim(optim: ml_collections.ConfigDict) -> None:
     if optim.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name: unknown optimizer {optim.name!r}; known: {', '.join(OPTIMIZERS)}")
+        raise _unknown_name("optim.name", "optimizer", optim.name, OPTIMIZERS)
     if optim.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule: unknown schedule {optim.schedule!r}; known: {', '.join(SCHEDULES)}")
+        raise _unknown_name("optim.schedule", "schedule", optim.schedule, SCHEDULES)
     if not optim.learning_rate > 0:
         raise ValueError(f"optim.learning_rate must be positive, got {optim.learning_rate}")
-    if not 0 <= optim.warmup_steps <= steps:
-        raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) must lie in [0, train.steps={steps}]")
+    _check_warmup(optim.warmup_steps)
     if not 0.0 <= optim.min_learning_rate_ratio <= 1.0:
         raise ValueError(f"optim.min_learning_rate_ratio must lie in [0, 1], got {optim.min_learning_rate_ratio}")
     if optim.grad_clip_norm is not None and not optim.grad_clip_norm > 0:
         raise ValueError(f"optim.grad_clip_norm must be positive (or None), got {optim.grad_clip_norm}")
+
+
+def _check_warmup(value: Any) -> None:
+    """A number of steps (a whole number >= 1, clamped to the run by `optim.warmup_steps`) or a fraction in [0, 1)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not value >= 0 or (value >= 1 and not float(value).is_integer()):
+        raise ValueError(f"optim.warmup_steps must be a number of steps (a whole number) or a fraction of train.steps "
+                         f"in [0, 1), got {value!r}")
 
 
 def _check_train(train: ml_collections.ConfigDict) -> None:
@@ -238,8 +332,7 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
         train, ("steps", "batch_size", "eval_batch_size", "eval_every", "log_every", "checkpoint_every",
                 "keep_checkpoints"), "train",
     )  # fmt: skip
-    if train.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"train.compute_dtype: {train.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    _check_choice(train, "compute_dtype", COMPUTE_DTYPES, "train")
 
 
 def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDict, task: data.Task,
@@ -263,3 +356,126 @@ def _check_positive_ints(section: ml_collections.ConfigDict, keys: tuple[str, ..
         value = section[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{prefix}.{key} must be a positive integer, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Flag-parsing errors of ``--config.key=value`` overrides
+# ------------------------------------------------------------------------------------------------------------------
+
+# What absl / ml_collections raise while parsing the flags: the formats explain_override_error knows.
+_MISSING_KEY = re.compile(r"'(?P<key>[^'\n]+)'(?:\nDid you mean \"(?P<close>[^\"\n]+)\" instead of \"[^\"\n]+\"\?)?")
+_CONFIG_FILE = re.compile(
+    r"flag --config=(?P<spec>\S+): Error whilst parsing config file:.*\n[\w.]+: (?P<error>[^\n]*)", re.DOTALL
+)
+_BAD_VALUE = re.compile(r"flag --config\.(?P<key>[\w.]+)=(?P<value>.*?): (?P<reason>.*)", re.DOTALL)
+_CAST = re.compile(r"(?:Could not override field '(?P<key>[^']+)'(?: \(reference\))?\. )?(?P<value>.*) is of original "
+                   r"type <class '(?P<got>[\w.]+)'> and cannot be casted to type <class '(?P<want>[\w.]+)'>")
+_UNSUPPORTED = re.compile(r"Type <class '(?P<type>[\w.]+)'> of field config\.(?P<key>[\w.]+) is not supported for "
+                          r"overriding\..*", re.DOTALL)
+
+
+def explain_override_error(message: str, config: ml_collections.ConfigDict | None) -> str:
+    """A short message (at most 3 lines) for an error that parsing the launcher's flags raised, `message` being
+    its ``str()``: the full key and its close matches, or the type the key takes. `config` is what ``--config=``
+    loads, without the overrides (None if it does not load). Known: a key that does not exist (ml_collections'
+    KeyError / AttributeError), a bad literal for a typed field and a field absl cannot parse (flags.Error), a
+    type mismatch (ml_collections' TypeError) and a config file that raised; anything else comes back as it is,
+    cut to its first and last lines."""
+    text = _unquoted(message.strip())
+    for pattern, explain in _EXPLAINERS:
+        match = pattern.fullmatch(text)
+        if match:
+            return explain(match, config)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return "\n".join(lines if len(lines) <= 3 else [lines[0], "...", lines[-1]])
+
+
+def _unquoted(text: str) -> str:
+    """The string that `text` spells as a Python string literal (how a KeyError shows its message), else `text`."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, str) else text
+
+
+def _sections(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, ml_collections.ConfigDict]]:
+    """(prefix, section) for the config itself ("") and every section in it ("model.", "model.mixer_args.", ...)."""
+    yield prefix, config
+    for key in config.keys():
+        if isinstance(config[key], ml_collections.ConfigDict):
+            yield from _sections(config[key], f"{prefix}{key}.")
+
+
+def _explain_missing_key(match: re.Match, config: ml_collections.ConfigDict | None) -> str:
+    """ml_collections names only the last part of the key, and the close match it found in the same section: the
+    sections that hold that match and not the key say where the key was meant to go."""
+    leaf, close = match["key"], match["close"]
+    found = _sections(config) if close and config is not None else ()
+    sections = [(prefix, section) for prefix, section in found if close in section and leaf not in section]
+    if len(sections) == 1:
+        prefix, section = sections[0]
+        return _unknown_key(f"{prefix}{leaf}", section.keys())
+    names = [prefix[:-1] or "the top level" for prefix, _ in sections]
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    where = f" (a key under {', '.join(names[:4])}{more})" if names else ""
+    hint = did_you_mean(leaf, [close] if close else [])
+    return f"config key '{leaf}' of a --config override does not exist{hint}{where}"
+
+
+def _explain_config_file(match: re.Match, config: ml_collections.ConfigDict | None) -> str:
+    """The last line of the config file's traceback (its exception), explained against the schema."""
+    explained = explain_override_error(match["error"], base_config() if config is None else config)
+    return f"--config={match['spec']}: {explained}"
+
+
+def _explain_bad_value(match: re.Match, config: ml_collections.ConfigDict | None) -> str:
+    key, flag = match["key"], f"--config.{match['key']}={match['value']}"
+    field = _field(config, key)
+    phrase = _TYPE_PHRASES.get(field[0].__name__) if field else None
+    if phrase is None:
+        return f"{flag}: {match['reason'].splitlines()[0]}"
+    default = field[1]
+    example = "" if default is None else f", e.g. --config.{key}={_flag_text(default)}"
+    return f"{flag}: {key} takes {phrase}{example}"
+
+
+def _explain_cast(match: re.Match, config: ml_collections.ConfigDict | None) -> str:
+    leaf = match["key"]
+    found = _sections(config) if leaf and config is not None else ()
+    prefixes = [prefix for prefix, section in found if leaf in section]
+    key = f"{prefixes[0]}{leaf}" if len(prefixes) == 1 else leaf
+    head = f"{key}: " if key else ""
+    return f"{head}expected {_TYPE_PHRASES.get(match['want'], match['want'])}, got {match['value']} (a {match['got']})"
+
+
+def _explain_unsupported(match: re.Match, config: ml_collections.ConfigDict | None) -> str:
+    return (f"--config.{match['key']} cannot be set on the command line (ml_collections parses no value for a field "
+            f"of type {match['type']}); set it in a config file")
+
+
+_EXPLAINERS: tuple[tuple[re.Pattern, Callable[[re.Match, ml_collections.ConfigDict | None], str]], ...] = (
+    (_MISSING_KEY, _explain_missing_key),
+    (_CONFIG_FILE, _explain_config_file),
+    (_BAD_VALUE, _explain_bad_value),
+    (_CAST, _explain_cast),
+    (_UNSUPPORTED, _explain_unsupported),
+)
+
+
+def _field(config: ml_collections.ConfigDict | None, key: str) -> tuple[type, Any] | None:
+    """(declared type, value) of the dotted `key` in `config`; None if there is no such field."""
+    *path, leaf = key.split(".")
+    section = config
+    for name in path:
+        section = section.get(name) if isinstance(section, ml_collections.ConfigDict) else None
+    if not isinstance(section, ml_collections.ConfigDict) or leaf not in section:
+        return None
+    return section.get_type(leaf), section[leaf]
+
+
+def _flag_text(value: Any) -> str:
+    """`value` as a --config.key= flag spells it."""
+    if isinstance(value, tuple):
+        return f'"{value!r}"'
+    return str(value).lower() if isinstance(value, bool) else str(value)

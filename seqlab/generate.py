@@ -28,8 +28,6 @@ from flax import nnx
 from seqlab.checks import check_positive_int
 from seqlab.models import DecodeCache, DecoderLM
 
-BYTES_VOCAB = 256
-
 
 def generate(
     model: DecoderLM,
@@ -93,6 +91,23 @@ def cache_nbytes(cache: Any) -> int:
     return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(cache))
 
 
+def check_byte_level(workdir: str) -> None:
+    """Raise ValueError (one line) unless the run in `workdir` is a language model over bytes of text (its task's
+    `byte_level`), read from its config.json before any model is built."""
+    from seqlab import config as config_lib, data as data_lib
+    from seqlab.training.checkpoints import read_config
+
+    config = read_config(workdir)
+    config_lib.import_modules(config.get("imports", ()))
+    name = config.data.task
+    task_cls = data_lib.get_task_class(name)
+    if not (task_cls.byte_level and task_cls.kind == "lm"):
+        raise ValueError(
+            f"workdir: {workdir!r} holds a model of task {name!r}, whose tokens are not bytes of text; sampling "
+            f"text needs a byte-level language model (e.g. a configs/bytes.py run)"
+        )
+
+
 def sample_text(
     workdir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 40,
     seed: int = 0,
@@ -104,12 +119,8 @@ def sample_text(
     data = prompt.encode("utf-8")
     if not data:
         raise ValueError("prompt must be a non-empty string")
-    model, _, task = restore_model(workdir)
-    if task.kind != "lm" or task.vocab_size != BYTES_VOCAB:
-        raise ValueError(
-            f"workdir: {workdir!r} holds a {task.kind!r} model over {task.vocab_size} tokens; sampling text needs a "
-            f"bytes language model (kind 'lm', vocab_size {BYTES_VOCAB})"
-        )
+    check_byte_level(workdir)
+    model, _, _ = restore_model(workdir)
     tokens = generate(
         model, jnp.asarray([list(data)], jnp.int32), max_new_tokens, rng=jax.random.key(seed),
         temperature=temperature, top_k=top_k,

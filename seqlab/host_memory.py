@@ -12,7 +12,7 @@ took 60k-70k minor page faults per call, about 150 ms of kernel time out of 250 
 keeps its peak heap size until it exits, and with one arena XLA's compiler threads contend for the allocator lock
 (a compile-bound test subset took 191 s against 177 s without the policy, so the test suite does not use it). Call
 it at the very start of a program, before JAX runs anything (arenas that XLA's threads already made keep their old
-policy): ``python -m seqlab.train --retain_host_memory``, ``experiments/bench_ops.py`` and
+policy): ``python -m seqlab.train`` (unless ``--noretain_host_memory``), ``experiments/bench_ops.py`` and
 ``experiments/softmax_memory.py`` do. The same policy for any process, set before it starts:
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615``.
 """

@@ -33,12 +33,14 @@ _FIELD_TYPES = (int, float, bool, str)
 class Task(abc.ABC):
     """A generated (or file-backed) dataset with a train and an eval split.
 
-    A subclass sets `name` and `kind`, adds its options as fields, provides `vocab_size` and `seq_len` (as options
+    A subclass sets `name` and `kind` (and `byte_level` when its tokens are the 256 byte values of text, so
+    `seqlab.sample` can decode what a model of it generates), adds its options as fields, provides `vocab_size` and `seq_len` (as options
     or as properties), extends `validate`, and implements `_generate`.
     """
 
     name: ClassVar[str]
     kind: ClassVar[str]
+    byte_level: ClassVar[bool] = False
 
     seed: int = 0
     num_train: int = 10_000

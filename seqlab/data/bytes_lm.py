@@ -28,6 +28,7 @@ class BytesLM(Task):
 
     name: ClassVar[str] = "bytes"
     kind: ClassVar[str] = "lm"
+    byte_level: ClassVar[bool] = True
 
     files: str = ""
     seq_len: int = 256

@@ -23,19 +23,50 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLogger:
     """Appends records to ``<workdir>/metrics.jsonl`` and TensorBoard, and prints a progress line per record.
 
-    In a multi-process run only process 0 writes (every process computes the same replicated metrics).
+    In a multi-process run only process 0 writes (every process computes the same replicated metrics); with
+    record=False nothing is written at all (evaluation of a finished run).
     """
 
-    def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, *, record: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
         self.total_steps = total_steps
-        self.writes = jax.process_index() == 0
+        self.prints = jax.process_index() == 0
+        self.writes = record and self.prints
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.writes else None
         self.start = time.perf_counter()
         self.start_step = start_step
 
+    def records(self) -> list[dict[str, Any]]:
+        """The records already in metrics.jsonl (none if it does not exist)."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def find(self, step: int, split: str) -> dict[str, Any] | None:
+        """The last record of `split` at `step` already written, if any."""
+        matches = [r for r in self.records() if r["step"] == step and r["split"] == split]
+        return matches[-1] if matches else None
+
+    def discard_after(self, step: int) -> int:
+        """Drop the records past `step` (written by a run that stopped before its next checkpoint, which the resumed
+        run writes again); returns how many were dropped. The file is replaced atomically."""
+        if not self.writes:
+            return 0
+        records = self.records()
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) == len(records):
+            return 0
+        partial = f"{self.path}.tmp"
+        with open(partial, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(partial, self.path)
+        return len(records) - len(kept)
+
     def write(self, step: int, split: str, scalars: dict[str, float]) -> dict[str, Any]:
         record = {"step": step, "split": split, **{k: float(v) for k, v in scalars.items()}}
+        if self.prints:
+            print(self._progress(step, split, record), flush=True)
         if not self.writes:
             return record
         with open(self.path, "a") as f:
@@ -43,7 +74,6 @@ class MetricsLogger:
         for key, value in scalars.items():
             self.tensorboard.add_scalar(f"{split}/{key}", float(value), step)
         self.tensorboard.flush()
-        print(self._progress(step, split, record), flush=True)
         return record
 
     def _progress(self, step: int, split: str, record: dict[str, Any]) -> str:

@@ -9,10 +9,10 @@ follow, so the sliding window (4 slots) wraps and every chunked prefill ends on 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -179,25 +179,27 @@ def test_softmax_cache_grows_with_max_len_and_the_window_caps_the_ring_buffer():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def fake_run(monkeypatch, kind: str, vocab_size: int) -> None:
-    """restore_model returns a random bytes-vocabulary model and a task of the given kind and vocabulary."""
+def fake_run(monkeypatch, workdir, task: str) -> str:
+    """A workdir whose config.json names `task`; restore_model returns a random bytes-vocabulary model."""
     m = build(("softmax",), {}, vocab_size=256)
-    task = types.SimpleNamespace(kind=kind, vocab_size=vocab_size)
-    monkeypatch.setattr(checkpoints, "restore_model", lambda workdir: (m, None, task))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"data": {"task": task}}, f)
+    monkeypatch.setattr(checkpoints, "restore_model", lambda workdir: (m, None, None))
+    return str(workdir)
 
 
-def test_sample_text_continues_the_prompt(monkeypatch):
-    fake_run(monkeypatch, "lm", 256)
-    text = gen.sample_text("run", "héllo", max_new_tokens=8, temperature=1.0, top_k=None, seed=0)
+def test_sample_text_continues_the_prompt(monkeypatch, tmp_path):
+    run = fake_run(monkeypatch, tmp_path, "bytes")
+    text = gen.sample_text(run, "héllo", max_new_tokens=8, temperature=1.0, top_k=None, seed=0)
     assert text.startswith("héllo") and len(text) > len("héllo")
-    assert gen.sample_text("run", "héllo", max_new_tokens=8, temperature=1.0, top_k=None, seed=0) == text
+    assert gen.sample_text(run, "héllo", max_new_tokens=8, temperature=1.0, top_k=None, seed=0) == text
 
 
-@pytest.mark.parametrize("kind, vocab_size", [("classification", 256), ("lm", 64)])
-def test_sample_text_needs_a_bytes_language_model(monkeypatch, kind, vocab_size):
-    fake_run(monkeypatch, kind, vocab_size)
-    with pytest.raises(ValueError, match="^workdir: 'run' holds a"):
-        gen.sample_text("run", "hi")
+@pytest.mark.parametrize("task", ["listops", "mqar"])  # mqar: a language model over 256 token ids, not bytes
+def test_sample_text_needs_a_bytes_language_model(monkeypatch, tmp_path, task):
+    run = fake_run(monkeypatch, tmp_path, task)
+    with pytest.raises(ValueError, match=f"holds a model of task '{task}', whose tokens are not bytes of text"):
+        gen.sample_text(run, "hi")
 
 
 def test_sample_text_needs_a_prompt():

@@ -200,13 +200,13 @@ def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
     [
         ("data.task", "nope", "data.task: unknown task 'nope'; known tasks: "),
         ("model.mixers", ("softmax", "nope"), "model.mixers: unknown mixer 'nope'; known mixers: "),
-        ("optim.name", "sgdd", "optim.name: unknown optimizer 'sgdd'; known: adamw"),
+        ("optim.name", "sgdd", "optim.name: unknown optimizer 'sgdd'; known optimizers: adamw"),
         ("optim.schedule", "cosne", "optim.schedule: unknown schedule 'cosne'"),
         ("model.d_model", 33, r"model.d_model \(33\) must be divisible by model.num_heads \(2\)"),
-        ("model.norm", "batchnorm", "model.norm: 'batchnorm' is not one of layernorm, rmsnorm"),
+        ("model.norm", "batchnorm", "model.norm: unknown norm 'batchnorm'; known norms: layernorm, rmsnorm"),
         ("train.compute_dtype", "float16", "train.compute_dtype"),
         ("train.steps", 0, "train.steps must be a positive integer"),
-        ("optim.warmup_steps", 10**6, "optim.warmup_steps"),
+        ("optim.warmup_steps", -1, "optim.warmup_steps"),
     ],
 )
 def test_invalid_config_names_the_key(key, value, message):

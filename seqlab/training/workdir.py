@@ -1,0 +1,158 @@
+"""A run's workdir: one writer at a time, and a config that matches the checkpoints it holds.
+
+`WorkdirLock` is an exclusive ``flock`` on ``<workdir>/.lock``, held for the whole run; the file records the
+holder's pid, host and start time so a second run names who has it. The kernel drops the lock when its process
+dies, so a run killed with SIGKILL leaves no lock that blocks the next one (the file stays, unlocked).
+
+`check_resumable(stored, new)` compares the config.json of the run already in the workdir with the new config
+before anything is written: a resumed run may change only `RESUMABLE_KEYS` (how long it trains, how often it
+logs, evaluates and saves, its eval batch size and its device mesh). Any other difference — model, task,
+optimizer, batch size, seed — would restore checkpoints into a different run, so it is refused with the
+differing keys; `clear(workdir)` (``--overwrite``) removes the old run's files to start over.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+from typing import Any
+
+LOCK_FILE = ".lock"
+# Keys a resumed run may change; every other key must equal the stored config's.
+RESUMABLE_KEYS = (
+    "train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.eval_batch_size", "mesh.data", "mesh.seq",
+)  # fmt: skip
+# What a run writes in its workdir (removed by `clear`).
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tensorboard")
+_MAX_LISTED = 6
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot hold this run (in use by another process, or holding a different run)."""
+
+
+class WorkdirLock:
+    """Exclusive use of a workdir by this process (a context manager; `release` is idempotent)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise WorkdirError(
+                f"workdir: {os.path.dirname(self.path)!r} is in use by {_describe_holder(self.path)}; wait for that "
+                f"run to finish or stop it, or use another --workdir"
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _describe_holder(path: str) -> str:
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        return f"process {holder['pid']} on {holder['host']} (running since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def relevant_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The flat ``{"a.b": value}`` view of a config dict that decides what a run is: every key, except the data
+    sections of tasks other than ``data.task`` and the ``model.mixer_args`` sections of mixers the model does not
+    use (those are defaults the run never reads)."""
+    pattern = config.get("model", {}).get("mixers", ())
+    used = set([pattern] if isinstance(pattern, str) else pattern)
+    task = config.get("data", {}).get("task")
+    flat = _flatten(config)
+    return {
+        key: value for key, value in flat.items()
+        if not (key.startswith("data.") and key.count(".") >= 2 and key.split(".")[1] != task)
+        and not (key.startswith("model.mixer_args.") and key.split(".")[2] not in used)
+    }  # fmt: skip
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def config_differences(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (stored value, new value)}`` for every relevant key that differs and that resume may not change
+    (a key missing on one side shows as None there)."""
+    old, now = relevant_config(stored), relevant_config(new)
+    return {
+        key: (old.get(key), now.get(key)) for key in sorted(set(old) | set(now))
+        if key not in RESUMABLE_KEYS and old.get(key) != now.get(key)
+    }  # fmt: skip
+
+
+def check_resumable(workdir: str, stored: dict[str, Any], new: dict[str, Any]) -> None:
+    """Raise `WorkdirError` (one line, naming the differing keys) unless a run launched with `new` may resume the
+    run that `stored` (its config.json) describes."""
+    differences = config_differences(stored, new)
+    if not differences:
+        return
+    listed = [f"{key}: {old!r} -> {value!r}" for key, (old, value) in list(differences.items())[:_MAX_LISTED]]
+    more = len(differences) - len(listed)
+    listed += [f"and {more} more"] if more else []
+    raise WorkdirError(
+        f"workdir: {workdir!r} holds a run with a different config ({'; '.join(listed)}); resume may change only "
+        f"{', '.join(RESUMABLE_KEYS)}. Use a new --workdir, or --overwrite to delete that run and start over"
+    )
+
+
+def read_stored_config(workdir: str) -> dict[str, Any] | None:
+    """The config.json of the run in `workdir` as a dict (None when there is none)."""
+    path = os.path.join(workdir, RUN_FILES[0])
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def clear(workdir: str) -> list[str]:
+    """Delete the files a run wrote in `workdir` (`RUN_FILES`; nothing else); returns the names removed."""
+    removed = []
+    for name in RUN_FILES:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
