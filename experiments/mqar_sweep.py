@@ -13,17 +13,16 @@ Prints a markdown table: variant | layer mixers | state bytes | test accuracy | 
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import sys
 import tempfile
 import time
 
 import jax
-from flax import nnx
 
-from seqlab import config as config_lib, models
+from seqlab import config as config_lib, sweep
 from seqlab.train import train_and_evaluate
+from seqlab.training.summary import model_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "mqar.py")
@@ -33,41 +32,16 @@ def load_mqar_module():
     return config_lib.load_config_module(CONFIG)
 
 
-def state_bytes(config) -> int:
-    """Bytes of the decode cache of one sequence of the task's length (position counters excluded)."""
-    task = config_lib.validate(config)
-    model = nnx.eval_shape(lambda: models.build_model(config, task, nnx.Rngs(0)))
-    cache = jax.eval_shape(lambda: model.init_cache(1, task.seq_len))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim > 0)
-
-
-def apply_overrides(config, overrides: list[str]) -> None:
-    """Each "a.b.c=value" sets config.a.b.c to the Python literal value (or the string if it is not one)."""
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set: expected key=value, got {item!r}")
-        *parents, key = path.split(".")
-        section = config
-        for name in parents:
-            section = section[name]
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        section[key] = value
-
-
 def run_variant(variant: str, steps: int | None, overrides: list[str], workdir: str) -> dict:
     config = load_mqar_module().get_config(variant)
-    apply_overrides(config, overrides)
+    sweep.apply_overrides(config, dict(sweep.parse_assignment(text, "set") for text in overrides))
     if steps is not None:
         config.train.steps = steps
         config.train.eval_every = config.train.checkpoint_every = steps
         config.optim.warmup_steps = min(config.optim.warmup_steps, steps // 10)
     start = time.perf_counter()
     result = train_and_evaluate(config, os.path.join(workdir, variant))
-    return {"variant": variant, "mixers": "+".join(config.model.mixers), "state_bytes": state_bytes(config),
+    return {"variant": variant, "mixers": "+".join(config.model.mixers), "state_bytes": model_summary(config).decode_state_bytes,
             "seconds": time.perf_counter() - start, **result}
 
 

@@ -7,6 +7,7 @@ A record: {"step", "split" ("train" or "eval"), "loss", "accuracy", ...}; train 
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -15,9 +16,13 @@ import time
 from typing import Any, Iterable
 
 import jax
+import ml_collections
 from tensorboardX import SummaryWriter
 
+from seqlab.training.checkpoints import CONFIG_FILE
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsLogger:
@@ -32,7 +37,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.prints = jax.process_index() == 0
         self.writes = record and self.prints
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard")) if self.writes else None
+        self.tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR)) if self.writes else None
         self.start = time.perf_counter()
         self.start_step = start_step
 
@@ -100,9 +105,10 @@ def _duration(seconds: float) -> str:
 
 
 def load_metrics(workdirs: str | Iterable[str], *, split: str | None = None) -> list[dict[str, Any]]:
-    """Records of every metrics.jsonl under the given workdirs (globs allowed), each tagged with its "workdir"."""
+    """Records of every metrics.jsonl under the given workdirs (globs allowed; a glob's files are skipped), each
+    tagged with its "workdir" and the run's config columns (`run_columns`)."""
     patterns = [workdirs] if isinstance(workdirs, str) else list(workdirs)
-    dirs = sorted({d for p in patterns for d in (glob.glob(p) or [p])})
+    dirs = sorted({d for p in patterns for d in ([g for g in glob.glob(p) if os.path.isdir(g)] or [p])})
     rows = []
     for workdir in dirs:
         path = os.path.join(workdir, METRICS_FILE)
@@ -110,12 +116,50 @@ def load_metrics(workdirs: str | Iterable[str], *, split: str | None = None) -> 
             raise ValueError(f"workdirs: {workdir!r} has no {METRICS_FILE}")
         with open(path) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        rows += [{"workdir": workdir, **r} for r in records if split is None or r["split"] == split]
+        columns = run_columns(workdir)
+        rows += [{"workdir": workdir, **columns, **r} for r in records if split is None or r["split"] == split]
     return rows
 
 
-def metrics_table(workdirs: str | Iterable[str], *, split: str | None = None):
-    """`load_metrics` as a pandas DataFrame (pandas is a notebook dependency: pip install seqlab[notebooks])."""
-    import pandas as pd
+def run_columns(workdir: str) -> dict[str, Any]:
+    """What a run was, as table columns named by their config keys: "model.mixers" (the pattern, "baseconv+gla"),
+    "model.d_model", "model.num_layers", "data.task", "data.<field>" for every number of the task's section
+    (seq_len, vocab_size, num_kv_pairs, num_train, ...), "optim.learning_rate" (the peak), and "params" and
+    "decode_state_bytes" (`seqlab.training.summary`; absent when the config no longer validates). Empty when the
+    workdir has no config.json."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return dict(_columns_of(f.read()))
 
+
+@functools.lru_cache(maxsize=512)
+def _columns_of(config_json: str) -> tuple[tuple[str, Any], ...]:
+    """`run_columns` of one config.json text (cached: a table of many runs of one config builds its model once)."""
+    from seqlab.training.summary import model_summary
+
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    task = config.data.task
+    columns: dict[str, Any] = {"model.mixers": "+".join(config.model.mixers), "model.d_model": config.model.d_model,
+                               "model.num_layers": config.model.num_layers, "data.task": task}
+    for key, value in config.data[task].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            columns[f"data.{key}"] = value
+    columns["optim.learning_rate"] = config.optim.learning_rate
+    try:
+        summary = model_summary(config)
+    except ValueError:
+        return tuple(columns.items())
+    columns.update(params=summary.total_params, decode_state_bytes=summary.decode_state_bytes)
+    return tuple(columns.items())
+
+
+def metrics_table(workdirs: str | Iterable[str], *, split: str | None = None):
+    """`load_metrics` as a pandas DataFrame: one row per record, the run's config as columns (`run_columns`).
+    pandas comes with the notebooks extra: ``pip install -e ".[notebooks]"``."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError('metrics_table needs pandas: pip install -e ".[notebooks]"') from None
     return pd.DataFrame(load_metrics(workdirs, split=split))

@@ -22,6 +22,9 @@ import shutil
 import socket
 from typing import Any
 
+from seqlab.training.checkpoints import CHECKPOINT_DIR, CONFIG_FILE
+from seqlab.training.metrics import METRICS_FILE, TENSORBOARD_DIR
+
 LOCK_FILE = ".lock"
 # Keys a resumed run may change; every other key must equal the stored config's.
 RESUMABLE_KEYS = (
@@ -29,7 +32,7 @@ RESUMABLE_KEYS = (
     "train.eval_batch_size", "mesh.data", "mesh.seq",
 )  # fmt: skip
 # What a run writes in its workdir (removed by `clear`).
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "tensorboard")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)
 _MAX_LISTED = 6
 
 
@@ -136,7 +139,7 @@ def check_resumable(workdir: str, stored: dict[str, Any], new: dict[str, Any]) -
 
 def read_stored_config(workdir: str) -> dict[str, Any] | None:
     """The config.json of the run in `workdir` as a dict (None when there is none)."""
-    path = os.path.join(workdir, RUN_FILES[0])
+    path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:

@@ -254,3 +254,23 @@ def test_config_errors_through_the_launcher_are_one_short_message(override, expe
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_metric_rows_carry_the_runs_config_as_columns(finished_run):
+    from seqlab.training.summary import model_summary
+
+    summary = model_summary(tiny_config())
+    for row in load_metrics(finished_run):
+        assert (row["model.mixers"], row["model.d_model"], row["model.num_layers"]) == ("baseconv+gla", 32, 2)
+        assert (row["data.task"], row["data.seq_len"], row["data.num_kv_pairs"]) == ("mqar", 32, 2)
+        assert row["optim.learning_rate"] == 0.01
+        assert (row["params"], row["decode_state_bytes"]) == (summary.total_params, summary.decode_state_bytes)
+
+
+def test_metrics_table_is_a_dataframe_with_the_config_columns(finished_run):
+    pandas = pytest.importorskip("pandas")
+    from seqlab.training import metrics_table
+
+    table = metrics_table(finished_run, split="eval")
+    assert isinstance(table, pandas.DataFrame) and list(table["step"]) == [2, 4]
+    assert set(table["model.mixers"]) == {"baseconv+gla"}
