@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import json
 import math
 import os
@@ -337,36 +336,48 @@ def import_flag_modules(argv: list[str]) -> None:
         config_lib.import_modules((names,) if isinstance(names, str) else names)
 
 
-def check_tuple_overrides(argv: list[str], config: ml_collections.ConfigDict | None) -> None:
-    """Refuse a bare value for a tuple key (``--config.model.mixers=gla``), which ml_collections would turn into a
-    one-element tuple: a tuple is given as a Python literal, ``--config.model.mixers="('gla',)"``."""
+def check_overrides(argv: list[str], config: ml_collections.ConfigDict | None) -> None:
+    """Refuse, naming the full key, a ``--config.<key>`` override whose key does not exist (with the close matches
+    in its section), and a bare value for a tuple key (``--config.model.mixers=gla``, which ml_collections would
+    turn into a one-element tuple): a tuple is given as a Python literal, ``--config.model.mixers="('gla',)"``."""
     if config is None:
         return
     for key, text in config_overrides(argv):
-        try:
-            default = functools.reduce(lambda section, name: section[name], key.split("."), config)
-        except (KeyError, AttributeError, TypeError):
-            continue  # a key that does not exist: the flag parser reports it
-        if not isinstance(default, tuple):
-            continue
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if not isinstance(value, (tuple, list)):
+        section, names = config, key.split(".")
+        for depth, name in enumerate(names):
+            if not isinstance(section, ml_collections.ConfigDict) or name not in section:
+                choices = section.keys() if isinstance(section, ml_collections.ConfigDict) else ()
+                prefix = ".".join(names[:depth])
+                hint = config_lib.did_you_mean(name, choices, f"{prefix}." if prefix else "")
+                raise ValueError(f"--config.{key}: config key '{'.'.join(names[: depth + 1])}' does not exist{hint}")
+            section = section[name]
+        if isinstance(section, tuple) and not isinstance(_literal(text), (tuple, list)):
             raise ValueError(f"--config.{key}={text}: {key} takes a tuple, given as a Python literal, e.g. "
-                             f"--config.{key}=\"{(value,)!r}\"")
+                             f"--config.{key}=\"{(_literal(text),)!r}\"")
+
+
+def _literal(text: str) -> Any:
+    """The Python literal `text` spells, else `text` itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a flag error (a mistyped ``--config.key``, a bad literal, an unknown variant) as
     one short message and exit status 2 instead of absl's usage dump or ml_collections' traceback (which raises
     AttributeError / KeyError / TypeError for overrides it cannot apply)."""
+    config = _config_of(argv)
     try:
-        check_tuple_overrides(argv, _config_of(argv))
+        check_overrides(argv, config)
+    except ValueError as error:
+        sys.stderr.write(f"seqlab.train: {error}\n")
+        sys.exit(2)
+    try:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        sys.stderr.write(f"seqlab.train: {config_lib.explain_override_error(str(error), _config_of(argv))}\n")
+        sys.stderr.write(f"seqlab.train: {config_lib.explain_override_error(str(error), config)}\n")
         sys.exit(2)
 
 

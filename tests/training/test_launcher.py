@@ -245,11 +245,16 @@ def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the
 
 @pytest.mark.parametrize("override, expected", [
     ("--config.train.stepz=3", "did you mean 'train.steps'?"),
+    ("--config.model.mixer_args.gla.expand_kk=1", "'model.mixer_args.gla.expand_kk' does not exist; did you mean "
+                                                  "'model.mixer_args.gla.expand_k'"),
+    ("--config.train.steps=abc", "train.steps takes an integer"),
+    ("--config=configs/mqar.py:glaa", "config variant 'glaa' does not exist; did you mean 'gla'?"),
     ("--config.model.mixers=gla", "model.mixers takes a tuple"),
     ("--config.model.mixers=('baseconv','based','sliding_window')", "would never be built"),
 ])
 def test_config_errors_through_the_launcher_are_one_short_message(override, expected, tmp_path):
     proc = launcher("seqlab.train", "--config=configs/mqar.py:tiny", f"--workdir={tmp_path}", override, timeout=120)
+    # (a second --config= flag replaces the first)
     assert proc.returncode != 0
     assert expected in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 3, proc.stderr

@@ -74,14 +74,14 @@ def test_a_sweep_runs_each_point_once_skips_them_on_a_rerun_and_reports_a_failed
         assert len(evals) == 1
 
     before = {name: open(root / name / "metrics.jsonl").read() for name in names}
-    shutil.copytree(root / names[0], root / "model.d_model=64,optim.learning_rate=0.001")  # another run's workdir
+    other = "model.d_model=32,optim.learning_rate=0.03"
+    shutil.copytree(root / names[0], root / other)  # holds the lr=1e-3 run: the launcher must refuse it
     log = []
-    rows = sweep.run_sweep(SPEC, {"optim.learning_rate": (1e-3, 1e-2), "model.d_model": (32, 64)}, str(root),
+    rows = sweep.run_sweep(SPEC, {"optim.learning_rate": (1e-3, 1e-2, 3e-2), "model.d_model": (32,)}, str(root),
                            sets=TINY, log=log.append)
-    assert {r["name"]: r["status"] for r in rows} == {
-        names[0]: "skipped", names[1]: "skipped", "model.d_model=64,optim.learning_rate=0.001": "failed",
-        "model.d_model=64,optim.learning_rate=0.01": "done"}
+    assert {r["name"]: r["status"] for r in rows} == {names[0]: "skipped", names[1]: "skipped", other: "failed"}
     failed = [r for r in rows if r["status"] == "failed"][0]
-    assert "holds a run with a different config" in failed["error"] and "model.d_model: 32 -> 64" in failed["error"]
+    assert "holds a run with a different config" in failed["error"]
+    assert "optim.learning_rate: 0.001 -> 0.03" in failed["error"]
     assert {name: open(root / name / "metrics.jsonl").read() for name in names} == before
-    assert any(line.startswith("FAIL model.d_model=64,optim.learning_rate=0.001") for line in log)
+    assert any(line.startswith(f"FAIL {other}") for line in log)
