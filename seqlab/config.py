@@ -145,8 +145,8 @@ def parse_variant(arg: str | None, variants: dict, default: str) -> tuple[str, b
 
 
 def did_you_mean(name: Any, choices: Iterable[str], prefix: str = "") -> str:
-    """"; did you mean 'x'?" (or "'x' or 'y'") naming the choices close to `name`, each shown after `prefix`
-    (e.g. the section of a key); "" when none is close. Every "unknown name" message of the config ends this way."""
+    """The clause ``; did you mean 'x'?`` (or ``'x' or 'y'``) naming the choices close to `name`, each shown after
+    `prefix` (e.g. the section of a key); "" when none is close. Every "unknown name" message of the config uses it."""
     matches = [f"'{prefix}{m}'" for m in difflib.get_close_matches(str(name), [str(c) for c in choices], n=3)]
     if not matches:
         return ""
