@@ -124,9 +124,9 @@ def load_metrics(workdirs: str | Iterable[str], *, split: str | None = None) -> 
 def run_columns(workdir: str) -> dict[str, Any]:
     """What a run was, as table columns named by their config keys: "model.mixers" (the pattern, "baseconv+gla"),
     "model.d_model", "model.num_layers", "data.task", "data.<field>" for every number of the task's section
-    (seq_len, vocab_size, num_kv_pairs, num_train, ...), "optim.learning_rate" (the peak), and "params" and
-    "decode_state_bytes" (`seqlab.training.summary`; absent when the config no longer validates). Empty when the
-    workdir has no config.json."""
+    (seq_len, vocab_size, num_kv_pairs, num_train, ...), "optim.learning_rate" (the peak), and "params",
+    "decode_state_bytes" and "recurrent_state_bytes" (`seqlab.training.summary`; absent when the config no longer
+    validates). Empty when the workdir has no config.json."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return {}
@@ -151,7 +151,8 @@ def _columns_of(config_json: str) -> tuple[tuple[str, Any], ...]:
         summary = model_summary(config)
     except ValueError:
         return tuple(columns.items())
-    columns.update(params=summary.total_params, decode_state_bytes=summary.decode_state_bytes)
+    columns.update(params=summary.total_params, decode_state_bytes=summary.decode_state_bytes,
+                   recurrent_state_bytes=summary.recurrent_state_bytes)
     return tuple(columns.items())
 
 

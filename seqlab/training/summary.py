@@ -4,8 +4,10 @@
 allocated or compiled) and counts the ``nnx.Param`` entries of each residual block (its mixer, MLP and norms),
 of the rest (embeddings, final norm, classifier head) and in total. The decode-state bytes are those of every array
 of the model's decode cache for ONE sequence of the task's length (recurrent states, KV caches of softmax layers,
-ring buffers of sliding windows, short-convolution buffers), position counters excluded — the Zoology / Based
-"state size" axis. A classifier has no decode form: None.
+ring buffers of sliding windows, short-convolution buffers), scalar position counters excluded. The recurrent-
+state bytes count only what the Zoology / Based papers call the state: KV caches and recurrent state matrices
+over all layers (attention 2 d L floats, a sliding window 2 d w, DeltaNet H d_k d_v, ...), without short-conv
+buffers and the KV cache's slot positions. A classifier has no decode form: None for both.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from seqlab import data, models
 @dataclasses.dataclass(frozen=True)
 class ModelSummary:
     """layer_mixers[i] / layer_params[i]: the mixer and the parameter count of block i; other_params: embeddings,
-    final norm and head; decode_state_bytes: per sequence of the task's length (None without a decode form)."""
+    final norm and head; decode_state_bytes and recurrent_state_bytes: per sequence of the task's length (None
+    without a decode form; the module docstring says what each counts)."""
 
     layer_mixers: tuple[str, ...]
     layer_params: tuple[int, ...]
     other_params: int
     total_params: int
     decode_state_bytes: int | None
+    recurrent_state_bytes: int | None
 
     def lines(self) -> list[str]:
         """A small table: one row per layer, then the rest, the total and the decode state."""
@@ -56,7 +60,7 @@ def model_summary(config: ml_collections.ConfigDict, task: data.Task | None = No
     total = _param_count(model)
     return ModelSummary(
         layer_mixers=tuple(block.mixer_name for block in blocks), layer_params=layer_params,
-        other_params=total - sum(layer_params), total_params=total, decode_state_bytes=_state_bytes(model, task),
+        other_params=total - sum(layer_params), total_params=total, **_state_bytes(model, task),
     )  # fmt: skip
 
 
@@ -64,11 +68,19 @@ def _param_count(module: nnx.Module) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
-def _state_bytes(model: nnx.Module, task: data.Task) -> int | None:
+# cache fields that are bookkeeping, not the state the papers count
+_NOT_RECURRENT_STATE = ("conv", "key_positions", "pos")
+
+
+def _state_bytes(model: nnx.Module, task: data.Task) -> dict[str, int | None]:
+    """{"decode_state_bytes", "recurrent_state_bytes"} of one sequence of the task's length."""
     if not hasattr(model, "init_cache"):
-        return None
+        return {"decode_state_bytes": None, "recurrent_state_bytes": None}
     cache = jax.eval_shape(lambda: model.init_cache(1, task.seq_len))
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim > 0)
+    leaves = [(path[-1], x) for path, x in jax.tree_util.tree_flatten_with_path(cache)[0] if x.ndim > 0]
+    recurrent = [x for key, x in leaves if getattr(key, "name", None) not in _NOT_RECURRENT_STATE]
+    return {"decode_state_bytes": sum(int(x.size) * x.dtype.itemsize for _, x in leaves),
+            "recurrent_state_bytes": sum(int(x.size) * x.dtype.itemsize for x in recurrent)}
 
 
 def human_bytes(count: int) -> str:

@@ -35,7 +35,18 @@ def test_decode_state_of_softmax_layers_is_their_kv_cache():
     seq_len, heads, head_dim = 32, 2, 16
     kv = 2 * seq_len * heads * head_dim * 4  # k and v, float32
     key_positions = seq_len * 4  # int32 per cached slot
-    assert model_summary(softmax_lm_config()).decode_state_bytes == 2 * (kv + key_positions)
+    summary = model_summary(softmax_lm_config())
+    assert summary.decode_state_bytes == 2 * (kv + key_positions)
+    assert summary.recurrent_state_bytes == 2 * kv  # the papers' 2 d L floats per layer
+
+
+def test_recurrent_state_of_deltanet_is_its_matrix_state_without_conv_buffers():
+    config = config_lib.load_config(os.path.join(ROOT, "configs/mqar.py:deltanet,tiny"))
+    heads, d_k = config.model.num_heads, config.model.d_model // config.model.num_heads
+    summary = model_summary(config)
+    assert summary.recurrent_state_bytes == heads * d_k * d_k * 4  # H d_k d_v floats; BaseConv holds no such state
+    short_convs = 2 * config.model.d_model * 4 + 3 * 3 * config.model.d_model * 4  # BaseConv k=3; q|k|v conv k=4
+    assert summary.decode_state_bytes == summary.recurrent_state_bytes + short_convs
 
 
 def test_the_summary_matches_a_built_model_and_allocates_nothing():
@@ -52,7 +63,7 @@ def test_the_summary_matches_a_built_model_and_allocates_nothing():
 
 def test_a_classifier_has_no_decode_state_and_the_table_says_so():
     summary = model_summary(config_lib.load_config(os.path.join(ROOT, "configs/listops.py:gla,tiny")))
-    assert summary.decode_state_bytes is None
+    assert summary.decode_state_bytes is None and summary.recurrent_state_bytes is None
     lines = summary.lines()
     assert len(lines) == len(summary.layer_mixers) + 3 and "no decode form" in lines[-1]
     assert f"{summary.total_params:,}" in lines[-2]
