@@ -6,7 +6,8 @@
 
 The variant (before any ",tiny") names the mixer of the second layer; the first layer is BaseConv, as in
 Zoology's sweeps, where every mixer is paired with a BaseConv layer. All variants share d_model 128, 2 heads,
-a SwiGLU MLP and the optimizer, so their accuracies compare (experiments/mqar_sweep.py runs them all).
+a SwiGLU MLP and the optimizer, so their accuracies compare; configs/mqar_recall.py sizes them for the
+recall-versus-state comparison (notebooks/zoology_recall_vs_state.ipynb).
 """
 
 from __future__ import annotations
