@@ -49,14 +49,16 @@ def best_over(final, keys: Sequence[str], *, over: str = LEARNING_RATE, metric: 
 
 def lines(frame, x: str, y: str, *, hue: str | None = MIXERS, ax=None, logx: bool = False, logy: bool = False,
           marker: str = "o", xlabel: str | None = None, ylabel: str | None = None, title: str | None = None,
-          labels: dict[Any, str] | None = None):
-    """One line of `y` against `x` per value of `hue` (points sorted by x); returns the Axes."""
+          labels: dict[Any, str] | None = None, colors: dict[Any, Any] | None = None):
+    """One line of `y` against `x` per value of `hue` (points sorted by x), coloured by `colors[value]` when given
+    (so two panels of the same mixers match); returns the Axes."""
     ax = _axes(ax)
     groups = [(None, frame)] if hue is None else frame.groupby(hue, sort=True)
     for name, group in groups:
         group = group.sort_values(x)
         label = None if hue is None else (labels or {}).get(name, str(name))
-        ax.plot(group[x], group[y], marker=marker, label=label)
+        color = (colors or {}).get(name)
+        ax.plot(group[x], group[y], marker=marker, label=label, color=color)
     ax.set(xlabel=xlabel or x, ylabel=ylabel or y, title=title)
     if logx:
         ax.set_xscale("log")
@@ -71,9 +73,9 @@ def lines(frame, x: str, y: str, *, hue: str | None = MIXERS, ax=None, logx: boo
 def accuracy_vs(final, x: str, *, hue: str = MIXERS, metric: str = "accuracy", ax=None, logx: bool | None = None,
                 **kwargs):
     """Test `metric` against `x` ("decode_state_bytes", "model.d_model", "data.seq_len", ...), best over the
-    learning rates of each (hue, x) point, one line per `hue`; `x` on a log axis for state bytes by default."""
+    learning rates of each (hue, x) point, one line per `hue`; state bytes on a log axis by default."""
     best = best_over(final, [hue, x], metric=metric)
-    logx = x == "decode_state_bytes" if logx is None else logx
+    logx = x.endswith("state_bytes") if logx is None else logx
     ax = lines(best, x, metric, hue=hue, ax=ax, logx=logx, ylabel=f"test {metric}", **kwargs)
     ax.set_ylim(-0.03, 1.03)
     return ax
