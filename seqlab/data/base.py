@@ -11,6 +11,10 @@ Example layouts (L = `seq_len`):
   position t, and `IGNORE_INDEX` (-100) marks positions that are not scored.
 - kind "classification": `{"inputs": int32 [L], "length": int32 [], "label": int32 []}`; the sequence fills
   `inputs[:length]` (its last real token is a CLS token the task appends) and `PAD_ID` (0) fills the rest.
+
+An "lm" task's `lm_head` says where the logits at position t come from: "per_position" (the default; the model's
+output at t, `models.DecoderLM`) or "from_last" (the output at the LAST position only, decoded for target index t by
+`models.LastStateDecoder`: MAD's compression task, where the mixers must squeeze the sequence into one state).
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ class Task(abc.ABC):
     """A generated (or file-backed) dataset with a train and an eval split.
 
     A subclass sets `name` and `kind` (and `byte_level` when its tokens are the 256 byte values of text, so
-    `seqlab.sample` can decode what a model of it generates), adds its options as fields, provides `vocab_size` and `seq_len` (as options
+    `seqlab.sample` can decode what a model of it generates, and `lm_head` when its logits are decoded from the last
+    position, module docstring), adds its options as fields, provides `vocab_size` and `seq_len` (as options
     or as properties), extends `validate`, and implements `_generate`.
     """
 
     name: ClassVar[str]
     kind: ClassVar[str]
     byte_level: ClassVar[bool] = False
+    lm_head: ClassVar[str] = "per_position"
 
     seed: int = 0
     num_train: int = 10_000

@@ -9,11 +9,14 @@ from seqlab.data.base import Task
 from seqlab.data.bytes_lm import BytesLM
 from seqlab.data.listops import ListOps
 from seqlab.data.mqar import MQAR
-from seqlab.data.synthetic import AssociativeRecall, InContextRecall, InductionHead, SelectiveCopy
+from seqlab.data.synthetic import (
+    AssociativeRecall, Compression, FuzzyRecall, InContextRecall, InductionHead, Memorization, SelectiveCopy,
+)
 
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
-    for cls in (MQAR, SelectiveCopy, InContextRecall, AssociativeRecall, InductionHead, ListOps, BytesLM)
+    for cls in (MQAR, SelectiveCopy, InContextRecall, FuzzyRecall, Memorization, Compression, AssociativeRecall,
+                InductionHead, ListOps, BytesLM)
 }
 
 

@@ -4,6 +4,9 @@
   Architectures"; athms/mad-lab `generate_selective_copying_instance`).
 - `in_context_recall`: in-context recall, and with noise tokens noisy in-context recall, from MAD (its multi-query
   scoring: every value whose key appeared before is scored).
+- `fuzzy_recall`, `memorization` and `compression`: MAD's fuzzy in-context recall (keys and values are motifs of
+  several tokens), memorization (one fixed key -> value map for the whole dataset) and compression (reconstruct the
+  input from the compression token's state alone, through `models.LastStateDecoder`).
 - `associative_recall` and `induction_head`: the associative recall and induction head tasks of H3 (Fu et al.,
   2023, "Hungry Hungry Hippos: Towards Language Modeling with State Space Models"); only the final token is scored.
 
@@ -189,3 +192,135 @@ class InductionHead(_FinalTokenTask):
         inputs[[position, -1]] = trigger
         return self._final_token_example(inputs, inputs[position + 1])
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FuzzyRecall(Task):
+    """MAD fuzzy in-context recall: pairs of a key motif (1..k_motif_size key tokens) and a value motif
+    (1..v_motif_size value tokens) with one random key-motif -> value-motif map per sequence; when a key motif
+    reappears, the tokens of its value motif are scored, each at the position before it (next-token labels).
+
+    Tokens: with K = (V-1)//2, keys {0, ..., K-1}, values {K, ..., V-2}, pad V-1. A motif is an ordered draw of
+    distinct tokens (as MAD's permutations), its size uniform in 1..max; keys and values come from disjoint
+    vocabularies, so motif boundaries are visible. Layout of the L+1-token stream s (inputs = s[:L],
+    labels[t] = s[t+1] where s[t+1] is a scored value token, else -100): pad tokens, then pairs `key value` drawn
+    while another pair of maximal size still fits before the last k_motif_size + v_motif_size slots, then a final
+    pair repeating a key motif shown before (so every example has a scored token); the pads fill the front. A value
+    motif is drawn on a key motif's first showing and reused on every repeat. MAD prompts its test split with keys
+    of the maximal size only; here both splits share one law.
+    """
+
+    name: ClassVar[str] = "fuzzy_recall"
+    kind: ClassVar[str] = "lm"
+
+    vocab_size: int = 16
+    seq_len: int = 128
+    k_motif_size: int = 3
+    v_motif_size: int = 3
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.k_motif_size >= 1, "k_motif_size", "must be >= 1")
+        self._require(self.v_motif_size >= 1, "v_motif_size", "must be >= 1")
+        keys = (self.vocab_size - 1) // 2
+        self._require(
+            keys >= self.k_motif_size and self.vocab_size - 1 - keys >= self.v_motif_size,
+            "vocab_size",
+            f"must give (vocab_size-1)//2 >= k_motif_size ({self.k_motif_size}) distinct key tokens and the rest "
+            f"but the pad >= v_motif_size ({self.v_motif_size}) value tokens",
+        )
+        pair = self.k_motif_size + self.v_motif_size
+        self._require(self.seq_len + 1 >= 2 * pair, "seq_len", f"must be >= 2 x (k_motif_size + v_motif_size) - 1 "
+                      f"({2 * pair - 1})")
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        num_keys, pad = (self.vocab_size - 1) // 2, self.vocab_size - 1
+        num_values = self.vocab_size - 1 - num_keys
+        widest = self.k_motif_size + self.v_motif_size
+        binding: dict[tuple[int, ...], tuple[int, ...]] = {}
+        shown: list[tuple[int, ...]] = []
+        stream: list[int] = []
+        scored: list[bool] = []
+
+        def add(key: tuple[int, ...], repeat: bool) -> None:
+            stream.extend(key + binding[key])
+            scored.extend([False] * len(key) + [repeat] * len(binding[key]))
+            shown.append(key)
+
+        while len(stream) + 2 * widest <= self.seq_len + 1:
+            key = tuple(int(k) for k in rng.choice(num_keys, rng.integers(1, self.k_motif_size + 1), replace=False))
+            repeat = key in binding
+            if not repeat:
+                size = rng.integers(1, self.v_motif_size + 1)
+                binding[key] = tuple(num_keys + int(v) for v in rng.choice(num_values, size, replace=False))
+            add(key, repeat)
+        add(shown[rng.integers(len(shown))], True)
+        front = self.seq_len + 1 - len(stream)
+        tokens = np.concatenate([np.full(front, pad), stream])  # [L+1]
+        targets = np.concatenate([np.zeros(front, bool), scored])  # [L+1]
+        return lm_example(tokens[:-1], np.where(targets[1:], tokens[1:], IGNORE_INDEX))
+
+
+@dataclasses.dataclass(frozen=True)
+class Memorization(Task):
+    """MAD memorization: L/2 keys, each followed by an insert token at whose position the key's value is the label;
+    the key -> value map is one fixed map for the whole dataset (both splits), so it must be stored in the weights.
+
+    Tokens: with K = (V-1)//2, keys {0, ..., K-1}, values {K, ..., V-2}, insert V-1. The map sends the keys to K
+    distinct values, a permutation drawn from `numpy.random.default_rng(map_seed)` alone (MAD's kv_map_seed; it
+    does not depend on `seed`, which only draws the keys of each sequence, uniformly with replacement).
+    """
+
+    name: ClassVar[str] = "memorization"
+    kind: ClassVar[str] = "lm"
+
+    vocab_size: int = 256
+    seq_len: int = 32
+    map_seed: int = 12345
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.vocab_size >= 3, "vocab_size", "must be >= 3 (a key, a value and the insert token)")
+        self._require(self.seq_len >= 2 and self.seq_len % 2 == 0, "seq_len", "must be even and >= 2")
+        self._require(self.map_seed >= 0, "map_seed", "must be >= 0")
+
+    def key_value_map(self) -> np.ndarray:
+        """int [K]: entry k is the value token of key k (the same for every example and split)."""
+        num_keys = (self.vocab_size - 1) // 2
+        permuted = np.random.default_rng(self.map_seed).permutation(self.vocab_size - 1 - num_keys)
+        return num_keys + permuted[:num_keys]
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        num_keys, insert = (self.vocab_size - 1) // 2, self.vocab_size - 1
+        keys = rng.integers(0, num_keys, size=self.seq_len // 2)
+        inputs = _interleave(keys, np.full_like(keys, insert))
+        labels = _interleave(np.full_like(keys, IGNORE_INDEX), self.key_value_map()[keys])
+        return lm_example(inputs, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression(Task):
+    """MAD compression: L-1 uniform random tokens, then a compression token; the model reconstructs every input
+    token from its hidden state at the compression token alone (`lm_head = "from_last"`: `models.LastStateDecoder`
+    decodes the logits at index t from the last position's output plus a learned embedding of t).
+
+    Tokens: content {0, ..., V-2}, compression V-1 (at position L-1). labels[t] = inputs[t] for t < L-1 (the
+    reconstruction of index t), -100 at the compression token (MAD scores it too; it is always the same token).
+    """
+
+    name: ClassVar[str] = "compression"
+    kind: ClassVar[str] = "lm"
+    lm_head: ClassVar[str] = "from_last"
+
+    vocab_size: int = 16
+    seq_len: int = 32
+
+    def validate(self) -> None:
+        super().validate()
+        self._require(self.vocab_size >= 2, "vocab_size", "must be >= 2 (content and compression tokens)")
+        self._require(self.seq_len >= 2, "seq_len", "must be >= 2")
+
+    def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
+        compress = self.vocab_size - 1
+        inputs = np.append(rng.integers(0, compress, size=self.seq_len - 1), compress)
+        return lm_example(inputs, np.append(inputs[:-1], IGNORE_INDEX))

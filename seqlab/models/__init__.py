@@ -1,5 +1,6 @@
-"""Models built from a config: a decoder LM for language-modelling tasks, a sequence classifier for
-classification tasks. Both share `Backbone` (embedding, residual blocks with a repeating mixer pattern, final norm).
+"""Models built from a config: a decoder LM for language-modelling tasks (a `LastStateDecoder` for those whose
+`lm_head` is "from_last": MAD's compression), a sequence classifier for classification tasks. All share
+`Backbone` (embedding, residual blocks with a repeating mixer pattern, final norm).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from seqlab.data import Task
 from seqlab.models.backbone import Backbone, DecodeCache, layer_mixers
 from seqlab.models.blocks import Block, SwiGLU
 from seqlab.models.classifier import SequenceClassifier
+from seqlab.models.last_state import LastStateDecoder
 from seqlab.models.lm import DecoderLM
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -> DecoderLM | SequenceClassifier:
+def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -> DecoderLM | LastStateDecoder | SequenceClassifier:
     """The model config.model describes, sized for `task` (its vocabulary, length and classes).
 
     Parameters are float32; train.compute_dtype sets the activations' dtype.
@@ -34,6 +36,8 @@ def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -
     )  # fmt: skip
     if task.kind == "classification":
         return SequenceClassifier(num_classes=task.num_classes, pooling=m.pooling, **args)
+    if task.lm_head == "from_last":
+        return LastStateDecoder(num_targets=task.seq_len, **args)
     return DecoderLM(**args)
 
 
@@ -47,6 +51,7 @@ __all__ = [
     "Block",
     "DecodeCache",
     "DecoderLM",
+    "LastStateDecoder",
     "SequenceClassifier",
     "SwiGLU",
     "build_model",
