@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(d_model=256, num_layers=4, num_heads=4, mixers=VARIANTS[variant] or ("softmax",),
                         mlp="swiglu", mlp_ratio=2.5, norm="rmsnorm")
     config.model.mixer_args.sliding_window.window = 64
-    config.model.mixer_args.linear_attn.update(feature_map="hedgehog", num_features=32)
+    if variant == "hedgehog":  # other patterns that use linear_attn pick their own feature map
+        config.model.mixer_args.linear_attn.update(feature_map="hedgehog", num_features=32)
     config.model.mixer_args.slab.max_len = config.data.bytes.seq_len
     if variant.startswith("transnormer_"):
         pattern, mixer_args = transnormer_layout(config.model.num_layers, variant.removeprefix("transnormer_"))
