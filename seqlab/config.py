@@ -346,6 +346,9 @@ def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDic
                        (f"data.{task.name}.num_eval", task.num_eval)):
         if value % mesh.data:
             raise ValueError(f"{key} ({value}) must be divisible by mesh.data ({mesh.data})")
+    if task.lm_head == "from_last" and mesh.seq > 1:
+        raise ValueError(f"mesh.seq: data.task={task.name!r} decodes every logit from the last position, so it runs "
+                         f"on one device per sequence; set mesh.seq = 1 (got {mesh.seq})")
     if task.seq_len % mesh.seq:
         raise ValueError(f"the sequence length of data.{task.name} ({task.seq_len}) must be divisible by mesh.seq "
                          f"({mesh.seq})")

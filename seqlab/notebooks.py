@@ -70,8 +70,10 @@ def execute(path: str, *, tiny: bool, runs_dir: str | None = None, timeout: int 
                                 resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}})
         client.execute()
     finally:
-        if runs_dir is not None:
-            os.environ.pop(RUNS_VARIABLE) if previous is None else os.environ.__setitem__(RUNS_VARIABLE, previous)
+        if runs_dir is not None and previous is None:
+            del os.environ[RUNS_VARIABLE]
+        elif runs_dir is not None:
+            os.environ[RUNS_VARIABLE] = previous
     return nb
 
 

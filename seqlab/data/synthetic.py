@@ -16,6 +16,7 @@ All are language-modelling tasks: inputs [L] and labels [L], `labels[t]` the tar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import numpy as np
@@ -193,7 +194,6 @@ class InductionHead(_FinalTokenTask):
         return self._final_token_example(inputs, inputs[position + 1])
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FuzzyRecall(Task):
     """MAD fuzzy in-context recall: pairs of a key motif (1..k_motif_size key tokens) and a value motif
@@ -285,17 +285,23 @@ class Memorization(Task):
         self._require(self.map_seed >= 0, "map_seed", "must be >= 0")
 
     def key_value_map(self) -> np.ndarray:
-        """int [K]: entry k is the value token of key k (the same for every example and split)."""
-        num_keys = (self.vocab_size - 1) // 2
-        permuted = np.random.default_rng(self.map_seed).permutation(self.vocab_size - 1 - num_keys)
-        return num_keys + permuted[:num_keys]
+        """int [K]: entry k is the value token of key k (the same for every example and split; drawn once)."""
+        return _fixed_map(self.vocab_size, self.map_seed).copy()
 
     def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
         num_keys, insert = (self.vocab_size - 1) // 2, self.vocab_size - 1
         keys = rng.integers(0, num_keys, size=self.seq_len // 2)
         inputs = _interleave(keys, np.full_like(keys, insert))
-        labels = _interleave(np.full_like(keys, IGNORE_INDEX), self.key_value_map()[keys])
+        labels = _interleave(np.full_like(keys, IGNORE_INDEX), _fixed_map(self.vocab_size, self.map_seed)[keys])
         return lm_example(inputs, labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_map(vocab_size: int, map_seed: int) -> np.ndarray:
+    """`Memorization.key_value_map`: a permutation of the value tokens from `map_seed` alone, cut to the K keys."""
+    num_keys = (vocab_size - 1) // 2
+    permuted = np.random.default_rng(map_seed).permutation(vocab_size - 1 - num_keys)
+    return num_keys + permuted[:num_keys]
 
 
 @dataclasses.dataclass(frozen=True)

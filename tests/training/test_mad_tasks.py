@@ -239,3 +239,10 @@ def test_tiny_config_of_each_mad_task_trains(variant, tmp_path):
     config.train.update(steps=4, eval_every=2, checkpoint_every=2)
     result = train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 4 and math.isfinite(result["eval_loss"]) and 0.0 <= result["eval_accuracy"] <= 1.0
+
+
+def test_compression_refuses_sequence_parallelism_before_anything_compiles():
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "synthetic.py:compression,tiny"))
+    config.mesh.seq = 2
+    with pytest.raises(ValueError, match="mesh.seq: data.task='compression' decodes every logit from the last"):
+        config_lib.validate(config)
