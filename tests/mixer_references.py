@@ -362,6 +362,19 @@ def _value_and_grad(graphdef, params, x, w):
     return jax.jit(jax.value_and_grad(lambda p: mixer_loss(nnx.merge(graphdef, p), x, w), has_aux=True))(params)
 
 
+def layer_gradient_errors(module, parameters, scan, x, w) -> dict[str, float]:
+    """Relative errors of the gradients of sum(module(x) * w), per parameter (parameters(module) -> {name: array})
+    and for the input ("x"), against jax.grad of sum(scan(parameters, x) * w), the per-token loop as a scan."""
+    graphdef, state = nnx.split(module)
+    module_loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) * w)  # noqa: E731
+    d_state, dx = jax.jit(jax.grad(module_loss, argnums=(0, 1)))(state, x)
+    grads = parameters(nnx.merge(graphdef, d_state))
+    loop_loss = lambda p, x: jnp.sum(scan(p, x) * w)  # noqa: E731
+    grads_ref, dx_ref = jax.jit(jax.grad(loop_loss, argnums=(0, 1)))(parameters(module), x)
+    assert set(grads) == set(grads_ref)
+    return {n: rel_err(grads[n], grads_ref[n]) for n in grads} | {"x": rel_err(dx, dx_ref)}
+
+
 def check_forward_and_grad(make, reference, names, x, w, forms):
     """For every form: the mixer's output == the float64 numpy reference, and its parameter gradients of
     sum(y * w) == those of the float32 jnp reference. make(impl, chunk_size) builds the mixer (same parameters)."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mixer_references import layer_gradient_errors
 from reference import rel_err
 from seqlab import mixers
 
@@ -93,15 +94,9 @@ def test_layer_matches_per_token_equations(heads, expand_ratio, lower_bound):
     y_ref = layer_loop({n: np.asarray(p, np.float64) for n, p in params.items()}, np.asarray(x, np.float64), **kw)
     assert rel_err(y, y_ref) <= FWD_TOL
 
-    weights = loss_weights()
-    graphdef, state = nnx.split(module)
-    module_loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) * weights)  # noqa: E731
-    d_state, dx = jax.jit(jax.grad(module_loss, argnums=(0, 1)))(state, x)
-    grads = parameters(nnx.merge(graphdef, d_state))
-    loop_loss = lambda p, x: jnp.sum(layer_scan(p, x, **kw) * weights)  # noqa: E731
-    grads_ref, dx_ref = jax.jit(jax.grad(loop_loss, argnums=(0, 1)))(params, x)
-    errs = {n: rel_err(grads[n], grads_ref[n]) for n in PARAMS} | {"x": rel_err(dx, dx_ref)}
-    assert max(errs.values()) <= GRAD_TOL, errs
+    scan = lambda p, x: layer_scan(p, x, **kw)  # noqa: E731
+    errs = layer_gradient_errors(module, parameters, scan, x, loss_weights())
+    assert set(errs) == {*PARAMS, "x"} and max(errs.values()) <= GRAD_TOL, errs
 
 
 def test_sizes_follow_fla():

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mixer_references import layer_gradient_errors
 from reference import rel_err
 from seqlab import mixers
 
@@ -107,14 +108,9 @@ def test_layer_matches_per_token_equations(heads, groups, d_state, expand, chunk
     assert rel_err(y, y_ref) <= FWD_TOL
 
     weights = jnp.sin(jnp.arange(B * T * D, dtype=jnp.float32)).reshape(B, T, D)
-    graphdef, state = nnx.split(module)
-    module_loss = lambda state, u: jnp.sum(nnx.merge(graphdef, state)(u) * weights)  # noqa: E731
-    d_state_tree, du = jax.jit(jax.grad(module_loss, argnums=(0, 1)))(state, u)
-    grads = parameters(nnx.merge(graphdef, d_state_tree))
-    loop_loss = lambda p, u: jnp.sum(layer_scan(p, u, **kw) * weights)  # noqa: E731
-    grads_ref, du_ref = jax.jit(jax.grad(loop_loss, argnums=(0, 1)))(params, u)
-    errs = {n: rel_err(grads[n], grads_ref[n]) for n in PARAMS} | {"u": rel_err(du, du_ref)}
-    assert max(errs.values()) <= GRAD_TOL, errs
+    scan = lambda p, u: layer_scan(p, u, **kw)  # noqa: E731
+    errs = layer_gradient_errors(module, parameters, scan, u, weights)
+    assert set(errs) == {*PARAMS, "x"} and max(errs.values()) <= GRAD_TOL, errs
 
 
 def test_groups_change_the_projections_not_the_state():
