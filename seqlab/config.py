@@ -34,6 +34,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -79,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3, compute_dtype="float32",
     ))  # fmt: skip
     return config
+
+
+def default_dict() -> dict[str, Any]:
+    """`base_config()` as the plain dict a run's config.json holds (with the sections of every mixer registered now)."""
+    return json.loads(base_config().to_json_best_effort())
 
 
 def _data_config() -> ml_collections.ConfigDict:

@@ -140,7 +140,10 @@ def final_evaluation(workdir: str, steps: int) -> dict[str, Any] | None:
 def _holds_this_run(workdir: str, config: ml_collections.ConfigDict) -> bool:
     """Whether `workdir` holds a run of `config` (its config.json differs at most in what resume may change)."""
     stored = workdir_lib.read_stored_config(workdir)
-    return stored is not None and not workdir_lib.config_differences(stored, json.loads(config.to_json_best_effort()))
+    if stored is None:
+        return False
+    new = json.loads(config.to_json_best_effort())
+    return not workdir_lib.config_differences(stored, new, config_lib.default_dict())
 
 
 def run_sweep(

@@ -85,7 +85,8 @@ def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite:
         removed = workdir_lib.clear(workdir)
         print(f"--overwrite: removed {', '.join(removed)} from {workdir}", flush=True)
     else:
-        workdir_lib.check_resumable(workdir, stored, json.loads(config.to_json_best_effort()))
+        new = json.loads(config.to_json_best_effort())
+        workdir_lib.check_resumable(workdir, stored, new, config_lib.default_dict())
 
 
 def evaluate_workdir(workdir: str) -> dict[str, float]:

@@ -8,7 +8,9 @@ dies, so a run killed with SIGKILL leaves no lock that blocks the next one (the 
 before anything is written: a resumed run may change only `RESUMABLE_KEYS` (how long it trains, how often it
 logs, evaluates and saves, its eval batch size and its device mesh). Any other difference — model, task,
 optimizer, batch size, seed — would restore checkpoints into a different run, so it is refused with the
-differing keys; `clear(workdir)` (``--overwrite``) removes the old run's files to start over.
+differing keys; `clear(workdir)` (``--overwrite``) removes the old run's files to start over. A key the stored
+config lacks (one added to seqlab after that run was launched) is no difference when the new config gives it its
+default value: the run it describes is the same.
 """
 
 from __future__ import annotations
@@ -112,20 +114,24 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_differences(
+    stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:  # fmt: skip
     """``{key: (stored value, new value)}`` for every relevant key that differs and that resume may not change
-    (a key missing on one side shows as None there)."""
-    old, now = relevant_config(stored), relevant_config(new)
+    (a key missing on one side shows as None there). `defaults` is the default config (as a dict): a key missing
+    from `stored` whose new value is its default there is no difference."""
+    old, now, default = relevant_config(stored), relevant_config(new), _flatten(defaults)
     return {
         key: (old.get(key), now.get(key)) for key in sorted(set(old) | set(now))
         if key not in RESUMABLE_KEYS and old.get(key) != now.get(key)
+        and not (key not in old and key in default and now[key] == default[key])
     }  # fmt: skip
 
 
-def check_resumable(workdir: str, stored: dict[str, Any], new: dict[str, Any]) -> None:
+def check_resumable(workdir: str, stored: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Raise `WorkdirError` (one line, naming the differing keys) unless a run launched with `new` may resume the
-    run that `stored` (its config.json) describes."""
-    differences = config_differences(stored, new)
+    run that `stored` (its config.json) describes (`defaults`: the default config, see `config_differences`)."""
+    differences = config_differences(stored, new, defaults)
     if not differences:
         return
     listed = [f"{key}: {old!r} -> {value!r}" for key, (old, value) in list(differences.items())[:_MAX_LISTED]]

@@ -18,6 +18,7 @@ from seqlab import catalog, config as config_lib, mixers
 from seqlab.generate import check_byte_level
 from seqlab.train import evaluate_workdir, train_and_evaluate
 from seqlab.training import load_metrics
+from seqlab.training import workdir as workdir_lib
 from seqlab.training.workdir import WorkdirError, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,6 +102,39 @@ def test_resume_may_change_the_length_and_cadence(finished_run, tmp_path):
     assert result["step"] == 6
     assert [r["step"] for r in load_metrics(workdir, split="train")] == [1, 2, 3, 4, 6]
 
+
+def _drop_stored_key(workdir: str, section: tuple[str, ...], key: str) -> None:
+    """Make the run's config.json look as if it was written before `key` existed in `section`."""
+    path = os.path.join(workdir, "config.json")
+    stored = json.load(open(path))
+    node = stored
+    for name in section:
+        node = node[name]
+    del node[key]
+    json.dump(stored, open(path, "w"))
+
+
+def test_a_key_added_after_the_run_started_resumes_at_its_default_and_is_refused_otherwise(finished_run, tmp_path):
+    workdir = copy_of(finished_run, tmp_path)
+    _drop_stored_key(workdir, ("model", "mixer_args", "gla"), "expand_k")
+    config = tiny_config(steps=6)
+    config.model.mixer_args.gla.expand_k = 1.0
+    with pytest.raises(WorkdirError, match=r"model.mixer_args.gla.expand_k: None -> 1.0"):
+        train_and_evaluate(config, workdir)
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    result = train_and_evaluate(tiny_config(steps=6), workdir)  # expand_k at its default: the same run
+    assert result["step"] == 6
+    assert open(os.path.join(workdir, "metrics.jsonl")).read().startswith(before)
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["mixer_args"]["gla"]["expand_k"] == 0.5
+
+
+def test_a_key_the_new_config_lacks_is_a_difference(finished_run, tmp_path):
+    """The reverse (a stored key the code no longer has) cannot be shown to be a default, so it is refused."""
+    stored = json.load(open(os.path.join(finished_run, "config.json")))
+    new = json.loads(json.dumps(stored))
+    del new["model"]["mixer_args"]["gla"]["expand_k"]
+    differences = workdir_lib.config_differences(stored, new, config_lib.default_dict())
+    assert differences == {"model.mixer_args.gla.expand_k": (0.5, None)}
 
 def test_overwrite_starts_over(finished_run, tmp_path):
     workdir = copy_of(finished_run, tmp_path)
