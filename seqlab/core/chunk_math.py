@@ -1,11 +1,23 @@
-"""Small numerically careful building blocks for ``chunk_terms`` functions (shapes per chunk of C tokens)."""
+"""Small numerically careful building blocks for ``chunk_terms`` functions (shapes per chunk of C tokens).
+
+Packed documents: when a row holds several documents, the engine adds the input ``DOCUMENT`` to every chunk, each
+token's document index within its chunk (float32 [..., C]; 0 is the document the incoming state belongs to, and
+it grows by one at every document start). A family then builds its pair masks with ``visible_pairs`` (causal
+and within one document) and writes only the chunk's last document into its outgoing state (``last_document_rows``);
+the engine itself zeroes the incoming-state read of later documents and resets the transition of a chunk in which
+a document starts (``recurrence``). Without ``DOCUMENT`` both helpers are the plain causal ones.
+"""
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+DOCUMENT = "document"  # the engine input holding each token's document index within its chunk
 
 
 def causal_mask(length: int, *, strict: bool = False) -> Array:
@@ -15,13 +27,31 @@ def causal_mask(length: int, *, strict: bool = False) -> Array:
     return cols < rows if strict else cols <= rows
 
 
-def decay_matrix(log_cumsum: Array) -> Array:
-    """exp(b_i - b_j) for j <= i and 0 above the diagonal: [..., C] -> [..., C, C].
+def visible_pairs(x: Mapping[str, Array], length: int, *, strict: bool = False) -> Array:
+    """[..., C, C] bool: key j is visible to query i (causal, strictly when `strict`) and, when the chunk inputs
+    `x` hold ``DOCUMENT``, in the same document; [C, C] without documents."""
+    mask = causal_mask(length, strict=strict)
+    document = x.get(DOCUMENT)
+    if document is None:
+        return mask
+    return mask & (document[..., :, None] == document[..., None, :])
 
-    The mask is applied before the exponential, so only non-positive differences are exponentiated.
-    """
+
+def last_document_rows(x: Mapping[str, Array], rows: Array) -> Array:
+    """`rows` [..., C, F] with the rows of tokens outside the chunk's last document zeroed: the keys the outgoing
+    state is written from (all of them without ``DOCUMENT``)."""
+    document = x.get(DOCUMENT)
+    if document is None:
+        return rows
+    return jnp.where((document == document[..., -1:])[..., None], rows, 0.0)
+
+
+def decay_matrix(log_cumsum: Array, mask: Array | None = None) -> Array:
+    """exp(b_i - b_j) where `mask` ([..., C, C] bool; default causal, j <= i) holds and 0 elsewhere:
+    [..., C] -> [..., C, C]. The mask is applied before the exponential, so only non-positive differences are
+    exponentiated (a mask must not hold above the diagonal)."""
     diff = log_cumsum[..., :, None] - log_cumsum[..., None, :]
-    mask = causal_mask(log_cumsum.shape[-1])
+    mask = causal_mask(log_cumsum.shape[-1]) if mask is None else mask
     return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
 

@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqlab.core import documents
+
 Array = jax.Array
 ScoreMod = Callable[[Array, Array, Array, Array], Array]
 Segments = tuple[Array, Array]  # (query segment ids, key segment ids), broadcasting like the positions
@@ -440,10 +442,7 @@ def check_segment_ids(mask: Mask, segment_ids: Array | None, batch: int, length:
         return None
     if segment_ids is None:
         raise ValueError(f"segment_ids: the mask {mask!r} has a Document term and needs segment_ids [B, T]")
-    if jnp.shape(segment_ids) != (batch, length) or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
-        raise ValueError(f"segment_ids must be integers of shape ({batch}, {length}) [batch, time], got "
-                         f"{jnp.result_type(segment_ids)} {jnp.shape(segment_ids)}")
-    return jnp.asarray(segment_ids, jnp.int32)
+    return documents.check_segment_ids(segment_ids, batch, length)
 
 
 def pairwise(mask: ElementMask, q_pos: Array, k_pos: Array, *, length: int | None = None,

@@ -11,6 +11,13 @@ From that single description this module builds every form (see ``seqlab.core`` 
 ``recurrent`` (C = 1, scanned token by token), ``chunked`` (all chunks' terms in parallel, then a scan over chunk
 states), ``parallel`` (one chunk of length T) and ``segment_summary`` (a whole segment's (transition, state), which
 combines associatively — the object sequence parallelism exchanges).
+
+Packed documents: every form takes ``starts`` ([B, T] bool, True at the first token of each document but the
+row's first, which ``initial_state`` precedes). The engine gives each chunk the input ``chunk_math.DOCUMENT`` (the
+document index of each token within its chunk), the family masks its pairs by it, and ``_restart`` does the rest
+for every family: tokens of a document that starts inside a chunk read no incoming state, and a chunk in which a
+document starts has the zero transition (log decay -inf, no low-rank part), so the state scan, the summaries and
+their sequence-parallel combine all stop at the boundary. The final state is then the last document's.
 """
 
 from __future__ import annotations
@@ -126,6 +133,19 @@ def _from_chunks(o: Array, length: int) -> Array:
     return jnp.transpose(o, _CHUNK_ORDER + (4,)).reshape(b, n * c, h, v)[:, :length]
 
 
+def _restart(terms: ChunkTerms, document: Array | None) -> ChunkTerms:
+    """The terms of chunks that hold document starts (document [..., C], ``chunk_math.DOCUMENT``; None: none):
+    rows after a start read no incoming state, and a chunk with a start passes none through (zero transition)."""
+    if document is None:
+        return terms
+    q_read = jnp.where((document == 0)[..., None], terms.q_read, 0.0)
+    reset = document[..., -1:] > 0  # [..., 1]: a document starts in this chunk
+    transition = terms.transition
+    log_decay = jnp.where(reset, -jnp.inf, transition.log_decay)
+    left = None if transition.left is None else jnp.where(reset[..., None], 0.0, transition.left)
+    return terms._replace(q_read=q_read, transition=Transition(log_decay, left, transition.right))
+
+
 def propagate_states(terms: ChunkTerms, initial_state: Array) -> tuple[Array, Array]:
     """Scan the chunk transitions: incoming state of every chunk [N, B, H, K, V] and the final state [B, H, K, V]."""
 
@@ -165,14 +185,16 @@ def chunked(
     initial_state: Array,
     chunk_size: int,
     gate: DiagonalGate | None = None,
+    starts: Array | None = None,
 ):
     """Chunked form: every chunk's terms at once (masked matmuls), then a scan over chunk states.
 
-    inputs: per-token arrays [B, T, H, ...]; initial_state [B, H, K, V] float32. With ``gate`` (a diagonal-gated
-    family) the backward pass is the engine's own (see ``DiagonalGate``); otherwise JAX differentiates the forward.
-    Returns o [B, T, H, V] float32 and the final state [B, H, K, V].
+    inputs: per-token arrays [B, T, H, ...]; initial_state [B, H, K, V] float32; starts: [B, T] bool document
+    starts or None (see the module docstring). With ``gate`` (a diagonal-gated family) the backward pass is the
+    engine's own (see ``DiagonalGate``); otherwise JAX differentiates the forward.
+    Returns o [B, T, H, V] float32 and the final state [B, H, K, V] (of each row's last document).
     """
-    chunks, length = _split_chunks(inputs, chunk_size)
+    chunks, length = _split_chunks(inputs, chunk_size, starts)
     if gate is None:
         o, final = _chunked_forward(chunk_terms, chunks, initial_state)
     else:
@@ -183,7 +205,7 @@ def chunked(
 
 def _chunked_forward(chunk_terms: ChunkTermsFn, chunks: Mapping[str, Array], initial_state: Array):
     """Chunk layout in ([N, B, H, C, ...]) and out: o [N, B, H, C, V] and the final state."""
-    terms = chunk_terms(chunks)
+    terms = _restart(chunk_terms(chunks), chunks.get(chunk_math.DOCUMENT))
     incoming, final = propagate_states(terms, initial_state)
     return read_out(terms, incoming), final
 
@@ -199,26 +221,35 @@ def _diagonal_chunked(
 def _diagonal_forward(
     chunk_terms: ChunkTermsFn, gate_name: str | None, per_key: bool, chunks: Mapping[str, Array], initial_state: Array
 ):
-    """The forward pass, linearising the chunk terms in every input but the gate (held constant)."""
-    gate = {name: x for name, x in chunks.items() if name == gate_name}
-    others = {name: x for name, x in chunks.items() if name != gate_name}
-    terms, terms_vjp = jax.vjp(lambda xs: chunk_terms({**xs, **gate}), others)
+    """The forward pass, linearising the chunk terms in every input but the gate and the document index (held
+    constant)."""
+    constant = {name: x for name, x in chunks.items() if name in (gate_name, chunk_math.DOCUMENT)}
+    others = {name: x for name, x in chunks.items() if name not in constant}
+    terms, terms_vjp = jax.vjp(lambda xs: chunk_terms({**xs, **constant}), others)
+    document = chunks.get(chunk_math.DOCUMENT)
+    terms = _restart(terms, document)
     incoming, final = propagate_states(terms, initial_state)
-    residuals = (terms_vjp, terms.q_read, terms.transition.log_decay, incoming, final, others["q"], others["k"])
+    residuals = (terms_vjp, terms.q_read, terms.transition.log_decay, incoming, final, others["q"], others["k"],
+                 document)  # fmt: skip
     return (read_out(terms, incoming), final), residuals
 
 
 def _diagonal_backward(chunk_terms: ChunkTermsFn, gate_name: str | None, per_key: bool, residuals, cotangents):
     """Read-out and state scan by hand, the chunk terms by their VJP, the gate by ``DiagonalGate``'s identity."""
     del chunk_terms
-    terms_vjp, q_read, log_decay, incoming, final, q, k = residuals
+    terms_vjp, q_read, log_decay, incoming, final, q, k, document = residuals
     d_o, d_final = cotangents
     d_q_read = jnp.einsum("...cv,...kv->...ck", d_o, incoming)
+    if document is not None:  # _restart zeroed these rows of q_read
+        d_q_read = jnp.where((document == 0)[..., None], d_q_read, 0.0)
     d_read_state = jnp.einsum("...ck,...cv->...kv", q_read, d_o)
     d_s_local, d_initial = _reverse_state_scan(d_read_state, log_decay, d_final)
     (grads,) = terms_vjp(ChunkTerms(d_o, d_q_read, Transition(jnp.zeros_like(log_decay)), d_s_local))
     if gate_name is not None:
-        grads = {**grads, gate_name: _gate_gradient(q, k, grads["q"], grads["k"], final, d_final, per_key)}
+        d_gate = _gate_gradient(q, k, grads["q"], grads["k"], final, d_final, per_key, document)
+        grads = {**grads, gate_name: d_gate}
+    if document is not None:
+        grads = {**grads, chunk_math.DOCUMENT: jnp.zeros_like(document)}
     return grads, d_initial
 
 
@@ -241,46 +272,116 @@ def _reverse_state_scan(d_read_state: Array, log_decay: Array, d_final: Array) -
     return d_outgoing, d_initial
 
 
-def _gate_gradient(q: Array, k: Array, dq: Array, dk: Array, final: Array, d_final: Array, per_key: bool) -> Array:
-    """∂L/∂a in chunk layout, [N, B, H, C, K] (per_key) or [N, B, H, C], from ``DiagonalGate``'s identity."""
+def _gate_gradient(
+    q: Array, k: Array, dq: Array, dk: Array, final: Array, d_final: Array, per_key: bool, document: Array | None
+) -> Array:  # fmt: skip
+    """∂L/∂a in chunk layout, [N, B, H, C, K] (per_key) or [N, B, H, C], from ``DiagonalGate``'s identity (with
+    documents, the reverse sums stop at document starts; see ``_document_reverse_sum``)."""
     d_running = q * dq - k * dk  # [N, B, H, C, K]
     d_last = jnp.sum(final * d_final, axis=-1)  # [B, H, K]: S_T ⊙ ∂L/∂S_T
     if not per_key:
         d_running, d_last = jnp.sum(d_running, -1, keepdims=True), jnp.sum(d_last, -1, keepdims=True)
     d_running = d_running.at[-1, :, :, -1].add(d_last)
-    within = chunk_math.chunk_reverse_cumsum(d_running, axis=-2)
-    first = within[..., 0, :]  # [N, B, H, K or 1]: each chunk's total
-    later = jnp.cumsum(first[::-1], axis=0)[::-1] - first  # the totals of the chunks after each chunk
-    d_gate = within + later[..., None, :]
+    if document is not None:
+        d_gate = _document_reverse_sum(d_running, document)
+    else:
+        within = chunk_math.chunk_reverse_cumsum(d_running, axis=-2)
+        first = within[..., 0, :]  # [N, B, H, K or 1]: each chunk's total
+        later = jnp.cumsum(first[::-1], axis=0)[::-1] - first  # the totals of the chunks after each chunk
+        d_gate = within + later[..., None, :]
     return d_gate if per_key else d_gate[..., 0]
 
 
-def parallel(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array):
+def _document_reverse_sum(d_running: Array, document: Array) -> Array:
+    """Σ over the later tokens of the same document of d_running [N, B, H, C, F] (document [N, B, 1, C]).
+
+    The gate of a token enters only differences within its document, so every document's terms sum to zero (to
+    its initial- and final-state terms); summing within documents keeps the other documents' rounding out.
+    Within a chunk: a masked triangular product. Across chunks: the carry into the last document of chunk n is
+    the first-document total of chunk n + 1, plus that chunk's carry when no document starts in it.
+    """
+    same = document[..., :, None] == document[..., None, :]  # [N, B, 1, C, C] (i, j)
+    mask = (same & ~chunk_math.causal_mask(document.shape[-1], strict=True)).astype(jnp.float32)  # j >= i
+    within = jnp.einsum("...ij,...jf->...if", mask, d_running, precision=jax.lax.Precision.HIGHEST)
+    first = jnp.sum(jnp.where((document == 0)[..., None], d_running, 0.0), axis=-2)  # [N, B, H, F]
+    passes = (document[..., -1:] == 0).astype(jnp.float32)  # [N, B, 1, 1]: no document starts in the chunk
+
+    def step(carry, chunk):
+        total, open_ = chunk
+        return total + open_ * carry, carry
+
+    _, later = jax.lax.scan(step, jnp.zeros_like(first[0]), (first, passes), reverse=True)
+    in_last = (document == document[..., -1:])[..., None]  # [N, B, 1, C, 1]
+    return within + jnp.where(in_last, later[..., None, :], 0.0)
+
+
+def parallel(
+    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, starts: Array | None = None
+):  # fmt: skip
     """Parallel form: the whole sequence as one chunk (quadratic, materialised)."""
     length = next(iter(inputs.values())).shape[1]
-    return chunked(chunk_terms, inputs, initial_state, chunk_size=length)
+    return chunked(chunk_terms, inputs, initial_state, chunk_size=length, starts=starts)
 
 
-def recurrent(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array):
-    """Recurrent form: token by token (chunks of one token), constant memory in T. The decode path."""
+def recurrent(
+    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, starts: Array | None = None
+):  # fmt: skip
+    """Recurrent form: token by token (chunks of one token), constant memory in T. The decode path. starts:
+    [B, T] bool document starts or None (a start reads and keeps no state from before it)."""
 
     def step(state, token):
-        terms = chunk_terms({name: x[:, :, None] for name, x in token.items()})
+        chunk = {name: x[:, :, None] for name, x in token.items()}
+        terms = _restart(chunk_terms(chunk), chunk.get(chunk_math.DOCUMENT))
         o = terms.o_local[:, :, 0] + jnp.einsum("bhk,bhkv->bhv", terms.q_read[:, :, 0], state)
         return terms.transition.apply(state) + terms.s_local, o
 
+    if starts is not None:  # a chunk of one token: its document index is its start flag
+        inputs = {**inputs, chunk_math.DOCUMENT: starts.astype(jnp.float32)[:, :, None]}
     xs = {name: jnp.moveaxis(x, 1, 0) for name, x in inputs.items()}
     final, o = jax.lax.scan(step, initial_state, xs)
     return jnp.moveaxis(o, 0, 1), final
 
 
-def segment_summary(chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int) -> Summary:
+def states_after(
+    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int,
+    starts: Array | None, positions: Array,
+) -> Array:  # fmt: skip
+    """The state right after each token of ``positions`` [D] (int; the same positions in every row), [D, B, H, K,
+    V] float32: with document starts, the final states of the documents that end there.
+
+    The state after token t is the outgoing state of t's chunk with the tokens after t zeroed (zero tokens are the
+    identity), so this gathers D chunks, recomputes their terms and applies them to their incoming states: the
+    cost of D more chunks and of the chunked form's terms once more; differentiated by JAX.
+    """
+    chunks, _ = _split_chunks(inputs, chunk_size, starts)
+    terms = _restart(chunk_terms(chunks), chunks.get(chunk_math.DOCUMENT))
+    incoming, _ = propagate_states(terms, initial_state)
+    chunk = next(iter(chunks.values())).shape[3]
+    index, offset = positions // chunk, positions % chunk
+    kept = jnp.arange(chunk)[None, :] <= offset[:, None]  # [D, C]
+
+    def truncated(name: str, x: Array) -> Array:  # [D, B, H, C, ...]: the chunk of each position, cut after it
+        x = x[index]
+        keep = kept.reshape(kept.shape[0], 1, 1, chunk, *([1] * (x.ndim - 4)))
+        if name == chunk_math.DOCUMENT:  # the cut tokens stay in the position's document
+            return jnp.where(keep, x, jnp.take_along_axis(x, offset[:, None, None, None], axis=-1))
+        return jnp.where(keep, x, 0.0)
+
+    picked = {name: truncated(name, x) for name, x in chunks.items()}
+    cut = _restart(chunk_terms(picked), picked.get(chunk_math.DOCUMENT))
+    return cut.transition.apply(incoming[index]) + cut.s_local
+
+
+def segment_summary(
+    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], chunk_size: int, starts: Array | None = None
+) -> Summary:  # fmt: skip
     """The summary (transition, state from a zero start) of a whole segment [B, T, H, ...].
 
-    Its size does not depend on T; summaries of consecutive segments combine with ``combine_summaries``.
+    Its size does not depend on T; summaries of consecutive segments combine with ``combine_summaries``. A
+    segment holding a document start (``starts``) has the zero transition: the combine stops there.
     """
-    chunks, _ = _split_chunks(inputs, chunk_size)
-    return summarize(chunk_terms(chunks))
+    chunks, _ = _split_chunks(inputs, chunk_size, starts)
+    return summarize(_restart(chunk_terms(chunks), chunks.get(chunk_math.DOCUMENT)))
 
 
 def summarize(terms: ChunkTerms) -> Summary:
@@ -301,8 +402,9 @@ def summarize(terms: ChunkTerms) -> Summary:
 
 
 def sequence_parallel(
-    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int, axis_name: str
-):
+    chunk_terms: ChunkTermsFn, inputs: Mapping[str, Array], initial_state: Array, chunk_size: int, axis_name: str,
+    starts: Array | None = None,
+):  # fmt: skip
     """Chunked form over a sequence split into contiguous segments along the mesh axis ``axis_name`` (LASP-2).
 
     Call inside ``shard_map``: ``inputs`` hold this device's segment [B, T_local, H, ...] and ``initial_state``
@@ -310,10 +412,11 @@ def sequence_parallel(
     terms once and its segment's summary from a zero state; one all-gather shares the summaries (their size does
     not depend on T); each device folds the summaries of the devices before it into its incoming state, then runs
     the cheap state scan from there and reads out. Returns this segment's o [B, T_local, H, V] float32 and the
-    final state of the whole sequence (replicated).
+    final state of the whole sequence (replicated). starts: this segment's document starts [B, T_local] (a
+    document crossing the device border has no start at the segment's first token; ``document_starts``).
     """
-    chunks, length = _split_chunks(inputs, chunk_size)
-    terms = chunk_terms(chunks)
+    chunks, length = _split_chunks(inputs, chunk_size, starts)
+    terms = _restart(chunk_terms(chunks), chunks.get(chunk_math.DOCUMENT))
     gathered = jax.lax.all_gather(summarize(terms), axis_name)
     index = jax.lax.axis_index(axis_name)
     incoming_state, final = _fold_gathered(gathered, initial_state, index)
@@ -335,12 +438,20 @@ def _fold_gathered(gathered: Summary, initial_state: Array, index: Array) -> tup
     return incoming, state
 
 
-def _split_chunks(inputs: Mapping[str, Array], chunk_size: int) -> tuple[dict[str, Array], int]:
-    """Per-token inputs [B, T, H, ...] in chunk layout [N, B, H, C, ...] (T zero-padded to chunks), and T."""
+def _split_chunks(
+    inputs: Mapping[str, Array], chunk_size: int, starts: Array | None = None
+) -> tuple[dict[str, Array], int]:  # fmt: skip
+    """Per-token inputs [B, T, H, ...] in chunk layout [N, B, H, C, ...] (T zero-padded to chunks), and T. With
+    document ``starts`` [B, T], also ``chunk_math.DOCUMENT`` [N, B, 1, C]: the starts counted within each chunk
+    (padded tokens start nothing, so they join the last document, which they leave unchanged)."""
     length = next(iter(inputs.values())).shape[1]
     chunk = min(chunk_size, length)
     num_chunks = -(-length // chunk)
-    return {name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()}, length
+    chunks = {name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()}
+    if starts is not None:
+        flags = _to_chunks(starts.astype(jnp.float32)[:, :, None], num_chunks, chunk)  # [N, B, 1, C]
+        chunks[chunk_math.DOCUMENT] = jnp.cumsum(flags, axis=-1)
+    return chunks, length
 
 
 FORMS = ("chunked", "recurrent", "parallel")
@@ -354,19 +465,21 @@ def run(
     chunk_size: int,
     sequence_axis: str | None = None,
     gate: DiagonalGate | None = None,
+    starts: Array | None = None,
 ):
     """Dispatch to a form by name (see ``FORMS``); with ``sequence_axis`` the sequence is split along that mesh
     axis and the chunked or parallel form runs as ``sequence_parallel`` (inside ``shard_map``). ``gate`` declares a
-    diagonal-gated family, whose single-device chunked form then uses the engine's backward (``DiagonalGate``)."""
+    diagonal-gated family, whose single-device chunked form then uses the engine's backward (``DiagonalGate``).
+    ``starts``: [B, T] bool document starts of packed rows, or None (see the module docstring)."""
     if impl not in FORMS:
         raise ValueError(f"impl must be one of {FORMS}, got {impl!r}")
     if sequence_axis is not None:
         if impl == "recurrent":
             raise ValueError("impl: a sequence split over devices runs the 'chunked' or 'parallel' form, not 'recurrent'")
         local_chunk = chunk_size if impl == "chunked" else next(iter(inputs.values())).shape[1]
-        return sequence_parallel(chunk_terms, inputs, initial_state, local_chunk, sequence_axis)
+        return sequence_parallel(chunk_terms, inputs, initial_state, local_chunk, sequence_axis, starts)
     if impl == "chunked":
-        return chunked(chunk_terms, inputs, initial_state, chunk_size, gate)
+        return chunked(chunk_terms, inputs, initial_state, chunk_size, gate, starts)
     if impl == "recurrent":
-        return recurrent(chunk_terms, inputs, initial_state)
-    return parallel(chunk_terms, inputs, initial_state)
+        return recurrent(chunk_terms, inputs, initial_state, starts)
+    return parallel(chunk_terms, inputs, initial_state, starts)

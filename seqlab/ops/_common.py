@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as pallas_common
 from pallas_kernels import linear_attention as pallas_linear
-from seqlab.core import recurrence
+from seqlab.core import documents, recurrence
 
 Array = jax.Array
 
@@ -227,11 +227,14 @@ def run_linear_op(
     sequence_axis: str | None = None,
     gate: recurrence.DiagonalGate | None = None,
     kernel: KernelFn | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Check the common arguments, scale q, run the requested form (split over the mesh axis ``sequence_axis``
     when it is given; see ``recurrence.sequence_parallel``). ``gate`` declares a diagonal-gated family
     (``recurrence.DiagonalGate``), which also gives it the diagonal-gate Pallas kernels (``diagonal_kernel``);
-    ``kernel`` is another family's Pallas path, if it has one (``resolve_impl``).
+    ``kernel`` is another family's Pallas path, if it has one (``resolve_impl``). ``segment_ids`` / ``cu_seqlens``:
+    packed documents (``packed_documents``).
 
     Returns o [B, T, H, V] in float32 (callers cast to the value dtype) and the final state or None.
     """
@@ -239,7 +242,11 @@ def run_linear_op(
     check_form(impl, chunk_size)
     if kernel is None and gate is not None:
         kernel = diagonal_kernel(gate.name)
-    impl = resolve_impl(impl, has_kernel=kernel is not None, sequence_axis=sequence_axis, length=q.shape[1])
+    starts = packed_documents(q.shape, segment_ids, cu_seqlens, sequence_axis)
+    if impl == "pallas" and starts is not None:
+        raise ValueError("impl='pallas': the Pallas kernels take no segment_ids or cu_seqlens; use 'auto' or 'chunked'")
+    has_kernel = kernel is not None and starts is None
+    impl = resolve_impl(impl, has_kernel=has_kernel, sequence_axis=sequence_axis, length=q.shape[1])
     batch, _, heads, key_dim = q.shape
     state = initial_state_or_zeros(initial_state, (batch, heads, key_dim, v.shape[-1]))
     scale = key_dim**-0.5 if scale is None else scale
@@ -248,8 +255,39 @@ def run_linear_op(
         return o, (final if output_final_state else None)
     inputs = {"q": q.astype(jnp.float32) * scale, "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)}
     inputs.update({name: g.astype(jnp.float32) for name, g in gates.items()})
-    o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis, gate)
+    o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis, gate, starts)
+    if output_final_state and cu_seqlens is not None:
+        final = document_final_states(chunk_terms, inputs, state, chunk_size, starts, cu_seqlens)
     return o, (final if output_final_state else None)
+
+
+def packed_documents(
+    shape: tuple[int, ...], segment_ids: Array | None, cu_seqlens: Array | None, sequence_axis: str | None
+) -> Array | None:  # fmt: skip
+    """The document starts [B, T] of packed rows (``seqlab.core.documents``) for q of `shape` [B, T, H, K], or
+    None for unpacked rows. ``segment_ids`` [B, T] int or ``cu_seqlens`` [D + 1] (one row, B = 1), not both;
+    under ``sequence_axis`` only segment_ids (this device's part of them)."""
+    if segment_ids is not None and cu_seqlens is not None:
+        raise ValueError("segment_ids and cu_seqlens: give one of them (cu_seqlens describes a single packed row)")
+    batch, length = shape[:2]
+    if cu_seqlens is not None:
+        if sequence_axis is not None:
+            raise ValueError("cu_seqlens: a sequence split over devices takes segment_ids (each device's part)")
+        segment_ids = documents.segment_ids_from_cu_seqlens(cu_seqlens, batch, length)
+    if segment_ids is None:
+        return None
+    return documents.document_starts(documents.check_segment_ids(segment_ids, batch, length), sequence_axis)
+
+
+def document_final_states(
+    chunk_terms: recurrence.ChunkTermsFn, inputs: Mapping[str, Array], state: Array, chunk_size: int,
+    starts: Array, cu_seqlens: Array,
+) -> Array:  # fmt: skip
+    """The final state of each document of one packed row, [D, H, K, V] float32 (as flash-linear-attention
+    returns them for cu_seqlens)."""
+    ends = jnp.asarray(cu_seqlens, jnp.int32)[1:] - 1
+    chunk = min(chunk_size, inputs["q"].shape[1])
+    return recurrence.states_after(chunk_terms, inputs, state, chunk, starts, ends)[:, 0]
 
 
 def with_ones(v: Array) -> Array:

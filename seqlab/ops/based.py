@@ -62,8 +62,8 @@ def based_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     """Chunk terms for q, k [..., C, d] (raw, float32) and values [..., C, V + 1] (v with a column of ones)."""
     q, k, v = x["q"], x["k"], x["v"]
     scores = jnp.einsum("...ik,...jk->...ij", q, k) / math.sqrt(q.shape[-1])
-    weights = jnp.where(chunk_math.causal_mask(q.shape[-2]), 1.0 + scores + 0.5 * scores * scores, 0.0)
-    k_write = taylor_order_features(k, key=True)
+    weights = jnp.where(chunk_math.visible_pairs(x, q.shape[-2]), 1.0 + scores + 0.5 * scores * scores, 0.0)
+    k_write = chunk_math.last_document_rows(x, taylor_order_features(k, key=True))
     no_decay = jnp.zeros((*q.shape[:-2], 1), jnp.float32)
     s_local = jnp.einsum("...cr,...cv->...rv", k_write, v)
     return ChunkTerms(weights @ v, taylor_order_features(q, key=False), Transition(no_decay), s_local)

@@ -97,25 +97,28 @@ def _diagonal_blocks(matrix: Array, block: int) -> Array:
 
 
 def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
-    """Chunk terms for q, k [..., C, K], v [..., C, V], beta [..., C] and an optional log decay g [..., C]."""
+    """Chunk terms for q, k [..., C, K], v [..., C, V], beta [..., C] and an optional log decay g [..., C]; packed
+    documents through ``chunk_math.DOCUMENT`` (the pair masks stop at document starts, so the WY system is block
+    diagonal by document and each document's W and U are its own)."""
     q, k, v, beta = x["q"], x["k"], x["v"], x["beta"]
     length = q.shape[-2]
+    pairs = chunk_math.visible_pairs(x, length)
     if "g" in x:
         gamma = chunk_math.chunk_cumsum(x["g"])
-        decay = chunk_math.decay_matrix(gamma)
+        decay = chunk_math.decay_matrix(gamma, pairs)
     else:
         gamma = jnp.zeros(q.shape[:-1], jnp.float32)
-        decay = chunk_math.causal_mask(length).astype(jnp.float32)
+        decay = pairs.astype(jnp.float32)
     gamma_last = gamma[..., -1:]
     kk = jnp.einsum("...ik,...jk->...ij", k, k) * decay
-    lower = jnp.where(chunk_math.causal_mask(length, strict=True), beta[..., :, None] * kk, 0.0)
+    lower = jnp.where(chunk_math.visible_pairs(x, length, strict=True), beta[..., :, None] * kk, 0.0)
     system = lower + jnp.eye(length, dtype=jnp.float32)
     inverse = _invert_unit_lower(system)
     w = inverse @ (beta[..., None] * k * jnp.exp(gamma)[..., None])
     u = inverse @ (beta[..., None] * v)
     attn = jnp.einsum("...ik,...jk->...ij", q, k) * decay
     q_read = q * jnp.exp(gamma)[..., None] - attn @ w
-    k_write = k * jnp.exp(gamma_last - gamma)[..., None]
+    k_write = chunk_math.last_document_rows(x, k * jnp.exp(gamma_last - gamma)[..., None])
     return ChunkTerms(attn @ u, q_read, Transition(gamma_last, k_write, w), jnp.einsum("...ck,...cv->...kv", k_write, u))
 
 
@@ -140,17 +143,23 @@ def delta_rule(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Delta-rule linear attention (DeltaNet). k is used as given (the mixers L2-normalise it).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; initial_state: [B, H, K, V].
     Returns o [B, T, H, V] (dtype of v) and the final state [B, H, K, V] float32 if ``output_final_state``.
+    segment_ids [B, T] or cu_seqlens [D + 1]: packed documents (``seqlab.core.documents``); each starts from a zero
+    state (the row's first from initial_state) and the final state is each row's last document's ([D, H, K, V],
+    one per document, with cu_seqlens).
     """
     _common.check_qkv(q, k, v)
     _common.check_gate("beta", beta, q.shape[:3])
     o, state = _common.run_linear_op(
         delta_chunk_terms, q, k, v, {"beta": beta}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens,
         kernel=_pallas_kernel,
     )
     return o.astype(v.dtype), state
@@ -174,6 +183,8 @@ def gated_delta_rule(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Gated delta rule (Gated DeltaNet); as ``delta_rule`` plus g: [B, T, H] log decay (<= 0)."""
     _common.check_qkv(q, k, v)
@@ -182,6 +193,7 @@ def gated_delta_rule(
     o, state = _common.run_linear_op(
         delta_chunk_terms, q, k, v, {"g": g, "beta": beta}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens,
         kernel=_pallas_kernel,
     )
     return o.astype(v.dtype), state

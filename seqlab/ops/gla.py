@@ -46,7 +46,7 @@ def _intra_scores(q: Array, k: Array, b: Array) -> Array:
 
 
 def vector_gate_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
-    """Chunk terms for q, k, gk [..., C, K] and v [..., C, V]."""
+    """Chunk terms for q, k, gk [..., C, K] and v [..., C, V]; packed documents through ``chunk_math.DOCUMENT``."""
     q, k, v = x["q"], x["k"], x["v"]
     b = chunk_math.chunk_cumsum(x["gk"], axis=-2)
     b_last = b[..., -1, :]
@@ -55,8 +55,8 @@ def vector_gate_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     # zero q, k but edge-padded b up to a power of two: padded rows then decay by nothing, so no exponent turns positive
     widths = [(0, 0)] * (q.ndim - 2) + [(0, pad), (0, 0)]
     padded = [jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(b, widths, mode="edge")]
-    scores = _intra_scores(*padded)[..., :length, :length]
-    k_write = k * jnp.exp(b_last[..., None, :] - b)
+    scores = jnp.where(chunk_math.visible_pairs(x, length), _intra_scores(*padded)[..., :length, :length], 0.0)
+    k_write = chunk_math.last_document_rows(x, k * jnp.exp(b_last[..., None, :] - b))
     return ChunkTerms(scores @ v, q * jnp.exp(b), Transition(b_last), jnp.einsum("...ck,...cv->...kv", k_write, v))
 
 
@@ -73,17 +73,23 @@ def gla(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Vector-gated linear attention.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; gk: [B, T, H, K] log gates (<= 0); initial_state: [B, H, K, V].
     Returns o [B, T, H, V] (dtype of v) and the final state [B, H, K, V] float32 if ``output_final_state``.
+    segment_ids [B, T] or cu_seqlens [D + 1]: packed documents (``seqlab.core.documents``); each starts from a zero
+    state (the row's first from initial_state) and the final state is each row's last document's ([D, H, K, V],
+    one per document, with cu_seqlens).
     """
     _common.check_qkv(q, k, v)
     _common.check_gate("gk", gk, q.shape)
     o, state = _common.run_linear_op(
         vector_gate_chunk_terms, q, k, v, {"gk": gk}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens,
         gate=DiagonalGate("gk"),
     )
     return o.astype(v.dtype), state

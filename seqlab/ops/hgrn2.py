@@ -39,15 +39,21 @@ def hgrn2(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """HGRN2's gated linear RNN with state expansion.
 
     q: [B, T, H, K] queries (the paper's output gate); v: [B, T, H, V] inputs i_t; g: [B, T, H, K] log forget
     gates (<= 0); initial_state: [B, H, K, V]. The keys k = 1 - exp(g) are computed in float32 and fed in q's dtype.
     Returns o [B, T, H, V] (dtype of v) and the final state [B, H, K, V] float32 if ``output_final_state``.
+    segment_ids [B, T] or cu_seqlens [D + 1]: packed documents (``seqlab.core.documents``); each starts from a zero
+    state (the row's first from initial_state) and the final state is each row's last document's ([D, H, K, V],
+    one per document, with cu_seqlens).
     """
     _common.check_qv(q, v)
     _common.check_gate("g", g, q.shape)
     k = (-jnp.expm1(g.astype(jnp.float32))).astype(q.dtype)
     return gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-               impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis)
+               impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis, segment_ids=segment_ids,
+               cu_seqlens=cu_seqlens)

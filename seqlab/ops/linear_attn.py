@@ -36,17 +36,23 @@ def linear_attn(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Additive linear attention; q, k: [B, T, H, K]; v: [B, T, H, V].
 
     Returns o [B, T, H, V] and, if ``output_final_state``, the state [B, H, K, V] ([B, H, K, V + 1] with the key
     sum in the last column when ``normalize``).
+    segment_ids [B, T] or cu_seqlens [D + 1]: packed documents (``seqlab.core.documents``); each starts from a zero
+    state (the row's first from initial_state) and the final state is each row's last document's ([D, H, K, V],
+    one per document, with cu_seqlens).
     """
     _common.check_qkv(q, k, v)
     values = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1) if normalize else v
     o, state = _common.run_linear_op(
         scalar_decay_chunk_terms, q, k, values, {}, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens,
         gate=DiagonalGate(None),
     )
     if normalize:

@@ -1,0 +1,71 @@
+"""Packed rows: several documents in one row of tokens, described two ways that every op accepts.
+
+* ``segment_ids`` [B, T] int: each token's document id. Ids are contiguous runs, non-decreasing along a row (as
+  the packer writes them: 0, 0, 0, 1, 1, 2, ...): a document starts wherever the id changes. Padding at the end
+  of a row is one more document of its own.
+* ``cu_seqlens`` [D + 1] int, flash-linear-attention's form for one packed row (B = 1): the offsets of D
+  documents, 0 = cu_seqlens[0] < ... < cu_seqlens[D] = T. ``segment_ids_from_cu_seqlens`` turns it into ids.
+
+Softmax attention masks pairs by id equality (``masks.Document``); the linear-state engine resets its state at
+``document_starts`` (``recurrence``); short convolutions and positions restart at ``positions_in_document``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def check_segment_ids(segment_ids: Array, batch: int, length: int) -> Array:
+    """segment_ids as int32 [B, T]; a ValueError naming segment_ids for another shape or a non-integer dtype."""
+    if jnp.shape(segment_ids) != (batch, length) or not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+        raise ValueError(f"segment_ids must be integers of shape ({batch}, {length}) [batch, time], got "
+                         f"{jnp.result_type(segment_ids)} {jnp.shape(segment_ids)}")  # fmt: skip
+    return jnp.asarray(segment_ids, jnp.int32)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: Array, batch: int, length: int) -> Array:
+    """[1, T] int32 document ids of one packed row from its offsets cu_seqlens [D + 1]. Checks (when the offsets
+    are concrete) that B = 1 and that they start at 0, increase and end at T; a ValueError names cu_seqlens."""
+    if batch != 1:
+        raise ValueError(f"cu_seqlens: describes one packed row, so the batch must be 1, got batch {batch}")
+    if jnp.ndim(cu_seqlens) != 1 or jnp.shape(cu_seqlens)[0] < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D array of D + 1 >= 2 offsets, got shape {jnp.shape(cu_seqlens)}")
+    if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
+        raise ValueError(f"cu_seqlens must be integers, got {jnp.result_type(cu_seqlens)}")
+    if not isinstance(cu_seqlens, jax.core.Tracer):
+        offsets = np.asarray(cu_seqlens)
+        if offsets[0] != 0 or offsets[-1] != length or np.any(np.diff(offsets) <= 0):
+            raise ValueError(f"cu_seqlens must increase from 0 to the sequence length {length}, got {offsets.tolist()}")
+    ends = jnp.asarray(cu_seqlens, jnp.int32)[1:]
+    return jnp.searchsorted(ends, jnp.arange(length, dtype=jnp.int32), side="right")[None].astype(jnp.int32)
+
+
+def document_starts(segment_ids: Array, sequence_axis: str | None = None) -> Array:
+    """[B, T] bool: True at the first token of every document except one that begins the row (the state before
+    the row, ``initial_state``, belongs to the row's first document).
+
+    With ``sequence_axis`` (inside ``shard_map``; segment_ids is this device's part of a row split along that mesh
+    axis) the token before a part's first is the previous device's last, so a document that crosses a device
+    border does not start again there.
+    """
+    previous = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    starts = segment_ids != previous
+    if sequence_axis is None:
+        return starts
+    devices = jax.lax.axis_size(sequence_axis)
+    before = jax.lax.ppermute(segment_ids[:, -1], sequence_axis, [(i, i + 1) for i in range(devices - 1)])
+    first = (jax.lax.axis_index(sequence_axis) > 0) & (segment_ids[:, 0] != before)
+    return starts.at[:, 0].set(first)
+
+
+def positions_in_document(segment_ids: Array) -> Array:
+    """[B, T] int32: each token's position within its document (0 at every document start)."""
+    length = segment_ids.shape[1]
+    index = jnp.arange(length, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # the index of each token's document start
+    return index - first
