@@ -466,13 +466,16 @@ def dense_attention(
 
 
 def cache_attention(q: Array, k_cache: Array, v_cache: Array, key_positions: Array, query_position: Array,
-                    *, window: int | None) -> Array:
+                    *, window: int | None, same_document: Array | None = None) -> Array:
     """One query step against a KV cache (the decode path), under ``Causal(window)``.
 
-    q: [B, Hkv, G, D] (scaled); k_cache: [B, Hkv, L, D]; v_cache: [B, Hkv, L, V]; key_positions: [L] (-1 = empty).
+    q: [B, Hkv, G, D] (scaled); k_cache: [B, Hkv, L, D]; v_cache: [B, Hkv, L, V]; key_positions: [L] (-1 = empty);
+    same_document: [B, L] bool, the keys in the query's document (packed rows), or None.
     Returns [B, Hkv, G, V] float32.
     """
     scores = jnp.einsum("bhgd,bhld->bhgl", q, k_cache)
     query = jnp.reshape(query_position, (1,))
     visible = masks.pairwise(masks.Causal(window), query, key_positions)  # [1, L]
+    if same_document is not None:
+        visible = visible & same_document[:, None, None, :]
     return finalize(partial_from_scores(scores, visible, v_cache))

@@ -19,12 +19,14 @@ block, a scan over the key blocks it can reach, where a block with no visible pa
 
 Visibility is the mask's element predicate on global positions (``masks.pairwise``, keys outside [0, T)
 invisible); which key blocks a query block scans comes from the window (``SequenceMask.reach``), not from tile maps,
-since the key segments' offsets are traced.
+since the key segments' offsets are traced. Packed rows: the document ids of the keys travel with them (gathered,
+passed round the ring or sent as halos), and a key is visible only to queries of its own document.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,92 +76,120 @@ class SequenceMask:
 
 def sequence_parallel_attention(
     q: Array, k: Array, v: Array, *, axis_name: str, mode: str, mask: masks.Causal | masks.Bidirectional,
-    block_size: int | None,
+    block_size: int | None, segment_ids: Array | None = None,
 ) -> Array:
     """This device's segment of softmax attention over the sequence split along ``axis_name``.
 
     q: [B, Hkv, G, T_local, D] (G query heads per key/value head, scaled, float32); k: [B, Hkv, T_local, D];
     v: [B, Hkv, T_local, V]; mode in ``MODES``; mask: Causal or Bidirectional (global positions); block_size None:
-    one block of T_local (the parallel form).
+    one block of T_local (the parallel form); segment_ids: this device's document ids [B, T_local] int32, or None.
     Returns o [B, Hkv, G, T_local, V] float32.
     """
     t_local = q.shape[3]
     if not isinstance(mask, (masks.Causal, masks.Bidirectional)):
         raise ValueError(f"mask must be Causal or Bidirectional under sequence parallelism, got {mask!r}")
     spec = SequenceMask(mask, t_local * jax.lax.axis_size(axis_name), min(block_size or t_local, t_local))
+    keys = _Keys(k, v, segment_ids)
     if spec.window is not None and spec.window - 1 <= t_local:
-        part = _halo(q, k, v, axis_name, spec)
+        part = _halo(q, keys, segment_ids, axis_name, spec)
     elif mode == "allgather":
-        part = _allgather(q, k, v, axis_name, spec)
+        part = _allgather(q, keys, segment_ids, axis_name, spec)
     else:
-        part = _ring(q, k, v, axis_name, spec)
+        part = _ring(q, keys, segment_ids, axis_name, spec)
     return finalize(part)
 
 
-def _allgather(q: Array, k: Array, v: Array, axis_name: str, mask: SequenceMask) -> Partial:
+class _Keys(NamedTuple):
+    """Keys [B, Hkv, Tk, D], values [B, Hkv, Tk, V] and their document ids [B, Tk] (None: one document)."""
+
+    k: Array
+    v: Array
+    segments: Array | None
+
+
+def _allgather(q: Array, keys: _Keys, q_segments: Array | None, axis_name: str, mask: SequenceMask) -> Partial:
     """Local queries against the all-gathered K/V, one device segment at a time (a scan merging partials, so the
     backward pass holds one segment's blocks at a time)."""
     devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
-    k_all, v_all = jax.lax.all_gather((k, v), axis_name)  # [P, B, Hkv, T_local, D or V]
+    gathered = jax.lax.all_gather(keys, axis_name)  # each [P, B, ...]
 
     def step(part, xs):
-        k_seg, v_seg, source = xs
-        return merge(part, segment_partial(q, k_seg, v_seg, index * t_local, source * t_local, mask)), None
+        segment, source = xs
+        return merge(part, segment_partial(q, segment, q_segments, index * t_local, source * t_local, mask)), None
 
-    part, _ = jax.lax.scan(step, empty_partial(q[..., 0], v.shape[-1]), (k_all, v_all, jnp.arange(devices)))
+    part, _ = jax.lax.scan(step, empty_partial(q[..., 0], keys.v.shape[-1]), (gathered, jnp.arange(devices)))
     return part
 
 
-def _ring(q: Array, k: Array, v: Array, axis_name: str, mask: SequenceMask) -> Partial:
+def _ring(q: Array, keys: _Keys, q_segments: Array | None, axis_name: str, mask: SequenceMask) -> Partial:
     """P - 1 ppermute steps of the K/V segments around the ring, merging one partial per segment held."""
     devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
     to_next = [(i, (i + 1) % devices) for i in range(devices)]
 
     def step(carry, hops):
-        part, kv = carry
-        kv = jax.lax.ppermute(kv, axis_name, to_next)
+        part, held = carry
+        held = jax.lax.ppermute(held, axis_name, to_next)
         source = (index - hops) % devices
-        return (merge(part, segment_partial(q, *kv, index * t_local, source * t_local, mask)), kv), None
+        return (merge(part, segment_partial(q, held, q_segments, index * t_local, source * t_local, mask)), held), None
 
-    first = segment_partial(q, k, v, index * t_local, index * t_local, mask)
-    (part, _), _ = jax.lax.scan(step, (first, (k, v)), jnp.arange(1, devices))
+    first = segment_partial(q, keys, q_segments, index * t_local, index * t_local, mask)
+    (part, _), _ = jax.lax.scan(step, (first, keys), jnp.arange(1, devices))
     return part
 
 
-def _halo(q: Array, k: Array, v: Array, axis_name: str, mask: SequenceMask) -> Partial:
+def _halo(q: Array, keys: _Keys, q_segments: Array | None, axis_name: str, mask: SequenceMask) -> Partial:
     """Local attention over [halo from device i-1; local; halo from device i+1 (non-causal)], halos w - 1 long."""
     devices, index, t_local = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name), q.shape[3]
     width, start = mask.window - 1, index * t_local
     if not width:
-        return segment_partial(q, k, v, start, start, mask)
+        return segment_partial(q, keys, q_segments, start, start, mask)
     to_next = [(i, i + 1) for i in range(devices - 1)]
-    pieces = [jax.lax.ppermute((k[:, :, -width:], v[:, :, -width:]), axis_name, to_next), (k, v)]
+    pieces = [jax.lax.ppermute(_key_slice(keys, -width, None), axis_name, to_next), keys]
     if not mask.causal:
-        pieces.append(jax.lax.ppermute((k[:, :, :width], v[:, :, :width]), axis_name, [(j, i) for i, j in to_next]))
-    k_all, v_all = (jnp.concatenate(x, axis=2) for x in zip(*pieces))
-    return segment_partial(q, k_all, v_all, start, start - width, mask)
+        from_next = [(j, i) for i, j in to_next]
+        pieces.append(jax.lax.ppermute(_key_slice(keys, 0, width), axis_name, from_next))
+    return segment_partial(q, _concat_keys(pieces), q_segments, start, start - width, mask)
 
 
-def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start: Array | int,
+def _key_slice(keys: _Keys, start: int, stop: int | None) -> _Keys:
+    """Tokens [start, stop) of every field (time is axis 2 of k and v, axis 1 of the segment ids)."""
+    segments = None if keys.segments is None else keys.segments[:, start:stop]
+    return _Keys(keys.k[:, :, start:stop], keys.v[:, :, start:stop], segments)
+
+
+def _concat_keys(pieces: list[_Keys]) -> _Keys:
+    """The pieces' tokens one after another."""
+    segments = None if pieces[0].segments is None else jnp.concatenate([p.segments for p in pieces], axis=1)
+    return _Keys(jnp.concatenate([p.k for p in pieces], axis=2), jnp.concatenate([p.v for p in pieces], axis=2),
+                 segments)  # fmt: skip
+
+
+def segment_partial(q: Array, keys: _Keys, q_segments: Array | None, q_start: Array | int, k_start: Array | int,
                     mask: SequenceMask) -> Partial:
     """The partial of queries at absolute positions q_start + [0, Tq) over keys at k_start + [0, Tk).
 
-    q: [B, Hkv, G, Tq, D] (scaled); k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, V]; the starts may be traced.
+    q: [B, Hkv, G, Tq, D] (scaled); keys: k [B, Hkv, Tk, D], v [B, Hkv, Tk, V], their document ids [B, Tk] (and
+    q_segments [B, Tq]) or None; the starts may be traced.
     Returns Partial: m, l [B, Hkv, G, Tq]; acc [B, Hkv, G, Tq, V].
     """
-    block, (tq, tk) = mask.block, (q.shape[3], k.shape[2])
-    qb, kb, vb = split_blocks(q, 3, block), split_blocks(k, 2, block), split_blocks(v, 2, block)
+    block, (tq, tk) = mask.block, (q.shape[3], keys.k.shape[2])
+    qb, kb, vb = split_blocks(q, 3, block), split_blocks(keys.k, 2, block), split_blocks(keys.v, 2, block)
+    documents = q_segments is not None
+    qs = split_blocks(q_segments, 1, block) if documents else None  # [n, B, block]
+    ks = split_blocks(keys.segments, 1, block) if documents else None
     reach = mask.reach(kb.shape[0])
 
     @jax.checkpoint
     def query_block(_, xs):
-        q_block, index = xs
+        q_block, q_doc, index = xs
         q_pos = _positions(q_start, index, block, tq)
         first = mask.first_key_block(q_start + index * block - k_start, kb.shape[0])
 
         def key_block(part, key_index):
             k_pos = _positions(k_start, key_index, block, tk)
             visible = masks.pairwise(mask.mask, q_pos, k_pos, length=mask.length) & (q_pos >= 0)[:, None]
+            if documents:  # [B, 1, 1, block, block]
+                visible = visible & (q_doc[:, :, None] == ks[key_index][:, None, :])[:, None, None]
 
             def attend(part):
                 scores = jnp.einsum("bhgqd,bhkd->bhgqk", q_block, kb[key_index])
@@ -171,7 +201,7 @@ def segment_partial(q: Array, k: Array, v: Array, q_start: Array | int, k_start:
         part, _ = jax.lax.scan(key_block, start, first + jnp.arange(reach))
         return None, part
 
-    _, parts = jax.lax.scan(query_block, None, (qb, jnp.arange(qb.shape[0])))  # each [n_q, B, Hkv, G, block, ...]
+    _, parts = jax.lax.scan(query_block, None, (qb, qs, jnp.arange(qb.shape[0])))  # each [n_q, B, Hkv, G, block, ...]
     return jax.tree.map(lambda x: join_blocks(x, tq), parts)
 
 

@@ -18,6 +18,11 @@ With ``sequence_axis`` the sequence is split into contiguous segments along that
 Rethinking Sequence Parallelism for Linear Attention and Its Hybrid") or "ring" ("Ring Attention with Blockwise
 Transformers for Near-Infinite Context"); sliding windows with w - 1 <= T_local exchange only a halo. Only
 ``Causal`` and ``Bidirectional`` masks (with a window) are supported there.
+
+Packed rows (``seqlab.core.documents``): ``segment_ids`` [B, T] or ``cu_seqlens`` [D + 1] restrict every query
+to the keys of its own document, in every form: the mask becomes ``mask & Document()`` (a mask that already has a
+``Document`` term takes the ids as they are), the recurrent form masks each step's keys, and under
+``sequence_axis`` the key segments' ids travel with them.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common as pallas_common
 from pallas_kernels import flash_attention as pallas_flash
-from seqlab.core import masks, online_softmax
+from seqlab.core import documents, masks, online_softmax
 from seqlab.ops import _common
 from seqlab.core import softmax_parallel as sequence_attention
 
@@ -67,14 +72,28 @@ def _check(q: Array, k: Array, v: Array, impl: str, block_size: int | None) -> N
         raise ValueError(f"block_size must be None or a power of two >= 16 with impl='pallas', got {block_size}")
 
 
-def _check_form(mask: masks.Mask, impl: str, sequence_axis: str | None, extras: bool) -> None:
-    """What the recurrent and sequence-parallel forms support; extras: a score_mod or segment_ids was given."""
-    if impl == "recurrent" and (not isinstance(mask, masks.Causal) or extras):
-        raise ValueError(f"impl='recurrent' needs a causal mask, Causal(window) (causal=True), without score_mod or "
-                         f"segment_ids; got mask={mask!r}")
-    if sequence_axis is not None and (not isinstance(mask, (masks.Causal, masks.Bidirectional)) or extras):
+def _check_form(mask: masks.Mask, impl: str, sequence_axis: str | None, score_mod: bool) -> None:
+    """What the recurrent and sequence-parallel forms support (mask: before packed documents are added to it)."""
+    if impl == "recurrent" and (not isinstance(mask, masks.Causal) or score_mod):
+        raise ValueError(f"impl='recurrent' needs a causal mask, Causal(window) (causal=True), without score_mod; "
+                         f"got mask={mask!r}")
+    if sequence_axis is not None and (not isinstance(mask, (masks.Causal, masks.Bidirectional)) or score_mod):
         raise ValueError(f"mask: with sequence_axis only Causal or Bidirectional masks (causal / window), without "
-                         f"score_mod or segment_ids, are supported; got mask={mask!r}")
+                         f"score_mod, are supported; got mask={mask!r}")
+
+
+def _document_ids(
+    mask: masks.Mask, segment_ids: Array | None, cu_seqlens: Array | None, batch: int, length: int
+) -> Array | None:  # fmt: skip
+    """The packed rows' document ids [B, T] int32 (from segment_ids or cu_seqlens), or None; a mask with a
+    Document term needs them."""
+    if segment_ids is not None and cu_seqlens is not None:
+        raise ValueError("segment_ids and cu_seqlens: give one of them (cu_seqlens describes a single packed row)")
+    if cu_seqlens is not None:
+        segment_ids = documents.segment_ids_from_cu_seqlens(cu_seqlens, batch, length)
+    if segment_ids is None:
+        return masks.check_segment_ids(mask, None, batch, length)  # the error, for a Document mask
+    return documents.check_segment_ids(segment_ids, batch, length)
 
 
 def _check_sequence(impl: str, sequence_axis: str | None, sequence_parallel: str) -> None:
@@ -102,6 +121,7 @@ def softmax_attn(
     window: int | None = None,
     score_mod: masks.ScoreMod | None = None,
     segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
     impl: str = "auto",
     block_size: int | None = None,
     sequence_axis: str | None = None,
@@ -111,8 +131,9 @@ def softmax_attn(
 
     mask: any ``seqlab.core.masks`` mask; None builds ``Causal(window)`` (causal) or ``Bidirectional(window)``
     (giving both mask and a non-default causal / window is an error). score_mod: see the module docstring (not
-    with impl="pallas"; impl="auto" then runs "chunked"). segment_ids: [B, T] int, needed iff the mask has a
-    ``Document`` term.
+    with impl="pallas"; impl="auto" then runs "chunked"). segment_ids [B, T] int or cu_seqlens [D + 1] (B = 1):
+    packed documents (module docstring); a mask with a ``Document`` term needs them. Under ``sequence_axis``,
+    segment_ids is this device's part.
     sequence_axis: a mesh axis name; q, k, v are then this device's segment [B, T_local, ...] of a sequence split
     contiguously along it (call inside ``jax.shard_map``), and o is the segment's output [B, T_local, H, V].
     sequence_parallel: "allgather" or "ring", how keys and values travel (see ``seqlab.core.softmax_parallel``);
@@ -124,8 +145,12 @@ def softmax_attn(
     """
     _check(q, k, v, impl, block_size)
     mask = masks.resolve(mask, causal, window)
-    _check_form(mask, impl, sequence_axis, score_mod is not None or segment_ids is not None)
+    _check_form(mask, impl, sequence_axis, score_mod is not None)
     _check_sequence(impl, sequence_axis, sequence_parallel)
+    segment_ids = _document_ids(mask, segment_ids, cu_seqlens, *q.shape[:2])
+    base_mask = mask  # the sequence-parallel and recurrent forms take the ids beside it
+    if segment_ids is not None and not masks.needs_segments(mask):
+        mask = mask & masks.Document()
     kernel = score_mod is None or impl == "pallas"  # an explicit impl="pallas" with score_mod: the kernel's error
     impl = _common.resolve_impl(impl, has_kernel=kernel, sequence_axis=sequence_axis, length=q.shape[1])
     b, t, h, d = q.shape
@@ -136,11 +161,11 @@ def softmax_attn(
                                             segment_ids=segment_ids)
     qg = _group_heads(q, k.shape[2], scale)
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
-    block_size = block_size or default_block_size(_mask_window(mask))
+    block_size = block_size or default_block_size(_mask_window(base_mask))
     if sequence_axis is not None:
         o = sequence_attention.sequence_parallel_attention(
-            qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, mask=mask,
-            block_size=block_size if impl == "chunked" else None,
+            qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, mask=base_mask,
+            block_size=block_size if impl == "chunked" else None, segment_ids=segment_ids,
         )
     elif impl == "chunked":
         o = online_softmax.blockwise_attention(qg, kt, vt, mask=mask, block_size=block_size, score_mod=score_mod,
@@ -149,12 +174,16 @@ def softmax_attn(
         o = online_softmax.dense_attention(qg, kt, vt, mask=mask, score_mod=score_mod, segment_ids=segment_ids)
     else:
         positions = jnp.arange(t)
+        step_ids = None if segment_ids is None else jnp.moveaxis(segment_ids, 1, 0)  # [T, B]
 
         def step(_, xs):
-            q_t, pos = xs
-            return None, online_softmax.cache_attention(q_t, kt, vt, positions, pos, window=mask.window)
+            q_t, pos, ids = xs
+            same = None if ids is None else segment_ids == ids[:, None]  # [B, T]: keys in the query's document
+            o_t = online_softmax.cache_attention(q_t, kt, vt, positions, pos, window=base_mask.window,
+                                                 same_document=same)  # fmt: skip
+            return None, o_t
 
-        _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions))
+        _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions, step_ids))
         o = jnp.moveaxis(o, 0, 3)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]).astype(v.dtype)
 

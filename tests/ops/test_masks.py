@@ -281,7 +281,6 @@ def test_bad_masks(make, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(mask=M.Causal() & M.Document()), "segment_ids"),  # missing
-    (dict(segment_ids=np.zeros((B, 20), np.int32)), "segment_ids"),  # no Document term
     (dict(mask=M.Document(), segment_ids=np.zeros((B, 21), np.int32)), "segment_ids"),  # shape
     (dict(mask=M.Document(), segment_ids=np.zeros((B, 20), np.float32)), "segment_ids"),  # dtype
     (dict(mask=M.Strided(3), causal=False), "mask"),

@@ -1,4 +1,5 @@
-"""Packed rows for every declared linear-state op: a row of several documents equals each document run alone.
+"""Packed rows for every declared linear-state op and for softmax attention: a row of several documents equals
+each document run alone.
 
 The reference runs tests/reference.py's per-token loops (np_<op>, float64; jnp_<op>, float32 scan for gradients)
 on every document separately, the row's initial state before its first document only, and concatenates: no
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 
 import linear_cases as lc
+import reference as ref
 from reference import rel_err
+from seqlab import ops
 from seqlab.core import documents
 
 FWD_TOL = 1e-5
@@ -200,3 +203,55 @@ def test_starts_positions_and_offsets_match_a_counter():
     assert np.array_equal(documents.positions_in_document(jnp.asarray(segment_ids)), expected_positions)
     cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])
     assert np.array_equal(documents.segment_ids_from_cu_seqlens(cu_seqlens, 1, row.size), row[None])
+
+
+# ---- softmax attention: every form, each document alone through the per-query loop --------------------------------
+
+SOFTMAX_FORMS = [("chunked", 8), ("chunked", 16), ("parallel", None), ("recurrent", None), ("pallas", 16)]
+
+
+def softmax_per_document(q, k, v, segment_ids, *, window=None, causal=True, kind="np"):
+    """np_softmax_attn (or jnp_, for gradients) on every run of equal ids of every row, concatenated."""
+    xp = np if kind == "np" else jnp
+    attend = getattr(ref, f"{kind}_softmax_attn")
+    rows = []
+    for b in range(q.shape[0]):
+        bounds = np.flatnonzero(np.diff(segment_ids[b])) + 1
+        pieces = [attend(q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e], causal=causal, window=window)
+                  for s, e in zip([0, *bounds], [*bounds, q.shape[1]])]  # fmt: skip
+        rows.append(xp.concatenate(pieces, 1))
+    return xp.concatenate(rows, 0)
+
+
+def softmax_inputs(rng, T=sum(LENGTHS), H=4, H_kv=2, D=8):
+    normal = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return normal(2, T, H, D), normal(2, T, H_kv, D), normal(2, T, H_kv, D)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("impl, block", SOFTMAX_FORMS, ids=[f"{i}-{b}" for i, b in SOFTMAX_FORMS])
+def test_packed_softmax_equals_each_document_alone(impl, block, window, rng):
+    q, k, v = softmax_inputs(rng)
+    segment_ids = packed_segment_ids()
+    o = ops.softmax_attn(q, k, v, window=window, segment_ids=segment_ids, impl=impl, block_size=block)
+    assert rel_err(o, softmax_per_document(q, k, v, segment_ids, window=window)) < FWD_TOL
+
+
+@pytest.mark.parametrize("impl", ["chunked", "parallel", "pallas"])
+def test_packed_softmax_gradients_and_cu_seqlens(impl, rng):
+    q, k, v = softmax_inputs(rng)
+    segment_ids = packed_segment_ids()
+    weights = rng.standard_normal((*q.shape[:3], v.shape[-1])).astype(np.float32)
+
+    def packed(q, k, v):
+        return jnp.sum(ops.softmax_attn(q, k, v, segment_ids=segment_ids, impl=impl, block_size=16) * weights)
+
+    def alone(q, k, v):
+        return jnp.sum(softmax_per_document(q, k, v, segment_ids, kind="jnp") * weights)
+
+    got, expected = jax.grad(packed, (0, 1, 2))(q, k, v), jax.grad(alone, (0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", got, expected):
+        assert rel_err(a, b) < GRAD_TOL, name
+    cu_seqlens = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int32)
+    one_row = ops.softmax_attn(q[:1], k[:1], v[:1], cu_seqlens=cu_seqlens, impl=impl, block_size=16)
+    assert rel_err(one_row, softmax_per_document(q[:1], k[:1], v[:1], segment_ids[:1])) < FWD_TOL

@@ -86,7 +86,7 @@ class Mamba2(Mixer):
         return RecurrentCache.empty(shape, conv=self.conv.init_state(batch))
 
     def _forward(self, x: jax.Array, cache: RecurrentCache | None):
-        H, N, G, d_inner = self.num_heads, self.d_state, self.ngroups, self.d_inner
+        N, G, d_inner = self.d_state, self.ngroups, self.d_inner
         z, xbc, dt_raw = jnp.split(self.in_proj(x), [d_inner, 2 * d_inner + 2 * G * N], axis=-1)
         xbc, conv_state = self.conv(xbc, None if cache is None else cache.conv)
         xs, b, c = jnp.split(xbc, [d_inner, d_inner + G * N], axis=-1)
