@@ -9,12 +9,14 @@ The variant names the mixer of every layer; "based" is the Based pattern (BaseCo
 sliding window), "hedgehog" is linear attention with Hedgehog feature maps, and "transnormer_t1" / "transnormer_t2"
 are TransNormer's layouts (the first half of the layers block-diagonal DiagAttention, the second half
 NormAttention; T1: ReLU local weights and plain-ELU linear layers, T2: softmax local weights and 1+ELU).
+Rows pack whole files (data.bytes.pack) when every mixer of the variant takes packed documents.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from seqlab import mixers
 from seqlab.config import base_config, parse_variant, shrink
 from seqlab.mixers.linear.transnormer import transnormer_layout
 
@@ -58,6 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.mixers = pattern
         for name, args in mixer_args.items():
             config.model.mixer_args[name].update(args)
+    # packed documents (a row holds several files, each mixed alone) where every mixer of the pattern takes them;
+    # the other patterns train on windows that run across file boundaries
+    config.data.bytes.pack = all(mixers.get(name).takes_documents for name in config.model.mixers)
     config.optim.update(learning_rate=2e-3, warmup_steps=200, schedule="cosine", weight_decay=0.1)
     config.train.update(steps=2000, batch_size=16, eval_batch_size=64, eval_every=500, log_every=50,
                         checkpoint_every=500)

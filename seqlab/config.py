@@ -292,6 +292,12 @@ def _check_model(model: ml_collections.ConfigDict, task: data.Task) -> None:
                 f"language model's mixer (data.task={task.name!r}); use a classification task, or set "
                 f"model.mixer_args.{name}.causal=True where the mixer has a causal form"
             )
+        if task.packs_documents() and not mixers.get(name).takes_documents:
+            taking = sorted(n for n in mixers.available() if mixers.get(n).takes_documents)
+            raise ValueError(
+                f"model.mixers: {name!r} does not take packed documents, which data.{task.name}.pack=True trains on; "
+                f"set data.{task.name}.pack=False or use one of {taking}"
+            )
         window = model.mixer_args[name].get("window")
         if window is not None and window > task.seq_len:
             raise ValueError(

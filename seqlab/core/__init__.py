@@ -42,6 +42,15 @@ other rows by gathering their tiles — so unvisited tiles cost nothing; an exac
 backward (``jax.custom_vjp``) that recomputes scores from the log-normaliser. An online-softmax ``Partial``
 (running max, normaliser, output) with ``merge`` as its associative combine is the chunk summary the decode step and
 sequence parallelism use.
+
+Packed documents (``seqlab.core.documents``)
+--------------------------------------------
+A packed row holds several documents, given as ``segment_ids`` [B, T] (or fla's ``cu_seqlens`` for one row). The
+linear-state engine turns them into document starts: a start zeroes the incoming state (its transition decays by
+-inf and reads nothing from before), in every form and in the summary combine of sequence parallelism, where a
+document crossing a device border continues and a start stops the combine. Softmax attention composes the mask
+with ``Document()``; under sequence parallelism the key segments' ids travel with the keys. Short convolutions
+and positions restart at each start (``Documents`` carries ids and positions to the mixers).
 """
 
 from seqlab.core.online_softmax import Partial, merge

@@ -12,11 +12,35 @@ Softmax attention masks pairs by id equality (``masks.Document``); the linear-st
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+class Documents(NamedTuple):
+    """The packed documents of a batch of rows, as mixers take them: segment_ids [B, T] int32 (module docstring)
+    and positions [B, T] int32, each token's position within its document (under sequence parallelism: this
+    device's part of both, positions counted from each document's global start). A pytree."""
+
+    segment_ids: Array
+    positions: Array
+
+    @classmethod
+    def of(cls, segment_ids: Array, positions: Array | None = None) -> "Documents":
+        """segment_ids [B, T] (and positions [B, T], or None: computed from the ids, whole rows only)."""
+        if jnp.ndim(segment_ids) != 2:
+            raise ValueError(f"segment_ids must be [batch, time] integers, got shape {jnp.shape(segment_ids)}")
+        segment_ids = check_segment_ids(segment_ids, *jnp.shape(segment_ids))
+        if positions is None:
+            positions = positions_in_document(segment_ids)
+        if jnp.shape(positions) != segment_ids.shape:
+            raise ValueError(f"positions must have the shape of segment_ids {segment_ids.shape}, got "
+                             f"{jnp.shape(positions)}")  # fmt: skip
+        return cls(segment_ids, jnp.asarray(positions, jnp.int32))
 
 
 def check_segment_ids(segment_ids: Array, batch: int, length: int) -> Array:

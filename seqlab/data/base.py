@@ -12,6 +12,11 @@ Example layouts (L = `seq_len`):
 - kind "classification": `{"inputs": int32 [L], "length": int32 [], "label": int32 []}`; the sequence fills
   `inputs[:length]` (its last real token is a CLS token the task appends) and `PAD_ID` (0) fills the rest.
 
+Packed documents (an "lm" task whose `packs_documents()` is True, as bytes by default): the task also has
+`num_documents(split)` documents, `document(split, i)` = `{"inputs": int32 [n], "labels": int32 [n]}` with
+1 <= n <= L and no label outside the document; the pipelines pack them first-fit into rows of L and add
+`"segment_ids"` (1, 2, ... per row; 0 = padding, labels IGNORE_INDEX) and `"positions"` (within each document).
+
 An "lm" task's `lm_head` says where the logits at position t come from: "per_position" (the default; the model's
 output at t, `models.DecoderLM`) or "from_last" (the output at the LAST position only, decoded for target index t by
 `models.LastStateDecoder`: MAD's compression task, where the mixers must squeeze the sequence into one state).
@@ -77,6 +82,19 @@ class Task(abc.ABC):
     def num_examples(self, split: str) -> int:
         """Number of examples in `split` ("train" or "eval")."""
         return self.num_eval if _split_id(split) else self.num_train
+
+    def packs_documents(self) -> bool:
+        """Whether the pipelines pack this task's documents into rows (module docstring) instead of batching its
+        examples."""
+        return False
+
+    def num_documents(self, split: str) -> int:
+        """The number of documents of `split` (tasks that pack documents)."""
+        raise NotImplementedError(f"data.{self.name}: this task has no documents to pack")
+
+    def document(self, split: str, index: int) -> dict[str, np.ndarray]:
+        """Document `index` of `split`: inputs [n], labels [n] (1 <= n <= seq_len); tasks that pack documents."""
+        raise NotImplementedError(f"data.{self.name}: this task has no documents to pack")
 
     def example(self, split: str, index: int) -> dict[str, np.ndarray]:
         """Example `index` of `split`, a pure function of (seed, split, index); layouts in the module docstring."""

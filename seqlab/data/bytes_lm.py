@@ -5,7 +5,15 @@ concatenated; the empty string means the running Python's standard-library sourc
 under `os.path.dirname(os.__file__)`, about 5 MB). The last `eval_fraction` of the concatenated bytes is the eval
 split and the rest the train split. Example i of a split is the window of `seq_len + 1` bytes at an offset drawn
 from (seed, split, i): inputs are its first `seq_len` bytes and labels the last `seq_len` (the next byte at every
-position). The corpus is read once, on the first example, and kept by the task object, so building a task (for
+position).
+
+With `pack` (the default), the documents are the files instead: each file's bytes within the split, cut into
+pieces of at most seq_len + 1 bytes that overlap by one (so every byte after a file's first is a label exactly
+once), packed first-fit into rows by the pipelines (`seqlab.data.pipeline`) with segment ids and positions; no
+label crosses a file boundary. An epoch of the train split is every piece of its files (`num_train` counts the
+windows of pack=False only); the eval split is its first `num_eval` pieces in corpus order.
+
+The corpus is read once, on the first example, and kept by the task object, so building a task (for
 config validation) only lists the files.
 """
 
@@ -33,6 +41,7 @@ class BytesLM(Task):
     files: str = ""
     seq_len: int = 256
     eval_fraction: float = 0.1
+    pack: bool = True
 
     @property
     def vocab_size(self) -> int:
@@ -59,6 +68,44 @@ class BytesLM(Task):
             with open(path, "rb") as f:
                 chunks.append(f.read())
         return np.frombuffer(b"".join(chunks), np.uint8)
+
+    def packs_documents(self) -> bool:
+        return self.pack
+
+    def num_documents(self, split: str) -> int:
+        return len(self._pieces(split))
+
+    def document(self, split: str, index: int) -> dict[str, np.ndarray]:
+        pieces = self._pieces(split)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(pieces):
+            raise ValueError(f"index: must be an integer in [0, {len(pieces)}) for split {split!r}, got {index!r}")
+        start, stop = pieces[index]
+        piece = self._corpus[start:stop]
+        return lm_example(piece[:-1], piece[1:])
+
+    def _pieces(self, split: str) -> np.ndarray:
+        """The packed documents of `split`: [P, 2] int64 (start, stop) byte offsets into the corpus (module
+        docstring); ValueError if the split has none."""
+        pieces = self._piece_table[split]
+        if split == "eval":
+            pieces = pieces[: self.num_eval]
+        self._require(len(pieces) > 0, "files", f"the {split} split holds no file of 2 bytes or more to pack")
+        return pieces
+
+    @functools.cached_property
+    def _piece_table(self) -> dict[str, np.ndarray]:
+        """Every split's pieces: each file's bytes within the split, cut every seq_len bytes into windows of at
+        most seq_len + 1 bytes (2 at least)."""
+        sizes = [os.path.getsize(path) for path in self.paths()]
+        ends = np.cumsum(sizes)
+        cut = int(ends[-1] * (1 - self.eval_fraction))
+        table = {}
+        for split, (low, high) in {"train": (0, cut), "eval": (cut, int(ends[-1]))}.items():
+            bounds = np.clip(np.stack([ends - np.asarray(sizes), ends], axis=1), low, high)
+            table[split] = np.asarray([(start, min(start + self.seq_len + 1, stop))
+                                       for first, stop in bounds for start in range(first, stop - 1, self.seq_len)],
+                                      np.int64).reshape(-1, 2)  # fmt: skip
+        return table
 
     def _split_bytes(self, split: str) -> np.ndarray:
         """The bytes of `split`: the head (train) or the last eval_fraction (eval) of the corpus; uint8 [n]."""

@@ -1,5 +1,10 @@
 """grain input pipelines over a task: a resumable, shuffled, repeated training iterator and one ordered pass over
 the eval split. Batches are dicts of numpy arrays with a leading batch axis [B, ...] (a task example's keys).
+
+A task that packs documents (`Task.packs_documents`) is read document by document instead: shuffled documents
+are packed first-fit (grain's FirstFitPackIterDataset, `batch_size` bins) into rows of seq_len, adding
+"segment_ids" [B, L] (1, 2, ... within a row; 0 = padding) and "positions" [B, L] (within each document);
+padding has inputs PAD_ID and labels IGNORE_INDEX. Documents of consecutive epochs may share a row.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from seqlab.data.base import Task
+from seqlab.data.base import IGNORE_INDEX, PAD_ID, Task
 
 # Examples are generated in Python (GIL-bound), so a couple of threads and a short buffer are enough to overlap
 # generation with a jitted training step; grain's defaults (16 threads, 500 batches ahead) would front-load work.
@@ -17,16 +22,20 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 class _SplitSource:
-    """One split of a task as a grain random-access source: element i is `task.example(split, i)`."""
+    """One split of a task as a grain random-access source: element i is `task.example(split, i)`, or
+    `task.document(split, i)` for a task that packs documents."""
 
     def __init__(self, task: Task, split: str):
         self._task, self._split = task, split
-        self._length = task.num_examples(split)
+        self._packed = task.packs_documents()
+        self._length = task.num_documents(split) if self._packed else task.num_examples(split)
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if self._packed:
+            return self._task.document(self._split, index)
         return self._task.example(self._split, index)
 
     def __repr__(self) -> str:
@@ -64,8 +73,28 @@ def make_iterator(
         dataset = dataset.shuffle(seed=_shuffle_seed(seed))
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    return iter(dataset.to_iter_dataset(_READ_OPTIONS))
+    dataset = dataset.to_iter_dataset(_READ_OPTIONS)
+    if task.packs_documents():
+        dataset = _packed(dataset, task.seq_len, bins=batch_size, seed=seed, shuffle=shuffle)
+    return iter(dataset.batch(batch_size, drop_remainder=drop_remainder))
+
+
+def _packed(documents: grain.IterDataset, seq_len: int, *, bins: int, seed: int, shuffle: bool) -> grain.IterDataset:
+    """Documents {"inputs", "labels"} [n] packed first-fit into rows {"inputs", "labels", "segment_ids",
+    "positions"} [seq_len]."""
+    lengths = {"inputs": seq_len, "labels": seq_len}
+    rows = grain.experimental.FirstFitPackIterDataset(
+        documents, length_struct=lengths, num_packing_bins=bins, seed=_shuffle_seed(seed), shuffle_bins=shuffle,
+        padding_struct={"inputs": PAD_ID, "labels": IGNORE_INDEX},
+    )  # fmt: skip
+    return rows.map(_packed_row)
+
+
+def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """grain's packed features -> inputs, labels, segment_ids, positions [L] int32."""
+    fields = {"inputs": row["inputs"], "labels": row["labels"], "segment_ids": row["inputs_segment_ids"],
+              "positions": row["inputs_positions"]}  # fmt: skip
+    return {key: np.asarray(value, np.int32) for key, value in fields.items()}
 
 
 def _shuffle_seed(seed: int) -> int:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab.checks import check_choice, check_positive_int
+from seqlab.core.documents import Documents
 from seqlab.core.halo import previous_segment_tail
 
 
@@ -19,6 +20,8 @@ class ShortConv(nnx.Module):
     y_t[c] = sum_{i<K} w[i, c] * x_{t-K+1+i}[c] (+ b[c]), with zeros before the first token.
     The decode cache holds the last K-1 inputs, [B, K-1, C]. Init as PyTorch's Conv1d: U(+-1/sqrt(K)).
     On a sequence split over devices (`shard_sequence`), a shard's first K-1 inputs come from the previous shard.
+    With packed documents a tap reads only inputs of the output's own document: the
+    convolution restarts, with zeros before, at every document start.
     """
 
     def __init__(
@@ -48,8 +51,11 @@ class ShortConv(nnx.Module):
     def init_state(self, batch: int) -> jax.Array:
         return jnp.zeros((batch, self.kernel_size - 1, self.channels), self.dtype or jnp.float32)
 
-    def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, C], state [B, K-1, C] or None (start of sequence) -> (y [B, T, C], new state [B, K-1, C])."""
+    def __call__(
+        self, x: jax.Array, state: jax.Array | None = None, documents: Documents | None = None
+    ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """x [B, T, C], state [B, K-1, C] or None (start of sequence), documents: the packed documents of the rows
+        (training path) or None -> (y [B, T, C], new state [B, K-1, C])."""
         B, T, C = x.shape
         K = self.kernel_size
         if state is None and self.sequence_axis is not None and K > 1:
@@ -58,9 +64,27 @@ class ShortConv(nnx.Module):
             state = jnp.zeros((B, K - 1, C), x.dtype)
         xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, T+K-1, C]
         w = self.weight[...].astype(x.dtype)
-        y = sum(xp[:, i : i + T] * w[i] for i in range(K))
+        if documents is None:
+            y = sum(xp[:, i : i + T] * w[i] for i in range(K))
+        else:
+            segment_ids = documents.segment_ids
+            ids = self._padded_ids(segment_ids)  # [B, T+K-1]
+            y = sum(jnp.where((ids[:, i : i + T] == segment_ids)[..., None], xp[:, i : i + T], 0) * w[i]
+                    for i in range(K))  # fmt: skip
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.activation == "silu":
             y = jax.nn.silu(y)
         return y, xp[:, T:].astype(state.dtype)
+
+    def _padded_ids(self, segment_ids: jax.Array) -> jax.Array:
+        """segment_ids [B, T] after the ids of the K-1 inputs before them: the previous device's (sequence
+        parallel), else -1 (no document: zeros before the row)."""
+        K = self.kernel_size
+        if self.sequence_axis is not None and K > 1:
+            before = previous_segment_tail(segment_ids, K - 1, self.sequence_axis)
+            first = jax.lax.axis_index(self.sequence_axis) == 0
+            before = jnp.where(first, -1, before)
+        else:
+            before = jnp.full((segment_ids.shape[0], K - 1), -1, segment_ids.dtype)
+        return jnp.concatenate([before.astype(segment_ids.dtype), segment_ids], axis=1)

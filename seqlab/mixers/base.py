@@ -7,6 +7,11 @@ Every mixer maps x [B, T, D] -> y [B, T, D], reads a prompt into a decode cache,
     y, cache = mixer.prefill(x, cache)           # x, y: [B, T, D] (the prompt; the cache must be fresh)
     y_t, cache = mixer.step(x_t, cache)          # x_t, y_t: [B, D]
 
+Packed rows: ``mixer(x, documents=Documents(segment_ids, positions))`` (`seqlab.core.documents`) mixes each
+document of a row as if it were alone: a mixer that sets ``takes_documents = True`` implements
+``_forward(x, cache, documents=None)`` and passes them on (`_op_kwargs` gives the ops their segment_ids,
+`ShortConv` restarts, `_positions` restarts RoPE-style positions); any other mixer refuses them.
+
 A mixer implements a single `_forward(x, cache)`. With `cache=None` it is the full-sequence (training) path and
 runs the op with the mixer's `impl`; with a cache it runs the same op form from the cached state (at T = 1 every
 form of the engine is one recurrent step) and returns the updated cache. Softmax attention reads a T > 1 prompt
@@ -32,7 +37,8 @@ from seqlab.checks import (
     check_positive_int,
     resolve_dim,
 )
-from seqlab.layers.positional import RoPE
+from seqlab.core.documents import Documents
+from seqlab.layers.positional import RoPE, positions
 from seqlab.ops import _common as ops_common
 from seqlab.parallel.mesh import shard_sequence
 
@@ -56,6 +62,7 @@ class Mixer(nnx.Module):
     """
 
     causal: bool = True
+    takes_documents: bool = False
 
     def __init__(
         self,
@@ -81,10 +88,15 @@ class Mixer(nnx.Module):
 
     # public API -----------------------------------------------------------------------------------------------
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, d_model] -> y [B, T, d_model] (causal)."""
+    def __call__(self, x: jax.Array, *, documents: Documents | None = None) -> jax.Array:
+        """x [B, T, d_model] -> y [B, T, d_model] (causal); documents: the rows' packed documents (module
+        docstring), segment_ids and positions [B, T]."""
         check_input(x, self.d_model, rank=3, name="x")
-        y, _ = self._forward(x, None)
+        if documents is None:
+            y, _ = self._forward(x, None)
+            return y
+        self._check_documents(x, documents)
+        y, _ = self._forward(x, None, documents)
         return y
 
     def prefill(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
@@ -112,6 +124,21 @@ class Mixer(nnx.Module):
 
     def _forward(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         raise NotImplementedError
+
+    def _check_documents(self, x: jax.Array, documents: Documents) -> None:
+        if not self.takes_documents:
+            raise ValueError(f"documents: {type(self).__name__} does not take packed documents (takes_documents is "
+                             "False); train it on unpacked rows (data.bytes.pack=False)")  # fmt: skip
+        for name, array in zip(documents._fields, documents):
+            if jnp.shape(array) != x.shape[:2]:
+                raise ValueError(f"documents.{name} must be [batch, time] {x.shape[:2]}, got {jnp.shape(array)}")
+
+    def _positions(self, cache: Any, length: int, documents: Documents | None) -> jax.Array:
+        """The positions of this call's tokens: within each document [B, T] (packed rows), else absolute [T]
+        (`seqlab.layers.positional.positions`: after the cache, or offset by the devices before this one)."""
+        if documents is not None:
+            return documents.positions
+        return positions(cache, length, None if cache is not None else self.sequence_axis)
 
     @staticmethod
     def _rngs(rngs: nnx.Rngs | None) -> nnx.Rngs:
@@ -162,11 +189,13 @@ class Mixer(nnx.Module):
         self.v_proj = self._linear(self.d_model, hkv * value_dim, rngs, use_bias=use_bias)
         self.o_proj = self._linear(hq * value_dim, self.d_model, rngs, use_bias=use_bias)
 
-    def _op_kwargs(self, state: jax.Array | None) -> dict:
-        """Keyword arguments of a linear-family op: the training path, or the same form continuing from a cached
-        `state` and returning the final state (a prefill; at T = 1, one recurrent step)."""
+    def _op_kwargs(self, state: jax.Array | None, documents: Documents | None = None) -> dict:
+        """Keyword arguments of a linear-family op: the training path (restarting at `documents`' boundaries), or
+        the same form continuing from a cached `state` and returning the final state (a prefill; at T = 1, one
+        recurrent step)."""
         if state is None:
-            return dict(impl=self.impl, chunk_size=self.chunk_size, sequence_axis=self.sequence_axis)
+            segments = {} if documents is None else dict(segment_ids=documents.segment_ids)
+            return dict(impl=self.impl, chunk_size=self.chunk_size, sequence_axis=self.sequence_axis, **segments)
         return dict(impl=self.impl, chunk_size=self.chunk_size, initial_state=state, output_final_state=True)
 
     def _heads(self, x: jax.Array, head_dim: int) -> jax.Array:

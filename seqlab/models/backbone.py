@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from seqlab.checks import check_choice, check_positive_int
+from seqlab.core.documents import Documents
 from seqlab.layers.positional import positions
 from seqlab.models.blocks import Block, make_norm
 from seqlab.models.prepbn import set_progress
@@ -81,12 +82,15 @@ class Backbone(nnx.Module):
         self.final_norm = make_norm(norm, d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.sequence_axis: str | None = None
 
-    def __call__(self, tokens: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """tokens [B, T] -> [B, T, d_model]; `dropout_rng` enables embedding dropout (training)."""
-        h = self._embed(tokens, positions(None, tokens.shape[1], self.sequence_axis))
-        h = self._dropout(h, dropout_rng)
+    def __call__(
+        self, tokens: jax.Array, *, documents: Documents | None = None, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:  # fmt: skip
+        """tokens [B, T] -> [B, T, d_model]; `documents`: packed rows (every layer mixes each document alone and
+        learned positions restart per document); `dropout_rng` enables embedding dropout (training)."""
+        pos = positions(None, tokens.shape[1], self.sequence_axis) if documents is None else documents.positions
+        h = self._dropout(self._embed(tokens, pos), dropout_rng)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, documents)
         return self.final_norm(h)
 
     def mixer_inputs(self, tokens: jax.Array) -> list[jax.Array]:

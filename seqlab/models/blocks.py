@@ -15,6 +15,7 @@ from flax import nnx
 
 from seqlab import mixers
 from seqlab.checks import check_choice, check_positive
+from seqlab.core.documents import Documents
 from seqlab.models.prepbn import PRepBN
 
 NORMS = ("layernorm", "rmsnorm", "prepbn")
@@ -82,9 +83,10 @@ class Block(nnx.Module):
         self.norm_mlp = make_norm(norm, d_model, rngs=rngs, **dt) if with_mlp else None
         self.mlp = SwiGLU(d_model, max(1, round(mlp_ratio * d_model)), rngs=rngs, **dt) if with_mlp else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, d_model] -> [B, T, d_model]."""
-        return self._mlp(x + self.mixer(self.norm_mixer(x)))
+    def __call__(self, x: jax.Array, documents: Documents | None = None) -> jax.Array:
+        """x [B, T, d_model] -> [B, T, d_model]; documents: the rows' packed documents (the mixer's)."""
+        h = self.norm_mixer(x)
+        return self._mlp(x + (self.mixer(h) if documents is None else self.mixer(h, documents=documents)))
 
     def prefill(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         """A prompt x [B, T, d_model] into the mixer's fresh cache -> (y [B, T, d_model], cache after T tokens)."""

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqlab.core.documents import Documents
 from seqlab.models.backbone import Backbone, DecodeCache
 
 
@@ -23,9 +24,11 @@ class DecoderLM(nnx.Module):
         """Keyword arguments: those of `Backbone` (vocab_size, d_model, num_layers, mixers, ...)."""
         self.backbone = Backbone(**backbone_args)
 
-    def __call__(self, tokens: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        """tokens [B, T] int -> logits [B, T, V] float32."""
-        return self._logits(self.backbone(tokens, dropout_rng=dropout_rng))
+    def __call__(
+        self, tokens: jax.Array, *, documents: Documents | None = None, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:  # fmt: skip
+        """tokens [B, T] int -> logits [B, T, V] float32; documents: packed rows (`Backbone`)."""
+        return self._logits(self.backbone(tokens, documents=documents, dropout_rng=dropout_rng))
 
     def prefill(self, tokens: jax.Array, cache: DecodeCache) -> tuple[jax.Array, DecodeCache]:
         """A prompt tokens [B, T] int into a fresh cache -> (logits [B, T, V] float32, cache advanced by T)."""

@@ -80,15 +80,21 @@ def based_attn(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """Based's normalised Taylor linear attention; q, k: [B, T, H, d] (before the feature map); v: [B, T, H, V].
 
-    initial_state: [B, H, 1 + d + d(d+1)/2, V + 1] (layout in the module docstring) or None (zeros).
-    Returns o [B, T, H, V] (dtype of v) and, if ``output_final_state``, the final state (same layout, float32).
+    initial_state: [B, H, 1 + d + d(d+1)/2, V + 1] (layout in the module docstring) or None (zeros), the state
+    before each row's first document. segment_ids [B, T] or cu_seqlens [D + 1]: packed documents
+    (``seqlab.core.documents``), each starting from a zero state.
+    Returns o [B, T, H, V] (dtype of v) and, if ``output_final_state``, the final state (same layout, float32):
+    of each row's last document (with cu_seqlens: [D, H, rows, V + 1], one per document).
     """
     _common.check_qkv(q, k, v)
     _common.check_form(impl, chunk_size)
     impl = _common.resolve_impl(impl, has_kernel=False, sequence_axis=sequence_axis, length=q.shape[1])
+    starts = _common.packed_documents(q.shape, segment_ids, cu_seqlens, sequence_axis)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     batch, _, heads, dim = q.shape
@@ -97,6 +103,8 @@ def based_attn(
     values = v.astype(jnp.float32)
     values = jnp.concatenate([values, jnp.ones((*v.shape[:-1], 1), jnp.float32)], axis=-1)
     inputs = {"q": q.astype(jnp.float32), "k": k.astype(jnp.float32), "v": values}
-    o, final = recurrence.run(based_chunk_terms, inputs, state, impl, chunk_size, sequence_axis)
+    o, final = recurrence.run(based_chunk_terms, inputs, state, impl, chunk_size, sequence_axis, None, starts)
+    if output_final_state and cu_seqlens is not None:
+        final = _common.document_final_states(based_chunk_terms, inputs, state, chunk_size, starts, cu_seqlens)
     o = o[..., :-1] / (o[..., -1:] + eps)
     return o.astype(v.dtype), (final if output_final_state else None)

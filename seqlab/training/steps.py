@@ -1,6 +1,7 @@
 """Losses, metrics and the jit-compiled train and eval steps.
 
-Language modelling (task.kind "lm"): batch {"inputs" [B, L], "labels" [B, L]} with label -100 ignored; the loss is
+Language modelling (task.kind "lm"): batch {"inputs" [B, L], "labels" [B, L]} (packed rows add "segment_ids" and
+"positions" [B, L], `seqlab.core.documents.Documents`) with label -100 ignored; the loss is
 the mean cross-entropy over supervised positions. Accuracy is Zoology's MQAR metric, used for every LM task: per
 example, the fraction of its supervised positions where argmax(logits) == label; then the mean over examples.
 Classification (task.kind "classification"): batch {"inputs" [B, L], "length" [B], "label" [B]}; cross-entropy
@@ -20,6 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from seqlab.core.documents import Documents
 from seqlab.parallel.mesh import DATA_AXIS, batch_spec
 
 IGNORE_LABEL = -100
@@ -68,7 +70,9 @@ def batch_sums(model: nnx.Module, batch: Batch, kind: str, dropout_rng: jax.Arra
     if kind == "classification":
         logits = model(batch["inputs"], batch["length"], dropout_rng=dropout_rng)
         return classification_sums(logits, batch["label"])
-    return lm_sums(model(batch["inputs"], dropout_rng=dropout_rng), batch["labels"], sequence_axis)
+    packed = {"documents": Documents(batch["segment_ids"], batch["positions"])} if "segment_ids" in batch else {}
+    logits = model(batch["inputs"], dropout_rng=dropout_rng, **packed)
+    return lm_sums(logits, batch["labels"], sequence_axis)
 
 
 def mesh_sums(

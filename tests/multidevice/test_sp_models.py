@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from seqlab import config as config_lib, mixers
+from seqlab.core.documents import Documents
 from seqlab.models import DecoderLM
 from seqlab.parallel.mesh import shard_sequence
 from seqlab.train import train_and_evaluate
@@ -69,7 +70,7 @@ def sharded_loss(model, num_devices: int):
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "seq")), out_specs=P())
 
 
-# The issue-4 families' single-mixer models run under `pytest -m slow` (all pass); CI keeps LoLCATs, whose band
+# The single-mixer models of these families run under `pytest -m slow` (all pass); CI keeps LoLCATs, whose band
 # needs the previous device's tokens, and tests LightNet / Flowformer in tests/mixers/test_lightnet.py. GLA and
 # DeltaNet run in CI in the 8-device mixed model below, Gated DeltaNet's op in test_sp_ops.py; their single-mixer
 # 4-device models are slow-only too (47 s of the suite's CPU time).
@@ -99,6 +100,38 @@ def test_sharded_model_equals_single_device(pattern, num_devices):
     g_ref = jax.jit(jax.grad(loss))(params, tokens)
     for got, want in zip(jax.tree.leaves(g_sp), jax.tree.leaves(g_ref)):
         assert rel(got, want) < 1e-5
+
+
+# documents of a packed row crossing one device border, one within a device, two and then three borders (4 devices
+# of 16 tokens); row 1 is one document
+PACKED_ROWS = ((5, 14, 1, 44), (64,))
+
+
+@pytest.mark.parametrize("pattern", [("baseconv", "deltanet", "softmax"), ("mamba2", "gla", "sliding_window")],
+                         ids="+".join)
+def test_packed_sharded_model_equals_single_device(pattern):
+    """Packed rows on 4 devices: convolutions, states, attention masks and learned positions restart at documents
+    that cross device borders exactly as on one device (which equals each document alone, test_packed_mixers)."""
+    model = build(pattern)
+    tokens = jax.random.randint(jax.random.key(3), (B, T), 0, VOCAB)
+    ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in PACKED_ROWS]), jnp.int32)
+    documents = Documents.of(ids)
+    graphdef, params = nnx.split(model)
+    expected = jnp.sum(jnp.sin(nnx.merge(graphdef, params)(tokens, documents=documents)))
+    sharded = copy.deepcopy(model)
+    shard_sequence(sharded, "seq")
+    sharded_graphdef = nnx.split(sharded)[0]
+    mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
+
+    def local(params, tokens, documents):
+        logits = nnx.merge(sharded_graphdef, params)(tokens, documents=documents)
+        return jax.lax.psum(jnp.sum(jnp.sin(logits)), "seq")
+
+    spec = P(None, "seq")
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), spec, Documents(spec, spec)), out_specs=P()))
+    assert rel(fn(params, tokens, documents), expected) < 1e-5
+    unpacked = jnp.sum(jnp.sin(nnx.merge(graphdef, params)(tokens)))
+    assert rel(unpacked, expected) > 1e-3  # the documents change the result
 
 
 def test_ring_attention_model_equals_single_device():

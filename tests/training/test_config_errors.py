@@ -189,3 +189,14 @@ def test_a_type_mismatch_names_the_full_key_and_the_type():
         config.optim.warmup_steps = "fast"
     explained = config_lib.explain_override_error(str(error.value), config)
     assert explained == "optim.warmup_steps: expected a number, got fast (a str)"
+
+
+def test_packed_bytes_refuse_a_mixer_without_documents_and_pack_false_allows_it():
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "bytes.py") + ":tiny")
+    config.model.mixers = ("baseconv", "flowformer")
+    assert validation_error(config).startswith(
+        "model.mixers: 'flowformer' does not take packed documents, which data.bytes.pack=True trains on; set "
+        "data.bytes.pack=False or use one of ['baseconv', "
+    )
+    config.data.bytes.pack = False
+    config_lib.validate(config)

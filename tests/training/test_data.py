@@ -426,3 +426,95 @@ def test_eval_batches_cover_the_split_once_in_order():
 def test_iterator_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.make_iterator(small_task("mqar"), "eval", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Packed documents (bytes, pack=True)
+# ------------------------------------------------------------------------------------------------------------
+
+# file sizes: 1 byte (no label: no document), 2, odd, exactly one row (seq_len + 1), longer than a row, several rows
+PACKED_FILE_SIZES = (1, 2, 7, 9, 13, 30)
+PACKED_LEN = 8
+
+
+def packed_files(tmp_path) -> str:
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(PACKED_FILE_SIZES):
+        (tmp_path / f"{i}.txt").write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    return str(tmp_path / "*.txt")
+
+
+def row_documents(row: dict[str, np.ndarray]) -> list[tuple[bytes, bytes]]:
+    """The (inputs, labels) of every document of a packed row, found by walking it with a counter of our own;
+    checks the row's segment ids and positions against that counter and that padding is unscored."""
+    found, segment, position = [], 0, 0
+    for t in range(len(row["inputs"])):
+        if row["segment_ids"][t] == 0:  # padding: only at the end of the row
+            assert np.all(row["segment_ids"][t:] == 0) and np.all(row["labels"][t:] == IGNORE_INDEX)
+            assert np.all(row["inputs"][t:] == data.PAD_ID)
+            break
+        if t == 0 or row["segment_ids"][t] != row["segment_ids"][t - 1]:
+            segment, position = segment + 1, 0
+            found.append(([], []))
+        assert row["segment_ids"][t] == segment and row["positions"][t] == position
+        found[-1][0].append(row["inputs"][t])
+        found[-1][1].append(row["labels"][t])
+        position += 1
+    return [(bytes(np.uint8(i)), bytes(np.uint8(l))) for i, l in found]
+
+
+def expected_documents(paths: list[str], low: int, high: int) -> list[tuple[bytes, bytes]]:
+    """Every file's bytes inside [low, high) of the concatenation, as windows of PACKED_LEN + 1 bytes stepping by
+    PACKED_LEN (inputs = all but the last byte, labels = all but the first)."""
+    out, offset = [], 0
+    for path in paths:
+        content = open(path, "rb").read()
+        part = content[max(low - offset, 0) : max(high - offset, 0)]
+        offset += len(content)
+        for start in range(0, len(part) - 1, PACKED_LEN):
+            window = part[start : start + PACKED_LEN + 1]
+            out.append((window[:-1], window[1:]))
+    return out
+
+
+def test_packing_keeps_every_document_once_with_its_segment_ids_and_positions(tmp_path):
+    task = data.make_task("bytes", files=packed_files(tmp_path), seq_len=PACKED_LEN, eval_fraction=0.2)
+    total = sum(PACKED_FILE_SIZES)
+    cut = int(total * 0.8)
+    for split, (low, high) in (("train", (0, cut)), ("eval", (cut, total))):
+        batches = data.make_iterator(task, split, batch_size=3, seed=1, repeat=False, drop_remainder=False)
+        packed = [doc for batch in batches for row in _rows(batch) for doc in row_documents(row)]
+        assert sorted(packed) == sorted(expected_documents(task.paths(), low, high)), split
+    labels = sum(len(labels) for _, labels in expected_documents(task.paths(), 0, cut))
+    assert labels == cut - sum(1 for size in np.cumsum(PACKED_FILE_SIZES) - PACKED_FILE_SIZES if size < cut)
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [{key: value[i] for key, value in batch.items()} for i in range(len(batch["inputs"]))]
+
+
+def test_packed_rows_hold_several_documents_and_shuffle_per_seed(tmp_path):
+    task = data.make_task("bytes", files=packed_files(tmp_path), seq_len=PACKED_LEN, eval_fraction=0.2)
+    first = take(data.make_iterator(task, "train", batch_size=3, seed=1), 4)
+    assert any(row["segment_ids"].max() > 1 for batch in first for row in _rows(batch))
+    for a, b in zip(first, take(data.make_iterator(task, "train", batch_size=3, seed=1), 4)):
+        assert_same(a, b)
+    assert any(differs(a, b) for a, b in zip(first, take(data.make_iterator(task, "train", batch_size=3, seed=2), 4)))
+
+
+def test_packed_iterator_resumes_mid_epoch(tmp_path):
+    task = data.make_task("bytes", files=packed_files(tmp_path), seq_len=PACKED_LEN, eval_fraction=0.2)
+    uninterrupted = data.make_iterator(task, "train", batch_size=2, seed=3)
+    take(uninterrupted, 3)
+    state = json.loads(json.dumps(uninterrupted.get_state()))
+    expected = take(uninterrupted, 6)  # crosses into the next epoch
+    resumed = data.make_iterator(task, "train", batch_size=2, seed=3)
+    resumed.set_state(state)
+    for a, b in zip(expected, take(resumed, 6)):
+        assert_same(a, b)
+
+
+def test_unpacked_bytes_keep_their_windows(tmp_path):
+    task = data.make_task("bytes", files=packed_files(tmp_path), seq_len=PACKED_LEN, pack=False, num_train=5)
+    batch = next(data.make_iterator(task, "train", batch_size=5, seed=0))
+    assert set(batch) == {"inputs", "labels"} and batch["inputs"].shape == (5, PACKED_LEN)

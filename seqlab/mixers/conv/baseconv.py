@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqlab.core.documents import Documents
 from seqlab.layers.conv import ShortConv
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import ConvCache
@@ -30,6 +31,8 @@ from seqlab.mixers.registry import register
 )
 class BaseConv(Mixer):
     """The gated short convolution; `impl` is accepted for the uniform mixer constructor (no op, no chunk size)."""
+
+    takes_documents = True
 
     def __init__(
         self,
@@ -55,8 +58,8 @@ class BaseConv(Mixer):
         self._check_cache_args(batch, max_len)
         return ConvCache(conv=self.conv.init_state(batch), pos=jnp.zeros((), jnp.int32))
 
-    def _forward(self, x: jax.Array, cache: ConvCache | None):
-        conv, conv_state = self.conv(x, None if cache is None else cache.conv)
+    def _forward(self, x: jax.Array, cache: ConvCache | None, documents: Documents | None = None):
+        conv, conv_state = self.conv(x, None if cache is None else cache.conv, documents)
         y = self.projection(x) * conv
         if cache is not None:
             cache = ConvCache(conv=conv_state, pos=cache.pos + x.shape[1])

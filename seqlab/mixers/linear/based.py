@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab.checks import check_positive, check_positive_int, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -41,6 +42,8 @@ BASED_FEATURE_DIM = 16
     examples={"default": dict(num_heads=2, feature_dim=4)},
 )
 class Based(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -73,12 +76,13 @@ class Based(Mixer):
         rows = based_state_rows(self.feature_dim)
         return RecurrentCache.empty((batch, self.num_heads, rows, self.value_dim + 1))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         """x [B, T, d_model] -> y [B, T, d_model]; q, k [B, T, H, feature_dim], v [B, T, H, value_dim]."""
         q = self._heads(self.q_proj(x), self.feature_dim)
         k = self._heads(self.k_proj(x), self.feature_dim)
         v = self._heads(self.v_proj(x), self.value_dim)
-        o, state = based_attn(q, k, v, eps=self.eps, **self._op_kwargs(None if cache is None else cache.state))
+        state = None if cache is None else cache.state
+        o, state = based_attn(q, k, v, eps=self.eps, **self._op_kwargs(state, documents))
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + x.shape[1])
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache

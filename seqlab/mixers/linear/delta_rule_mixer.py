@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
+from seqlab.core.documents import Documents
 from seqlab.layers.conv import ShortConv
 from seqlab.layers.norms import RMSNorm, l2_normalize
 from seqlab.mixers.base import Mixer
@@ -22,6 +23,8 @@ from seqlab.mixers.caches import RecurrentCache
 
 class DeltaRuleMixer(Mixer):
     """Layers shared by DeltaNet and GatedDeltaNet; subclasses call `_build` and may override `_log_decay`."""
+
+    takes_documents = True
 
     def _build(
         self, *, key_dim: int, value_dim: int, conv_size: int, use_gate: bool, allow_neg_eigval: bool,
@@ -53,10 +56,10 @@ class DeltaRuleMixer(Mixer):
         """Per-head log forget gate [B, T, H]; none for the plain delta rule."""
         return None
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         H, dk = self.num_heads, self.key_dim
         qkv = jnp.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        qkv, conv_state = self.conv(qkv, None if cache is None else cache.conv)
+        qkv, conv_state = self.conv(qkv, None if cache is None else cache.conv, documents)
         q, k, v = jnp.split(qkv, [H * dk, 2 * H * dk], axis=-1)
         q = l2_normalize(self._heads(q, dk))
         k = l2_normalize(self._heads(k, dk))
@@ -65,7 +68,7 @@ class DeltaRuleMixer(Mixer):
         if self.allow_neg_eigval:
             beta = 2.0 * beta
         g = self._log_decay(x)
-        kw = self._op_kwargs(None if cache is None else cache.state)
+        kw = self._op_kwargs(None if cache is None else cache.state, documents)
         if g is None:
             o, state = ops.delta_rule(q, k, v, beta, **kw)
         else:

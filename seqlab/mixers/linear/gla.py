@@ -22,6 +22,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_positive, check_positive_int, expand_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.norms import RMSNorm
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
@@ -35,6 +36,8 @@ from seqlab.mixers.registry import register
     examples={"default": dict(num_heads=4)},
 )
 class GLA(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -74,7 +77,7 @@ class GLA(Mixer):
         self._check_cache_args(batch, max_len)
         return RecurrentCache.empty((batch, self.num_heads, self.key_dim, self.value_dim))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         q = self._heads(self.q_proj(x), self.key_dim)
         k = self._heads(self.k_proj(x), self.key_dim)
         v = self._heads(self.v_proj(x), self.value_dim)
@@ -82,7 +85,7 @@ class GLA(Mixer):
         if self.clamp_min is not None:
             gk = jnp.maximum(gk, self.clamp_min)
         gk = self._heads(gk, self.key_dim)
-        o, state = ops.gla(q, k, v, gk, **self._op_kwargs(None if cache is None else cache.state))
+        o, state = ops.gla(q, k, v, gk, **self._op_kwargs(None if cache is None else cache.state, documents))
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + x.shape[1])
         o = self.norm(o.astype(x.dtype), self._heads(self.g_proj(x), self.value_dim))

@@ -23,6 +23,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_fraction, check_optional_positive_int, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.norms import RMSNorm
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
@@ -39,6 +40,8 @@ from seqlab.mixers.registry import register
     },
 )
 class HGRN2(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -83,11 +86,11 @@ class HGRN2(Mixer):
             return log_sigmoid
         return jnp.logaddexp(math.log(lower), math.log1p(-lower) + log_sigmoid)
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         q = self._heads(jax.nn.silu(self.q_proj(x)), self.expand_ratio)
         g = self._heads(self._log_forget(self.f_proj(x)), self.expand_ratio)
         i = self._heads(self.i_proj(x), self.head_dim)
-        o, state = ops.hgrn2(q, i, g, **self._op_kwargs(None if cache is None else cache.state))
+        o, state = ops.hgrn2(q, i, g, **self._op_kwargs(None if cache is None else cache.state, documents))
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + x.shape[1])
         return self.o_proj(self.norm(self._merge_heads(o.astype(x.dtype)))), cache

@@ -25,6 +25,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_positive, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.feature_maps import make_feature_map
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
@@ -44,6 +45,8 @@ from seqlab.mixers.registry import register
     },
 )
 class LinearAttention(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -91,12 +94,12 @@ class LinearAttention(Mixer):
         k = self.k_map(self._heads(self.k_proj(x), self.feature_dim))
         return q, k
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         q, k = self.features(x)
         v = self._heads(self.v_proj(x), self.value_dim)
         o, state = ops.linear_attn(
             q, k, v, scale=self.scale, normalize=self.normalize, eps=self.eps,
-            **self._op_kwargs(None if cache is None else cache.state),
+            **self._op_kwargs(None if cache is None else cache.state, documents),
         )  # fmt: skip
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + x.shape[1])

@@ -25,6 +25,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_positive_int, expand_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.conv import ShortConv
 from seqlab.layers.norms import RMSNorm
 from seqlab.layers.ssm import init_mamba_decay, mamba_decay
@@ -40,6 +41,8 @@ from seqlab.mixers.registry import register
     examples={"default": dict(num_heads=4, d_state=16), "groups": dict(num_heads=4, d_state=8, ngroups=2)},
 )
 class Mamba2(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -85,17 +88,18 @@ class Mamba2(Mixer):
         shape = (batch, self.num_heads, self.d_state, self.value_dim)
         return RecurrentCache.empty(shape, conv=self.conv.init_state(batch))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         N, G, d_inner = self.d_state, self.ngroups, self.d_inner
         z, xbc, dt_raw = jnp.split(self.in_proj(x), [d_inner, 2 * d_inner + 2 * G * N], axis=-1)
-        xbc, conv_state = self.conv(xbc, None if cache is None else cache.conv)
+        xbc, conv_state = self.conv(xbc, None if cache is None else cache.conv, documents)
         xs, b, c = jnp.split(xbc, [d_inner, d_inner + G * N], axis=-1)
         xs = self._heads(xs, self.value_dim)  # [B, T, H, P]
         dt, g = mamba_decay(dt_raw, self.A_log, self.dt_bias)  # [B, T, H]
         q = self._group_heads(c)  # [B, T, H, N]
         k = self._group_heads(b)
         v = xs * dt[..., None].astype(xs.dtype)
-        y, state = ops.simple_gla(q, k, v, g, scale=1.0, **self._op_kwargs(None if cache is None else cache.state))
+        state = None if cache is None else cache.state
+        y, state = ops.simple_gla(q, k, v, g, scale=1.0, **self._op_kwargs(state, documents))
         if cache is not None:
             cache = cache.replace(state=state, conv=conv_state, pos=cache.pos + x.shape[1])
         y = y.astype(x.dtype) + xs * self.D[...][:, None].astype(x.dtype)

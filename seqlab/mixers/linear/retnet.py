@@ -23,8 +23,9 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_divisible, check_even, check_positive_int
+from seqlab.core.documents import Documents
 from seqlab.layers.norms import RMSNorm
-from seqlab.layers.positional import RoPE, positions
+from seqlab.layers.positional import RoPE
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -37,6 +38,8 @@ from seqlab.mixers.registry import register
     examples={"default": dict(num_heads=4)},
 )
 class RetNet(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -76,15 +79,15 @@ class RetNet(Mixer):
         self._check_cache_args(batch, max_len)
         return RecurrentCache.empty((batch, self.num_heads, self.key_dim, self.value_dim))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         B, T, _ = x.shape
-        pos = positions(cache, T, self.sequence_axis)
+        pos = self._positions(cache, T, documents)
         q = self.rope(self._heads(self.q_proj(x), self.key_dim), pos)
         k = self.rope(self._heads(self.k_proj(x), self.key_dim), pos)
         v = self._heads(self.v_proj(x), self.value_dim)
         g = jnp.broadcast_to(self.log_decay(), (B, T, self.num_heads))
         o, state = ops.simple_gla(
-            q, k, v, g, scale=self.key_dim**-0.5, **self._op_kwargs(None if cache is None else cache.state)
+            q, k, v, g, scale=self.key_dim**-0.5, **self._op_kwargs(None if cache is None else cache.state, documents)
         )
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + T)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_choice, check_optional_positive_int
-from seqlab.layers.positional import positions
+from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import KVCache
 from seqlab.mixers.registry import register
@@ -51,6 +51,8 @@ class SoftmaxAttention(Mixer):
     block_size: the softmax op's query/key block (None: `default_block_size(window)`, 512 or the window rounded
     up to a power of two); it tiles the computation and does not change the result.
     """
+
+    takes_documents = True
 
     def __init__(
         self,
@@ -90,16 +92,16 @@ class SoftmaxAttention(Mixer):
         return KVCache.empty((batch, length, self.num_kv_heads, self.head_dim), self.dtype or jnp.float32)
 
     def queries_keys(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """q [B, T, H, d] and k [B, T, H_kv, d] of x [B, T, d_model] at positions pos [T], RoPE applied."""
+        """q [B, T, H, d] and k [B, T, H_kv, d] of x [B, T, d_model] at positions pos [T] or [B, T], RoPE applied."""
         q = self._heads(self.q_proj(x), self.head_dim)
         k = self._heads(self.k_proj(x), self.head_dim)
         if self.rope is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
         return q, k
 
-    def _forward(self, x: jax.Array, cache: KVCache | None):
+    def _forward(self, x: jax.Array, cache: KVCache | None, documents: Documents | None = None):
         T = x.shape[1]
-        q, k = self.queries_keys(x, positions(cache, T, None if cache is not None else self.sequence_axis))
+        q, k = self.queries_keys(x, self._positions(cache, T, documents))
         v = self._heads(self.v_proj(x), self.head_dim)
         if cache is not None:
             cache = self._write(cache, k, v)
@@ -111,6 +113,7 @@ class SoftmaxAttention(Mixer):
             o = ops.softmax_attn(
                 q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.block_size,
                 sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
+                segment_ids=None if documents is None else documents.segment_ids,
             )  # fmt: skip
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
 

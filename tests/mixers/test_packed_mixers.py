@@ -1,0 +1,81 @@
+"""Packed rows through every registered causal mixer: a row of several documents, given as
+``Documents(segment_ids, positions)``, equals running each document alone, forward and gradient (inputs and
+parameters); a mixer that does not take documents refuses them with a clear error. Cases follow the registry.
+
+Document lengths (T = 37, chunk 16): row 0 holds 7, 1, 16 (crossing the chunk border) and 13 tokens; row 1 holds
+one chunk exactly, then 21 tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from seqlab import mixers
+from seqlab.core.documents import Documents
+from test_registry_checks import CASES, D, T, make
+
+ROWS = ((7, 1, 16, 13), (16, 21))
+TAKES = [case for case in CASES if make(case).takes_documents]
+REFUSES = sorted(set(CASES) - set(TAKES))
+
+
+def segment_ids() -> np.ndarray:
+    """[2, T]: document d of a row holds id d."""
+    return np.stack([np.repeat(np.arange(len(row)), row) for row in ROWS]).astype(np.int32)
+
+
+def each_alone(mixer: mixers.Mixer, x: jax.Array) -> jax.Array:
+    """Every document of every row through the mixer on its own (a batch of one), concatenated back to [2, T, D]."""
+    rows = []
+    for b, row in enumerate(ROWS):
+        bounds = np.cumsum((0,) + row)
+        rows.append(jnp.concatenate([mixer(x[b : b + 1, s:e]) for s, e in zip(bounds[:-1], bounds[1:])], axis=1))
+    return jnp.concatenate(rows, axis=0)
+
+
+def loss_and_grads(mixer: mixers.Mixer, x: jax.Array, weights: jax.Array, run):
+    """sum(run(mixer, x) * weights) and its gradients with respect to the mixer's parameters and x, jitted."""
+
+    def loss(m, inputs):
+        return jnp.sum(run(m, inputs) * weights)
+
+    return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(mixer, x)
+
+
+def test_the_registry_has_mixers_on_both_sides():
+    assert {"softmax", "gla", "deltanet", "mamba2"} <= {case.split("-")[0] for case in TAKES}
+
+
+@pytest.mark.parametrize("case", TAKES)
+def test_a_packed_row_equals_each_document_alone(case):
+    mixer = make(case)
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (len(ROWS), T, D), jnp.float32)
+    weights = jax.random.normal(kw, x.shape, jnp.float32)
+    documents = Documents.of(segment_ids())
+    packed = nnx.jit(lambda m, a: m(a, documents=documents))(mixer, x)
+    np.testing.assert_allclose(packed, nnx.jit(each_alone)(mixer, x), rtol=2e-4, atol=2e-5)
+    value, (g_model, g_x) = loss_and_grads(mixer, x, weights, lambda m, a: m(a, documents=documents))
+    ref_value, (ref_model, ref_x) = loss_and_grads(mixer, x, weights, each_alone)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-4)
+    np.testing.assert_allclose(g_x, ref_x, rtol=2e-4, atol=2e-5)
+    leaves, ref_leaves = jax.tree.leaves(nnx.state(g_model)), jax.tree.leaves(nnx.state(ref_model))
+    assert len(leaves) == len(ref_leaves) > 0
+    for leaf, ref in zip(leaves, ref_leaves):
+        np.testing.assert_allclose(leaf, ref, rtol=5e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("case", REFUSES)
+def test_a_mixer_without_documents_refuses_them(case):
+    x = jnp.zeros((len(ROWS), T, D))
+    with pytest.raises(ValueError, match="^documents: .* does not take packed documents"):
+        make(case)(x, documents=Documents.of(segment_ids()))
+
+
+def test_documents_of_a_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"^documents\.segment_ids must be \[batch, time\]"):
+        make("gla")(jnp.zeros((len(ROWS), T, D)), documents=Documents.of(segment_ids()[:, :-1]))
