@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--mixers", default="softmax,gla,deltanet,mamba2")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
-    print(f"{'mixer':<10} {'pack':<6} {'tokens/s':>10} {'filled':>7} {'real tokens/s':>14}")
+    rows = [f"{'mixer':<10} {'pack':<6} {'tokens/s':>10} {'filled':>7} {'real tokens/s':>14}"]
     for mixer in args.mixers.split(","):
         for pack in (False, True):
             config = config_lib.load_config(os.path.join(ROOT, "configs", "bytes.py") + f":{mixer}")
@@ -57,7 +57,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as workdir:
                 speed = tokens_per_s(config, workdir)
             filled = filled_fraction(config) if pack else 1.0
-            print(f"{mixer:<10} {str(pack):<6} {speed:>10,.0f} {filled:>7.3f} {speed * filled:>14,.0f}", flush=True)
+            rows.append(f"{mixer:<10} {str(pack):<6} {speed:>10,.0f} {filled:>7.3f} {speed * filled:>14,.0f}")
+    print("\n".join(rows))  # after the runs' own logs
 
 
 if __name__ == "__main__":
