@@ -39,8 +39,8 @@ class FixedVector(nnx.Variable):
 
 
 def _angles(theta: jax.Array, pos: jax.Array) -> jax.Array:
-    """pos [T] int, theta [..., n] -> angles pos_t * theta [T, ..., n] float32."""
-    pos = pos.astype(jnp.float32).reshape(-1, *([1] * theta.ndim))
+    """pos [T] or [B, T] int, theta [..., n] -> angles pos_t * theta [(B,) T, ..., n] float32."""
+    pos = pos.astype(jnp.float32).reshape(*pos.shape, *([1] * theta.ndim))
     return pos * theta.astype(jnp.float32)
 
 
@@ -57,11 +57,11 @@ class URPE(nnx.Module):
         self.householder = FixedVector(u / jnp.linalg.norm(u))
 
     def __call__(self, x: jax.Array, pos: jax.Array) -> jax.Array:
-        """x [B, T, H, d], pos [T] int -> [B, T, H, d] (x's dtype), computed in float32."""
+        """x [B, T, H, d], pos [T] or [B, T] int -> [B, T, H, d] (x's dtype), computed in float32."""
         x32 = x.astype(jnp.float32)
         u = self.householder[...]
         reflected = x32 - 2.0 * jnp.sum(x32 * u, axis=-1, keepdims=True) * u
-        angle = _angles(self.theta[...], pos)[None, :, None, :]  # [1, T, 1, d/2]
+        angle = _angles(self.theta[...], pos)[..., None, :]  # [(B,) T, 1, d/2]
         return rotate_pairs(reflected, angle, interleaved=True).astype(x.dtype)
 
 
@@ -80,7 +80,7 @@ class LRPE(nnx.Module):
         return 2 * self.dim
 
     def __call__(self, x: jax.Array, pos: jax.Array) -> jax.Array:
-        """x [B, T, H, d], pos [T] int -> [B, T, H, 2d] (x's dtype), computed in float32."""
-        angle = _angles(self.theta[...][:, 0], pos)[None]  # [1, T, H, d]
+        """x [B, T, H, d], pos [T] or [B, T] int -> [B, T, H, 2d] (x's dtype), computed in float32."""
+        angle = _angles(self.theta[...][:, 0], pos)  # [(B,) T, H, d]
         x32 = x.astype(jnp.float32)
         return jnp.concatenate([x32 * jnp.cos(angle), x32 * jnp.sin(angle)], axis=-1).astype(x.dtype)

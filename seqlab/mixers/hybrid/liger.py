@@ -35,7 +35,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_fraction, check_positive, check_positive_int
-from seqlab.layers.positional import positions
+from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import HybridCache
 from seqlab.mixers.from_softmax import SoftmaxAttention, copy_projections, softmax_layout
@@ -52,6 +52,8 @@ from seqlab.ops.lolcats_attn import repeat_heads
 class LigerAttention(Mixer):
     """Sliding-window softmax attention mixed with gated linear attention on the same projections (see the module
     docstring)."""
+
+    takes_documents = True
 
     def __init__(
         self,
@@ -115,15 +117,15 @@ class LigerAttention(Mixer):
             self.dtype or jnp.float32,
         )
 
-    def _forward(self, x: jax.Array, cache: HybridCache | None):
+    def _forward(self, x: jax.Array, cache: HybridCache | None, documents: Documents | None = None):
         T = x.shape[1]
         sequence_axis = None if cache is not None else self.sequence_axis
         q = self._heads(self.q_proj(x), self.head_dim)
         k = self._heads(self.k_proj(x), self.head_dim)
         v = self._heads(self.v_proj(x), self.head_dim)
-        o_gla, state = self._gla(q, k, v, None if cache is None else cache.state)
+        o_gla, state = self._gla(q, k, v, None if cache is None else cache.state, documents)
         if self.rope is not None:
-            pos = positions(cache, T, sequence_axis)
+            pos = self._positions(cache, T, documents)
             q, k = self.rope(q, pos), self.rope(k, pos)
         if cache is not None:
             cache = cache.write(k, v).replace(state=state)
@@ -134,17 +136,19 @@ class LigerAttention(Mixer):
         else:
             o_swa = ops.softmax_attn(
                 q, k, v, causal=True, window=self.window, impl=self.impl, sequence_axis=sequence_axis,
+                segment_ids=None if documents is None else documents.segment_ids,
             )  # fmt: skip
         o = self.mix * o_swa.astype(jnp.float32) + (1.0 - self.mix) * o_gla.astype(jnp.float32)
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
 
-    def _gla(self, q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array | None):
-        """The GLA branch on pre-RoPE q [B, T, H, d], k, v [B, T, H_kv, d] -> (o [B, T, H, d], final state or None)."""
+    def _gla(self, q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array | None, documents: Documents | None):
+        """The GLA branch on pre-RoPE q [B, T, H, d], k, v [B, T, H_kv, d] (restarting at `documents`) -> (o
+        [B, T, H, d], final state or None)."""
         log_alpha = jax.nn.log_sigmoid(k.astype(jnp.float32)) / self.gate_logit_normalizer
         phi_q = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
         phi_k = jax.nn.softmax(k.astype(jnp.float32), axis=-1)
         H = self.num_heads
         return ops.gla(
             phi_q, repeat_heads(phi_k, H), repeat_heads(v, H), repeat_heads(log_alpha, H), scale=1.0,
-            **self._op_kwargs(state),
+            **self._op_kwargs(state, documents),
         )  # fmt: skip

@@ -34,6 +34,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_choice, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -53,6 +54,8 @@ NORM_FNS = {
     examples={"default": dict(num_heads=2)},
 )
 class DSFAttention(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -85,13 +88,13 @@ class DSFAttention(Mixer):
         self._check_cache_args(batch, max_len)
         return RecurrentCache.empty((batch, self.num_heads, self.key_dim, self.value_dim))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         q = self._heads(self.q_proj(x), self.key_dim)
         k = self._heads(self.k_proj(x), self.key_dim)
         v = self._heads(self.v_proj(x), self.value_dim)
         eta = NORM_FNS[self.norm_fn](self.n_proj(x).astype(jnp.float32))  # [B, T, H]
         o, state = ops.linear_attn(
-            q, k, v, scale=1.0, normalize=False, **self._op_kwargs(None if cache is None else cache.state)
+            q, k, v, scale=1.0, normalize=False, **self._op_kwargs(None if cache is None else cache.state, documents)
         )
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + x.shape[1])

@@ -38,9 +38,9 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_choice, check_positive, check_positive_int, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.lrpe import LRPE
 from seqlab.layers.norms import srms_norm
-from seqlab.layers.positional import positions
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -82,6 +82,8 @@ def _check_depth(layer_index: Any, num_layers: Any) -> None:
     examples={"default": dict(num_heads=2, layer_index=1, num_layers=3)},
 )
 class TNLAttention(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -118,18 +120,18 @@ class TNLAttention(Mixer):
         self._check_cache_args(batch, max_len)
         return RecurrentCache.empty((batch, self.num_heads, self.key_dim, self.head_dim))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         B, T, _ = x.shape
         q, k, v, u = jnp.split(self.qkvu_proj(x), 4, axis=-1)
         q = jax.nn.silu(self._heads(q, self.head_dim))
         k = jax.nn.silu(self._heads(k, self.head_dim))
         if self.lrpe is not None:
-            pos = positions(cache, T, self.sequence_axis)
+            pos = self._positions(cache, T, documents)
             q, k = self.lrpe(q, pos), self.lrpe(k, pos)
         g = jnp.broadcast_to(self.log_decay(), (B, T, self.num_heads))
         o, state = ops.simple_gla(
             q, k, self._heads(v, self.head_dim), g, scale=1.0,
-            **self._op_kwargs(None if cache is None else cache.state),
+            **self._op_kwargs(None if cache is None else cache.state, documents),
         )  # fmt: skip
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + T)

@@ -39,8 +39,8 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_choice, check_positive, check_positive_int, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.lrpe import URPE
-from seqlab.layers.positional import positions
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import BlockCache, RecurrentCache
 from seqlab.mixers.registry import register
@@ -102,11 +102,14 @@ class _TransNormerMixer(Mixer):
         self.urpe = URPE(self.head_dim, rngs=rngs, param_dtype=param_dtype) if use_urpe else None
         self._projections(self.head_dim, self.head_dim, rngs, use_bias=use_bias)
 
-    def _position_encode(self, q: jax.Array, k: jax.Array, cache: Any) -> tuple[jax.Array, jax.Array]:
-        """URPE on q, k [B, T, H, d] at their absolute positions (identity without URPE)."""
+    def _position_encode(
+        self, q: jax.Array, k: jax.Array, cache: Any, documents: Documents | None = None
+    ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """URPE on q, k [B, T, H, d] at their positions (within each document of packed rows; identity without
+        URPE)."""
         if self.urpe is None:
             return q, k
-        pos = positions(cache, q.shape[1], self.sequence_axis)
+        pos = self._positions(cache, q.shape[1], documents)
         return self.urpe(q, pos), self.urpe(k, pos)
 
 
@@ -118,6 +121,8 @@ class _TransNormerMixer(Mixer):
 )
 class NormAttention(_TransNormerMixer):
     """TransNormer's linear layer: additive linear attention (φ = ELU for T1, 1 + ELU for T2), SRMSNorm, W_o."""
+
+    takes_documents = True
 
     def __init__(
         self,
@@ -148,13 +153,13 @@ class NormAttention(_TransNormerMixer):
         self._check_cache_args(batch, max_len)
         return RecurrentCache.empty((batch, self.num_heads, self.head_dim, self.head_dim))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         q = self.feature_map(self._heads(self.q_proj(x), self.head_dim))
         k = self.feature_map(self._heads(self.k_proj(x), self.head_dim))
-        q, k = self._position_encode(q, k, cache)
+        q, k = self._position_encode(q, k, cache, documents)
         v = self._heads(self.v_proj(x), self.head_dim)
         o, state = ops.linear_attn(
-            q, k, v, scale=1.0, normalize=False, **self._op_kwargs(None if cache is None else cache.state)
+            q, k, v, scale=1.0, normalize=False, **self._op_kwargs(None if cache is None else cache.state, documents)
         )
         if cache is not None:
             cache = cache.replace(state=state, pos=cache.pos + x.shape[1])
