@@ -16,6 +16,12 @@ and the states are recomputed, ``_state_grad_kernel`` runs the cotangent of the 
 (dν = (QKᵀ⊙Γ⊙M)ᵀ dO + (K⊙e^{γ_C-γ}) dS_{n+1}; dS_n = (Q⊙e^γ)ᵀ dO + e^{γ_C} dS_{n+1} - Wᵀ dν), and
 ``_chunk_grad_kernel`` takes every input's gradient per chunk in parallel (through T by dA = -Tᵀ dT Tᵀ).
 
+Packed documents (``starts`` [B, T]): each token carries its document index within its chunk (0 = the document
+the incoming state belongs to); Γ is masked to pairs of one document (so A, T, W and U are block-diagonal by
+document), only document-0 rows read S_n (e^γ masked), only the last document writes S_{n+1} (e^{γ_C - γ} masked)
+and S_n passes on only through a chunk without a start (e^{γ_C} masked). Every gradient is taken through these
+masked factors, so it is exact too.
+
 Kernel layout: q, k [B, H, T', K'], v [B, H, T', V'] (K', V' = ``padded_feature``; T' a multiple of the chunk, padded
 with zeros: β = 0 and g = 0 are the identity); β and γ [B, H, N, 1, C] (the 1 keeps TPU's last-two-dims rule); states [B, H, N·K', V'] (chunk n's state in
 rows n·K' to (n+1)·K'). Everything is float32 inside except matmul operands that arrive as bf16.
@@ -28,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _common
@@ -73,12 +80,14 @@ def delta_rule(
     g: Array | None = None,
     scale: float,
     initial_state: Array | None = None,
+    starts: Array | None = None,
     blocks: DeltaRuleBlocks = DeltaRuleBlocks(),
     backend: str | None = None,
 ) -> tuple[Array, Array]:
     """q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; g [B, T, H] log decay <= 0 or None (DeltaNet);
-    initial_state [B, H, K, V] float32 or None (zeros). scale multiplies q. Returns o [B, T, H, V] float32 and the
-    final state [B, H, K, V] float32."""
+    initial_state [B, H, K, V] float32 or None (zeros), before each row's first document; starts [B, T] bool,
+    packed documents' starts (each from a zero state; the final state is the last document's) or None. scale
+    multiplies q. Returns o [B, T, H, V] float32 and the final state [B, H, K, V] float32."""
     if not isinstance(blocks, DeltaRuleBlocks):
         raise ValueError(f"blocks must be a DeltaRuleBlocks, got {blocks!r}")
     config = _Config(float(scale), blocks, _common.resolve_backend(backend))
@@ -87,7 +96,7 @@ def delta_rule(
         g = jnp.zeros(beta.shape, jnp.float32)
     if initial_state is None:
         initial_state = jnp.zeros((batch, heads, key_dim, v.shape[-1]), jnp.float32)
-    return _delta_rule(q, k, v, beta, g, initial_state.astype(jnp.float32), config)
+    return _delta_rule(q, k, v, beta, g, initial_state.astype(jnp.float32), starts, config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,13 +136,33 @@ def _invert_unit_lower(strict_lower: Array) -> Array:
     return jax.lax.fori_loop(1, size, substitute, identity)
 
 
-def _decays(gamma: Array) -> tuple[Array, Array, Array]:
-    """Γ ⊙ M [C, C] (diagonal included), Γ on the strictly lower part [C, C], and e^{γ_C - γ} [C]."""
+@dataclasses.dataclass(frozen=True)
+class _Decays:
+    """A chunk's decay factors from γ [C]: Γ ⊙ M [C, C] (diagonal included) and Γ strictly lower [C, C] (``causal``,
+    ``strict``), e^{γ_C - γ} [C] (``write``: a key's decay to the chunk's end), e^γ [C] (``read``: from the incoming
+    state) and e^{γ_C} [] (``carry``: the incoming state through the chunk); with documents, masked (module
+    docstring)."""
+
+    causal: Array
+    strict: Array
+    write: Array
+    read: Array
+    carry: Array
+
+
+def _decays(gamma: Array, doc: Array | None) -> _Decays:
+    """The decay factors of a chunk with gate sums γ [C] and document indices doc [C] (None: one document)."""
     size = gamma.shape[0]
     diff = gamma[:, None] - gamma[None, :]
-    causal = masked_exp(diff, causal_mask(size, size))
-    strict = masked_exp(diff, causal_mask(size, size, strict=True))
-    return causal, strict, jnp.exp(_last(gamma) - gamma)
+    causal, strict = causal_mask(size, size), causal_mask(size, size, strict=True)
+    write, read, carry = jnp.exp(_last(gamma) - gamma), jnp.exp(gamma), jnp.exp(_last(gamma))
+    if doc is not None:
+        same = doc[:, None] == doc[None, :]
+        causal, strict = causal & same, strict & same
+        last = _last(doc)
+        write, read = jnp.where(doc == last, write, 0.0), jnp.where(doc == 0, read, 0.0)
+        carry = jnp.where(last == 0, carry, 0.0)
+    return _Decays(masked_exp(diff, causal), masked_exp(diff, strict), write, read, carry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,19 +178,19 @@ class _WY:
     u: Array
 
 
-def _wy_terms(k: Array, v: Array, beta: Array, gamma: Array, strict_decay: Array) -> _WY:
-    """W = T diag(β)(K ⊙ e^γ), U = T diag(β) V for k [C, K], v [C, V], beta, gamma [C]."""
-    gram = matmul_nt(k, k) * strict_decay
+def _wy_terms(k: Array, v: Array, beta: Array, decays: _Decays) -> _WY:
+    """W = T diag(β)(K ⊙ e^γ), U = T diag(β) V for k [C, K], v [C, V], beta [C]."""
+    gram = matmul_nt(k, k) * decays.strict
     inverse = _invert_unit_lower(beta[:, None] * gram)
-    k_in = (beta * jnp.exp(gamma))[:, None] * k.astype(jnp.float32)
+    k_in = (beta * decays.read)[:, None] * k.astype(jnp.float32)
     v_in = beta[:, None] * v.astype(jnp.float32)
     return _WY(gram, inverse, k_in, v_in, matmul(inverse, k_in), matmul(inverse, v_in))
 
 
-def _chunk_read(q: Array, k: Array, gamma: Array, scale: float, causal_decay: Array) -> tuple[Array, Array]:
+def _chunk_read(q: Array, k: Array, scale: float, decays: _Decays) -> tuple[Array, Array]:
     """Q ⊙ e^γ [C, K] and the scores Q Kᵀ ⊙ Γ ⊙ M [C, C], q scaled."""
-    q_read = scale * q.astype(jnp.float32) * jnp.exp(gamma)[:, None]
-    scores = scale * matmul_nt(q, k) * causal_decay
+    q_read = scale * q.astype(jnp.float32) * decays.read[:, None]
+    scores = scale * matmul_nt(q, k) * decays.causal
     return q_read, scores
 
 
@@ -170,40 +199,50 @@ def _chunk_read(q: Array, k: Array, gamma: Array, scale: float, causal_decay: Ar
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, w_ref, u_ref) -> None:
-    gamma = gamma_ref[...]
-    _, strict_decay, _ = _decays(gamma)
-    wy = _wy_terms(k_ref[...], v_ref[...], beta_ref[...], gamma, strict_decay)
+def _doc(doc_ref, documents: bool, n: Array | None = None) -> Array | None:
+    """The document indices [C] of this chunk (chunk n of a whole-sequence ref), or None without documents."""
+    if not documents:
+        return None
+    return doc_ref[...] if n is None else doc_ref[n, 0, :]
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, gamma_ref, doc_ref, w_ref, u_ref, *, documents: bool) -> None:
+    decays = _decays(gamma_ref[...], _doc(doc_ref, documents))
+    wy = _wy_terms(k_ref[...], v_ref[...], beta_ref[...], decays)
     w_ref[...] = wy.w
     u_ref[...] = wy.u
 
 
-def _state_kernel(k_ref, w_ref, u_ref, gamma_ref, initial_ref, states_ref, final_ref, *, chunk: int, chunks: int) -> None:
+def _state_kernel(
+    k_ref, w_ref, u_ref, gamma_ref, doc_ref, initial_ref, states_ref, final_ref, *, chunk: int, chunks: int,
+    documents: bool,
+) -> None:
     """Each chunk's incoming state into ``states_ref`` [N·K, V], the final state into ``final_ref`` [K, V]."""
     key_dim = initial_ref.shape[0]
 
     def step(n: Array, state: Array) -> Array:
         tokens = pl.ds(n * chunk, chunk)
         states_ref[pl.ds(n * key_dim, key_dim), :] = state
-        gamma = gamma_ref[n, 0, :]
+        decays = _decays(gamma_ref[n, 0, :], _doc(doc_ref, documents, n))
         nu = u_ref[tokens, :] - matmul(w_ref[tokens, :], state)
-        k_write = k_ref[tokens, :].astype(jnp.float32) * jnp.exp(_last(gamma) - gamma)[:, None]
-        return jnp.exp(_last(gamma)) * state + matmul_tn(k_write, nu)
+        k_write = k_ref[tokens, :].astype(jnp.float32) * decays.write[:, None]
+        return decays.carry * state + matmul_tn(k_write, nu)
 
     final_ref[...] = jax.lax.fori_loop(0, chunks, step, initial_ref[...])
 
 
-def _output_kernel(q_ref, k_ref, w_ref, u_ref, gamma_ref, state_ref, o_ref, *, scale: float) -> None:
-    gamma = gamma_ref[...]
-    causal_decay, _, _ = _decays(gamma)
-    q_read, scores = _chunk_read(q_ref[...], k_ref[...], gamma, scale, causal_decay)
+def _output_kernel(q_ref, k_ref, w_ref, u_ref, gamma_ref, doc_ref, state_ref, o_ref, *, scale: float,
+                   documents: bool) -> None:
+    decays = _decays(gamma_ref[...], _doc(doc_ref, documents))
+    q_read, scores = _chunk_read(q_ref[...], k_ref[...], scale, decays)
     state = state_ref[...]
     nu = u_ref[...] - matmul(w_ref[...], state)
     o_ref[...] = matmul(q_read, state) + matmul(scores, nu)
 
 
 def _state_grad_kernel(
-    q_ref, k_ref, w_ref, do_ref, gamma_ref, d_final_ref, d_states_ref, d_initial_ref, *, scale: float, chunk: int, chunks: int
+    q_ref, k_ref, w_ref, do_ref, gamma_ref, doc_ref, d_final_ref, d_states_ref, d_initial_ref, *, scale: float,
+    chunk: int, chunks: int, documents: bool,
 ) -> None:
     """Backwards over chunks: each chunk's outgoing-state cotangent dS_{n+1} into ``d_states_ref`` [N·K, V], dS_0 into
     ``d_initial_ref``."""
@@ -213,13 +252,12 @@ def _state_grad_kernel(
         n = chunks - 1 - i
         tokens = pl.ds(n * chunk, chunk)
         d_states_ref[pl.ds(n * key_dim, key_dim), :] = d_state
-        gamma = gamma_ref[n, 0, :]
-        causal_decay, _, write_decay = _decays(gamma)
+        decays = _decays(gamma_ref[n, 0, :], _doc(doc_ref, documents, n))
         k = k_ref[tokens, :]
-        q_read, scores = _chunk_read(q_ref[tokens, :], k, gamma, scale, causal_decay)
+        q_read, scores = _chunk_read(q_ref[tokens, :], k, scale, decays)
         d_out = do_ref[tokens, :].astype(jnp.float32)
-        d_nu = matmul_tn(scores, d_out) + matmul(k.astype(jnp.float32) * write_decay[:, None], d_state)
-        return matmul_tn(q_read, d_out) + jnp.exp(_last(gamma)) * d_state - matmul_tn(w_ref[tokens, :], d_nu)
+        d_nu = matmul_tn(scores, d_out) + matmul(k.astype(jnp.float32) * decays.write[:, None], d_state)
+        return matmul_tn(q_read, d_out) + decays.carry * d_state - matmul_tn(w_ref[tokens, :], d_nu)
 
     d_initial_ref[...] = jax.lax.fori_loop(0, chunks, step, d_final_ref[...])
 
@@ -239,24 +277,22 @@ class _WYGrads:
     d_gamma: Array
 
 
-def _wy_grads(
-    wy: _WY, k: Array, v: Array, beta: Array, gamma: Array, d_w: Array, d_u: Array, strict_decay: Array
-) -> _WYGrads:
+def _wy_grads(wy: _WY, k: Array, v: Array, beta: Array, d_w: Array, d_u: Array, decays: _Decays) -> _WYGrads:
     """Back through W = T k_in, U = T v_in and T = (I + A)⁻¹ (dA = -Tᵀ dT Tᵀ on the strictly lower part), with
     A = diag(β) gram, gram = Γ ⊙ K Kᵀ (strictly lower), k_in = diag(β)(K ⊙ e^γ), v_in = diag(β) V; k, v float32."""
     d_inverse = matmul_nt(d_w, wy.k_in) + matmul_nt(d_u, wy.v_in)
     d_k_in = matmul_tn(wy.inverse, d_w)
     d_v_in = matmul_tn(wy.inverse, d_u)
-    strict = causal_mask(*strict_decay.shape, strict=True)
+    strict = causal_mask(*decays.strict.shape, strict=True)
     d_system = jnp.where(strict, -matmul_nt(matmul_tn(wy.inverse, d_inverse), wy.inverse), 0.0)
     d_gram = beta[:, None] * d_system
-    d_kk = d_gram * strict_decay
+    d_kk = d_gram * decays.strict
     return _WYGrads(
-        dk=matmul(d_kk, k) + matmul_tn(d_kk, k) + d_k_in * (beta * jnp.exp(gamma))[:, None],
+        dk=matmul(d_kk, k) + matmul_tn(d_kk, k) + d_k_in * (beta * decays.read)[:, None],
         dv=beta[:, None] * d_v_in,
         d_beta=(
             jnp.sum(d_system * wy.gram, axis=1)
-            + jnp.sum(d_k_in * k, axis=1) * jnp.exp(gamma)
+            + jnp.sum(d_k_in * k, axis=1) * decays.read
             + jnp.sum(d_v_in * v, axis=1)
         ),
         d_gamma=_gate_grad(d_gram * wy.gram) + jnp.sum(d_k_in * wy.k_in, axis=1),
@@ -264,32 +300,31 @@ def _wy_grads(
 
 
 def _chunk_grad_kernel(
-    q_ref, k_ref, v_ref, beta_ref, gamma_ref, state_ref, d_next_ref, do_ref,
-    dq_ref, dk_ref, dv_ref, d_beta_ref, dg_ref, *, scale: float,
+    q_ref, k_ref, v_ref, beta_ref, gamma_ref, doc_ref, state_ref, d_next_ref, do_ref,
+    dq_ref, dk_ref, dv_ref, d_beta_ref, dg_ref, *, scale: float, documents: bool,
 ) -> None:
     """Gradients of one chunk's q, k, v, β and g (the reverse within-chunk cumsum of γ's gradient)."""
-    q, k, v, beta, gamma = q_ref[...], k_ref[...], v_ref[...], beta_ref[...], gamma_ref[...]
+    q, k, v, beta = q_ref[...], k_ref[...], v_ref[...], beta_ref[...]
     state, d_next, d_out = state_ref[...], d_next_ref[...], do_ref[...].astype(jnp.float32)
     k32 = k.astype(jnp.float32)
-    causal_decay, strict_decay, write_decay = _decays(gamma)
-    decay_last = jnp.exp(_last(gamma))
-    wy = _wy_terms(k, v, beta, gamma, strict_decay)
-    q_read, scores = _chunk_read(q, k, gamma, scale, causal_decay)
-    k_write = k32 * write_decay[:, None]
+    decays = _decays(gamma_ref[...], _doc(doc_ref, documents))
+    wy = _wy_terms(k, v, beta, decays)
+    q_read, scores = _chunk_read(q, k, scale, decays)
+    k_write = k32 * decays.write[:, None]
     nu = wy.u - matmul(wy.w, state)
     d_nu = matmul_tn(scores, d_out) + matmul(k_write, d_next)
 
     d_q_read = matmul_nt(d_out, state)
     d_scores = matmul_nt(d_out, nu)
     d_k_write = matmul_nt(nu, d_next)
-    through_wy = _wy_grads(wy, k32, v.astype(jnp.float32), beta, gamma, -matmul_nt(d_nu, state), d_nu, strict_decay)
-    d_qk = d_scores * causal_decay * scale
+    through_wy = _wy_grads(wy, k32, v.astype(jnp.float32), beta, -matmul_nt(d_nu, state), d_nu, decays)
+    d_qk = d_scores * decays.causal * scale
 
-    dq = scale * (d_q_read * jnp.exp(gamma)[:, None]) + matmul(d_qk, k32)
-    dk = matmul_tn(d_qk, q.astype(jnp.float32)) + through_wy.dk + d_k_write * write_decay[:, None]
+    dq = scale * (d_q_read * decays.read[:, None]) + matmul(d_qk, k32)
+    dk = matmul_tn(d_qk, q.astype(jnp.float32)) + through_wy.dk + d_k_write * decays.write[:, None]
     d_write = jnp.sum(d_k_write * k_write, axis=1)
     d_gamma = _gate_grad(d_scores * scores) + through_wy.d_gamma + jnp.sum(d_q_read * q_read, axis=1) - d_write
-    d_gamma_last = jnp.sum(d_write) + decay_last * jnp.sum(state * d_next)
+    d_gamma_last = jnp.sum(d_write) + decays.carry * jnp.sum(state * d_next)
     dq_ref[...] = dq
     dk_ref[...] = dk
     dv_ref[...] = through_wy.dv
@@ -327,13 +362,16 @@ def _scan_grid(batch: int, heads: int, value_dim: int, config: "_Config") -> tup
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """Inputs in kernel layout for one chunk size: q, k [B, H, T', K'], v [B, H, T', V'], beta, gamma [B, H, N, 1, C]."""
+    """Inputs in kernel layout for one chunk size: q, k [B, H, T', K'], v [B, H, T', V'], beta, gamma and the
+    document indices doc [B, H, N, 1, C] (zeros and ``documents`` False for unpacked rows)."""
 
     q: Array
     k: Array
     v: Array
     beta: Array
     gamma: Array
+    doc: Array
+    documents: bool
 
     @property
     def chunk(self) -> int:
@@ -344,16 +382,21 @@ class _Layout:
         return self.beta.shape[-3]
 
 
-def _to_layout(q: Array, k: Array, v: Array, beta: Array, g: Array, chunk: int) -> _Layout:
+def _to_layout(q: Array, k: Array, v: Array, beta: Array, g: Array, starts: Array | None, chunk: int) -> _Layout:
     length = _common.padded_length(q.shape[1], chunk)
     key_dim, value_dim = _common.padded_feature(k.shape[-1]), _common.padded_feature(v.shape[-1])
     batch, _, heads = beta.shape
     gates = (batch, heads, length // chunk, 1, chunk)
     beta = _common.to_kernel_layout(beta.astype(jnp.float32), length).reshape(gates)
     gamma = chunk_math.chunk_cumsum(_common.to_kernel_layout(g.astype(jnp.float32), length).reshape(gates))
+    if starts is None:
+        doc = jnp.zeros(gates, jnp.float32)
+    else:  # the starts counted within each chunk
+        flags = jnp.broadcast_to(starts[:, :, None], beta.shape[:1] + (starts.shape[1], heads)).astype(jnp.float32)
+        doc = jnp.cumsum(_common.to_kernel_layout(flags, length).reshape(gates), axis=-1)
     return _Layout(
         _common.to_kernel_layout(q, length, key_dim), _common.to_kernel_layout(k, length, key_dim),
-        _common.to_kernel_layout(v, length, value_dim), beta, gamma,
+        _common.to_kernel_layout(v, length, value_dim), beta, gamma, doc, starts is not None,
     )
 
 
@@ -371,10 +414,10 @@ def _wy(x: _Layout, config: _Config) -> tuple[Array, Array]:
     value_dim, chunk = x.v.shape[-1], x.chunk
     shapes = [jax.ShapeDtypeStruct((batch, heads, length, d), jnp.float32) for d in (key_dim, value_dim)]
     return _call(
-        _wy_kernel, config, (batch, heads, x.chunks),
-        [_tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk), _chunk_gate(chunk)],
+        functools.partial(_wy_kernel, documents=x.documents), config, (batch, heads, x.chunks),
+        [_tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk), _chunk_gate(chunk), _chunk_gate(chunk)],
         [_tile(chunk, key_dim), _tile(chunk, value_dim)], shapes, "delta_rule_wy",
-    )(x.k, x.v, x.beta, x.gamma)
+    )(x.k, x.v, x.beta, x.gamma, x.doc)
 
 
 def _states(x: _Layout, w: Array, u: Array, initial_state: Array, config: _Config) -> tuple[Array, Array]:
@@ -382,30 +425,30 @@ def _states(x: _Layout, w: Array, u: Array, initial_state: Array, config: _Confi
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunks = x.v.shape[-1], x.chunks
     grid, value_block = _scan_grid(batch, heads, value_dim, config)
-    kernel = functools.partial(_state_kernel, chunk=x.chunk, chunks=chunks)
+    kernel = functools.partial(_state_kernel, chunk=x.chunk, chunks=chunks, documents=x.documents)
     return _call(
         kernel, config, grid,
         [whole(length, key_dim), whole(length, key_dim), columns(length, value_block), whole(chunks, 1, x.chunk),
-         columns(key_dim, value_block)],
+         whole(chunks, 1, x.chunk), columns(key_dim, value_block)],
         [columns(chunks * key_dim, value_block), columns(key_dim, value_block)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         "delta_rule_states",
-    )(x.k, w, u, x.gamma, initial_state)
+    )(x.k, w, u, x.gamma, x.doc, initial_state)
 
 
 def _outputs(x: _Layout, w: Array, u: Array, states: Array, config: _Config) -> Array:
     """o [B, H, T', V'] float32."""
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunk = x.v.shape[-1], x.chunk
-    kernel = functools.partial(_output_kernel, scale=config.scale)
+    kernel = functools.partial(_output_kernel, scale=config.scale, documents=x.documents)
     return _call(
         kernel, config, (batch, heads, x.chunks),
         [_tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, value_dim),
-         _chunk_gate(chunk), _tile(key_dim, value_dim)],
+         _chunk_gate(chunk), _chunk_gate(chunk), _tile(key_dim, value_dim)],
         _tile(chunk, value_dim), jax.ShapeDtypeStruct((batch, heads, length, value_dim), jnp.float32),
         "delta_rule_output",
-    )(x.q, x.k, w, u, x.gamma, states)
+    )(x.q, x.k, w, u, x.gamma, x.doc, states)
 
 
 def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Config) -> tuple[Array, Array]:
@@ -413,33 +456,35 @@ def _state_grads(x: _Layout, w: Array, d_out: Array, d_final: Array, config: _Co
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunks = x.v.shape[-1], x.chunks
     grid, value_block = _scan_grid(batch, heads, value_dim, config)
-    kernel = functools.partial(_state_grad_kernel, scale=config.scale, chunk=x.chunk, chunks=chunks)
+    kernel = functools.partial(_state_grad_kernel, scale=config.scale, chunk=x.chunk, chunks=chunks,
+                               documents=x.documents)  # fmt: skip
     return _call(
         kernel, config, grid,
         [whole(length, key_dim), whole(length, key_dim), whole(length, key_dim), columns(length, value_block),
-         whole(chunks, 1, x.chunk), columns(key_dim, value_block)],
+         whole(chunks, 1, x.chunk), whole(chunks, 1, x.chunk), columns(key_dim, value_block)],
         [columns(chunks * key_dim, value_block), columns(key_dim, value_block)],
         [jax.ShapeDtypeStruct((batch, heads, chunks * key_dim, value_dim), jnp.float32),
          jax.ShapeDtypeStruct((batch, heads, key_dim, value_dim), jnp.float32)],
         "delta_rule_state_grads",
-    )(x.q, x.k, w, d_out, x.gamma, d_final)
+    )(x.q, x.k, w, d_out, x.gamma, x.doc, d_final)
 
 
 def _chunk_grads(x: _Layout, states: Array, d_states: Array, d_out: Array, config: _Config) -> tuple[Array, ...]:
     """dq, dk [B, H, T', K'], dv [B, H, T', V'], d beta and dg [B, H, N, 1, C] (float32)."""
     batch, heads, length, key_dim = x.k.shape
     value_dim, chunk = x.v.shape[-1], x.chunk
-    kernel = functools.partial(_chunk_grad_kernel, scale=config.scale)
+    kernel = functools.partial(_chunk_grad_kernel, scale=config.scale, documents=x.documents)
     features = [jax.ShapeDtypeStruct((batch, heads, length, d), jnp.float32) for d in (key_dim, key_dim, value_dim)]
     gates = [jax.ShapeDtypeStruct(x.beta.shape, jnp.float32)] * 2
     return _call(
         kernel, config, (batch, heads, x.chunks),
         [_tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk),
-         _chunk_gate(chunk), _tile(key_dim, value_dim), _tile(key_dim, value_dim), _tile(chunk, value_dim)],
+         _chunk_gate(chunk), _chunk_gate(chunk), _tile(key_dim, value_dim), _tile(key_dim, value_dim),
+         _tile(chunk, value_dim)],
         [_tile(chunk, key_dim), _tile(chunk, key_dim), _tile(chunk, value_dim), _chunk_gate(chunk),
          _chunk_gate(chunk)],
         features + gates, "delta_rule_chunk_grads",
-    )(x.q, x.k, x.v, x.beta, x.gamma, states, d_states, d_out)
+    )(x.q, x.k, x.v, x.beta, x.gamma, x.doc, states, d_states, d_out)
 
 
 def _pad_state(state: Array, key_dim: int, value_dim: int) -> Array:
@@ -447,8 +492,8 @@ def _pad_state(state: Array, key_dim: int, value_dim: int) -> Array:
     return jnp.pad(state, [(0, 0), (0, 0), (0, key_dim - state.shape[2]), (0, value_dim - state.shape[3])])
 
 
-def _forward(q, k, v, beta, g, initial_state, config: _Config) -> tuple[Array, Array]:
-    x = _to_layout(q, k, v, beta, g, config.blocks.chunk)
+def _forward(q, k, v, beta, g, initial_state, starts, config: _Config) -> tuple[Array, Array]:
+    x = _to_layout(q, k, v, beta, g, starts, config.blocks.chunk)
     key_dim, value_dim = x.k.shape[-1], x.v.shape[-1]
     w, u = _wy(x, config)
     states, final = _states(x, w, u, _pad_state(initial_state, key_dim, value_dim), config)
@@ -457,21 +502,21 @@ def _forward(q, k, v, beta, g, initial_state, config: _Config) -> tuple[Array, A
     return _common.from_kernel_layout(o, length, v.shape[-1]), final[:, :, :state_keys, :state_values]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _delta_rule(q, k, v, beta, g, initial_state, config: _Config) -> tuple[Array, Array]:
-    return _forward(q, k, v, beta, g, initial_state, config)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _delta_rule(q, k, v, beta, g, initial_state, starts, config: _Config) -> tuple[Array, Array]:
+    return _forward(q, k, v, beta, g, initial_state, starts, config)
 
 
-def _delta_rule_fwd(q, k, v, beta, g, initial_state, config: _Config):
-    return _forward(q, k, v, beta, g, initial_state, config), (q, k, v, beta, g, initial_state)
+def _delta_rule_fwd(q, k, v, beta, g, initial_state, starts, config: _Config):
+    return _forward(q, k, v, beta, g, initial_state, starts, config), (q, k, v, beta, g, initial_state, starts)
 
 
 def _delta_rule_bwd(config: _Config, residuals, cotangents):
     """Recompute W, U and the states at the backward chunk size, run the state cotangent back, then every chunk's
     gradients in parallel."""
-    q, k, v, beta, g, initial_state = residuals
+    q, k, v, beta, g, initial_state, starts = residuals
     d_out, d_final = cotangents
-    x = _to_layout(q, k, v, beta, g, config.blocks.chunk_bwd)
+    x = _to_layout(q, k, v, beta, g, starts, config.blocks.chunk_bwd)
     batch, heads, length, key_dim = x.k.shape
     value_dim = x.v.shape[-1]
     w, u = _wy(x, config)
@@ -491,6 +536,7 @@ def _delta_rule_bwd(config: _Config, residuals, cotangents):
         gate(d_beta).astype(beta.dtype),
         gate(dg).astype(g.dtype),
         d_initial[:, :, : initial_state.shape[2], : initial_state.shape[3]],
+        None if starts is None else np.zeros(starts.shape, jax.dtypes.float0),
     )
 
 

@@ -276,14 +276,14 @@ def _gate_gradient(
     q: Array, k: Array, dq: Array, dk: Array, final: Array, d_final: Array, per_key: bool, document: Array | None
 ) -> Array:  # fmt: skip
     """∂L/∂a in chunk layout, [N, B, H, C, K] (per_key) or [N, B, H, C], from ``DiagonalGate``'s identity (with
-    documents, the reverse sums stop at document starts; see ``_document_reverse_sum``)."""
+    documents, the reverse sums stop at document starts; see ``document_reverse_sum``)."""
     d_running = q * dq - k * dk  # [N, B, H, C, K]
     d_last = jnp.sum(final * d_final, axis=-1)  # [B, H, K]: S_T ⊙ ∂L/∂S_T
     if not per_key:
         d_running, d_last = jnp.sum(d_running, -1, keepdims=True), jnp.sum(d_last, -1, keepdims=True)
     d_running = d_running.at[-1, :, :, -1].add(d_last)
     if document is not None:
-        d_gate = _document_reverse_sum(d_running, document)
+        d_gate = document_reverse_sum(d_running, document)
     else:
         within = chunk_math.chunk_reverse_cumsum(d_running, axis=-2)
         first = within[..., 0, :]  # [N, B, H, K or 1]: each chunk's total
@@ -292,7 +292,7 @@ def _gate_gradient(
     return d_gate if per_key else d_gate[..., 0]
 
 
-def _document_reverse_sum(d_running: Array, document: Array) -> Array:
+def document_reverse_sum(d_running: Array, document: Array) -> Array:
     """Σ over the later tokens of the same document of d_running [N, B, H, C, F] (document [N, B, 1, C]).
 
     The gate of a token enters only differences within its document, so every document's terms sum to zero (to

@@ -140,10 +140,11 @@ def _check_inputs(spec: LinearOpSpec) -> None:
 
 class KernelFn(Protocol):
     """A family's Pallas path: (q, k, v [B, T, H, ...] as given, gates by name, scale, initial state [B, H, K, V]
-    float32, chunk size) -> (o [B, T, H, V] float32, final state [B, H, K, V] float32)."""
+    float32, chunk size, packed documents' starts [B, T] bool or None) -> (o [B, T, H, V] float32, final state
+    [B, H, K, V] float32)."""
 
     def __call__(self, q: Array, k: Array, v: Array, gates: Mapping[str, Array], *, scale: float, initial_state: Array,
-                 chunk_size: int) -> tuple[Array, Array]: ...
+                 chunk_size: int, starts: Array | None = None) -> tuple[Array, Array]: ...
 
 
 def resolve_impl(impl: str, *, has_kernel: bool, sequence_axis: str | None, length: int) -> str:
@@ -167,10 +168,11 @@ def diagonal_kernel(gate_name: str | None) -> KernelFn:
     """The Pallas path of a diagonal-gated family whose gate is the input ``gate_name`` (None: no decay): the
     ``DiagonalGate`` contract is exactly the recurrence ``pallas_kernels.linear_attention`` computes."""
 
-    def kernel(q, k, v, gates, *, scale, initial_state, chunk_size):
+    def kernel(q, k, v, gates, *, scale, initial_state, chunk_size, starts=None):
         blocks = pallas_linear.LinearAttentionBlocks(chunk=chunk_size, chunk_bwd=chunk_size)
         gate = None if gate_name is None else gates[gate_name]
-        return pallas_linear.linear_attention(q, k, v, gate, scale=scale, initial_state=initial_state, blocks=blocks)
+        return pallas_linear.linear_attention(q, k, v, gate, scale=scale, initial_state=initial_state, starts=starts,
+                                              blocks=blocks)  # fmt: skip
 
     return kernel
 
@@ -234,7 +236,7 @@ def run_linear_op(
     when it is given; see ``recurrence.sequence_parallel``). ``gate`` declares a diagonal-gated family
     (``recurrence.DiagonalGate``), which also gives it the diagonal-gate Pallas kernels (``diagonal_kernel``);
     ``kernel`` is another family's Pallas path, if it has one (``resolve_impl``). ``segment_ids`` / ``cu_seqlens``:
-    packed documents (``packed_documents``).
+    packed documents (``packed_documents``), in every form and kernel.
 
     Returns o [B, T, H, V] in float32 (callers cast to the value dtype) and the final state or None.
     """
@@ -243,19 +245,16 @@ def run_linear_op(
     if kernel is None and gate is not None:
         kernel = diagonal_kernel(gate.name)
     starts = packed_documents(q.shape, segment_ids, cu_seqlens, sequence_axis)
-    if impl == "pallas" and starts is not None:
-        raise ValueError("impl='pallas': the Pallas kernels take no segment_ids or cu_seqlens; use 'auto' or 'chunked'")
-    has_kernel = kernel is not None and starts is None
-    impl = resolve_impl(impl, has_kernel=has_kernel, sequence_axis=sequence_axis, length=q.shape[1])
+    impl = resolve_impl(impl, has_kernel=kernel is not None, sequence_axis=sequence_axis, length=q.shape[1])
     batch, _, heads, key_dim = q.shape
     state = initial_state_or_zeros(initial_state, (batch, heads, key_dim, v.shape[-1]))
     scale = key_dim**-0.5 if scale is None else scale
-    if impl == "pallas":
-        o, final = kernel(q, k, v, gates, scale=scale, initial_state=state, chunk_size=chunk_size)
-        return o, (final if output_final_state else None)
     inputs = {"q": q.astype(jnp.float32) * scale, "k": k.astype(jnp.float32), "v": v.astype(jnp.float32)}
     inputs.update({name: g.astype(jnp.float32) for name, g in gates.items()})
-    o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis, gate, starts)
+    if impl == "pallas":
+        o, final = kernel(q, k, v, gates, scale=scale, initial_state=state, chunk_size=chunk_size, starts=starts)
+    else:
+        o, final = recurrence.run(chunk_terms, inputs, state, impl, chunk_size, sequence_axis, gate, starts)
     if output_final_state and cu_seqlens is not None:
         final = document_final_states(chunk_terms, inputs, state, chunk_size, starts, cu_seqlens)
     return o, (final if output_final_state else None)

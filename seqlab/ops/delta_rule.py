@@ -122,11 +122,12 @@ def delta_chunk_terms(x: Mapping[str, Array]) -> ChunkTerms:
     return ChunkTerms(attn @ u, q_read, Transition(gamma_last, k_write, w), jnp.einsum("...ck,...cv->...kv", k_write, u))
 
 
-def _pallas_kernel(q, k, v, gates, *, scale, initial_state, chunk_size):
+def _pallas_kernel(q, k, v, gates, *, scale, initial_state, chunk_size, starts=None):
     """The Pallas path (``_common.KernelFn``): ``pallas_kernels.delta_rule`` at ``chunk_size`` both ways."""
     blocks = pallas_delta.DeltaRuleBlocks(chunk=chunk_size, chunk_bwd=chunk_size)
     return pallas_delta.delta_rule(
-        q, k, v, gates["beta"], g=gates.get("g"), scale=scale, initial_state=initial_state, blocks=blocks
+        q, k, v, gates["beta"], g=gates.get("g"), scale=scale, initial_state=initial_state, starts=starts,
+        blocks=blocks,
     )
 
 

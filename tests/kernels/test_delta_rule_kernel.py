@@ -150,16 +150,20 @@ def test_forward_matches_float64_over_shapes(B, T, H, K, V, chunk, gated):
     assert rel_err(S, S_np) <= FWD_TOL
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["one_document", "packed_documents"])
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_lowers_for_gpu_and_tpu(backend):
-    """The forward and jax.grad lower for CUDA (Triton custom calls) and TPU (Mosaic) from this CPU machine."""
+def test_lowers_for_gpu_and_tpu(backend, packed):
+    """The forward and jax.grad lower for CUDA (Triton custom calls) and TPU (Mosaic) from this CPU machine, with
+    and without packed documents' masks (their numerics: tests/ops/test_packed_ops.py, interpret mode)."""
     B, T, H, K, V = 1, 20, 1, 16, 24
     args = [jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, K)), jnp.zeros((B, T, H, V)), jnp.zeros((B, T, H)),
             jnp.zeros((B, T, H)), jnp.zeros((B, H, K, V))]
     blocks = DeltaRuleBlocks(chunk=16, chunk_bwd=16)
+    starts = jnp.zeros((B, T), bool).at[:, 7].set(True) if packed else None
 
     def forward(q, k, v, beta, g, h0):
-        return delta_rule(q, k, v, beta, g=g, scale=0.25, initial_state=h0, blocks=blocks, backend=backend)
+        return delta_rule(q, k, v, beta, g=g, scale=0.25, initial_state=h0, starts=starts, blocks=blocks,
+                          backend=backend)
 
     def loss(*a):
         o, S = forward(*a)

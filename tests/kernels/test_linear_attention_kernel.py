@@ -267,3 +267,18 @@ def test_auto_picks_the_kernel_on_accelerators(monkeypatch, backend):
     assert resolve("auto", has_kernel=True, sequence_axis="seq", length=64) == "chunked"
     assert resolve("auto", has_kernel=False, sequence_axis=None, length=64) == "chunked"
     assert resolve("recurrent", has_kernel=True, sequence_axis=None, length=64) == "recurrent"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("family", DIRECT)
+def test_kernels_with_document_starts_lower_for_accelerators(backend, family):
+    """The packed-documents masks lower too (their numerics: tests/ops/test_packed_ops.py, interpret mode)."""
+    q, k, v, gate, state = _inputs(family, 1, 64, 2, 32, 32)
+    starts = jnp.zeros((1, 64), bool).at[0, 5].set(True).at[0, 40].set(True)
+
+    def run(q, k, v, gate, state):
+        return linear_attention(q, k, v, gate, scale=0.2, initial_state=state, starts=starts, backend=backend)
+
+    target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
+    assert _common.lowered_text(lambda *xs: run(*xs)[0], backend, q, k, v, gate, state).count(target) == 2
+    assert _common.lowered_text(lambda *xs: _gradients(run, *xs), backend, q, k, v, gate, state).count(target) >= 4

@@ -73,17 +73,24 @@ def test_packed_forward_equals_each_document_alone(case, impl, chunk_size, rng):
     assert rel_err(state, state_ref) < FWD_TOL
 
 
-@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
-@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
-def test_packed_gradients_equal_each_document_alone(case, impl, rng):
+# Gradient forms; the Pallas kernels run in interpret mode: chunk 16 puts a document start on a chunk border, chunk 32
+# runs the per-key gates' off-diagonal sub-chunks (16 rows) and the delta rule's WY form over several documents.
+GRADIENT_CASES = [(case, impl, chunk) for case in CASES for impl, chunk in
+                  [("chunked", 8), ("recurrent", 8)] + [("pallas", 16), ("pallas", 32)] * bool(case.spec.kernel)]
+
+
+@pytest.mark.parametrize("case, impl, chunk_size", GRADIENT_CASES,
+                         ids=[f"{c.id}-{impl}-{chunk}" for c, impl, chunk in GRADIENT_CASES])
+def test_packed_gradients_equal_each_document_alone(case, impl, chunk_size, rng):
     args = lc.make_inputs(rng, case, T=sum(LENGTHS), K=8, V=8)
     o_ref, s_ref = per_document(case, args, "np")
     Wo = rng.standard_normal(o_ref.shape).astype(np.float32)
     Ws = rng.standard_normal(s_ref.shape).astype(np.float32)
     segments = packed_segment_ids()
-    _, _, grads = lc.value_and_grads(
-        lambda a: lc.call_op(case, a, impl=impl, chunk_size=8, segment_ids=segments, output_final_state=True),
-        args, Wo, Ws)  # fmt: skip
+    o, state, grads = lc.value_and_grads(
+        lambda a: lc.call_op(case, a, impl=impl, chunk_size=chunk_size, segment_ids=segments,
+                             output_final_state=True), args, Wo, Ws)  # fmt: skip
+    assert rel_err(o, o_ref) < FWD_TOL and rel_err(state, s_ref) < FWD_TOL
     _, _, expected = lc.value_and_grads(lambda a: per_document(case, a, "jnp"), args, Wo, Ws)
     for name in args:
         assert rel_err(grads[name], expected[name]) < GRAD_TOL, name
@@ -167,7 +174,6 @@ def test_one_document_per_row_changes_nothing(rng):
         (dict(segment_ids=np.zeros((2, 21), np.float32)), r"segment_ids must be integers"),
         (dict(segment_ids=np.zeros((2, 21), np.int32), cu_seqlens=np.array([0, 21])), "give one of them"),
         (dict(cu_seqlens=np.array([0, 21])), "batch must be 1"),
-        (dict(segment_ids=np.zeros((2, 21), np.int32), impl="pallas"), "Pallas kernels take no segment_ids"),
     ],
 )
 def test_bad_document_arguments_are_named(kw, pattern, rng):
