@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
+from seqlab.core.documents import Documents
 from seqlab.ops import _common as ops_common
 from seqlab.checks import check_positive, check_positive_int, resolve_dim
 from seqlab.layers.conv import ShortConv
@@ -58,6 +59,8 @@ def inline_output(q_kv: jax.Array, q_k: jax.Array, v_mean: jax.Array, scale: flo
 )
 class InLineAttention(Mixer):
     """InLine attention (causal by default; causal=False is the paper's global form), x [B, T, D] -> [B, T, D]."""
+
+    takes_documents = True  # in its causal form
 
     def __init__(
         self,
@@ -95,33 +98,34 @@ class InLineAttention(Mixer):
         conv = None if self.local_conv is None else self.local_conv.init_state(batch)
         return RecurrentCache.empty((batch, self.num_heads, d + 1, d + 1), conv=conv)
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         v_flat = self.v_proj(x)
         q = self._heads(self.q_proj(x), self.head_dim)
         k = self._heads(self.k_proj(x), self.head_dim)
         v = self._heads(v_flat, self.head_dim)
         if self.causal:
-            o, state = self._causal(q, k, v, None if cache is None else cache.state)
+            o, state = self._causal(q, k, v, None if cache is None else cache.state, documents)
         else:
             o, state = self._non_causal(q, k, v), None
         y = self._merge_heads(o).astype(x.dtype)
         conv_state = None
         if self.local_conv is not None:
-            local, conv_state = self.local_conv(v_flat, None if cache is None else cache.conv)
+            local, conv_state = self.local_conv(v_flat, None if cache is None else cache.conv, documents)
             y = y + local
         if cache is not None:
             cache = cache.replace(state=state, conv=conv_state, pos=cache.pos + x.shape[1])
         return self.o_proj(y), cache
 
-    def _causal(self, q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array | None):
+    def _causal(self, q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array | None, documents: Documents | None):
         """q, k [B, T, H, d], v [B, T, H, d]; state [B, H, d + 1, d + 1] or None -> (o [B, T, H, d] float32, new
-        state or None). Reads [S_tᵀq_t, q_t·z_t] and [u_t, t] from the engine (two calls on the values [v, 1])."""
+        state or None). Reads [S_tᵀq_t, q_t·z_t] and [u_t, t] from the engine (two calls on the values [v, 1]);
+        with documents, t counts from each document's start."""
         d = self.head_dim
         values = ops_common.with_ones(v)
         ones = jnp.ones((*v.shape[:-1], 1), jnp.float32)
         kv_state, sums_state = (None, None) if state is None else (state[..., :d, :], state[..., d:, :])
-        read, kv_state = ops.linear_attn(q, k, values, scale=1.0, **self._op_kwargs(kv_state))
-        sums, sums_state = ops.linear_attn(ones, ones, values, scale=1.0, **self._op_kwargs(sums_state))
+        read, kv_state = ops.linear_attn(q, k, values, scale=1.0, **self._op_kwargs(kv_state, documents))
+        sums, sums_state = ops.linear_attn(ones, ones, values, scale=1.0, **self._op_kwargs(sums_state, documents))
         count = sums[..., -1:]
         o = inline_output(read[..., :-1] / count, read[..., -1:] / count, sums[..., :-1] / count, self.scale)
         return o, None if state is None else jnp.concatenate([kv_state, sums_state], axis=-2)

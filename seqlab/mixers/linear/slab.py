@@ -37,10 +37,10 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_positive, check_positive_int, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.layers.conv import ShortConv
 from seqlab.layers.feature_maps import make_feature_map
 from seqlab.layers.global_means import global_means
-from seqlab.layers.positional import positions
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -55,6 +55,8 @@ from seqlab.mixers.registry import register
 )
 class SLAB(Mixer):
     """SLAB's simplified linear attention plus the head-shared depthwise conv, x [B, T, D] -> [B, T, D]."""
+
+    takes_documents = True  # in its causal form
 
     def __init__(
         self,
@@ -94,22 +96,22 @@ class SLAB(Mixer):
         H, d = self.num_heads, self.head_dim
         return RecurrentCache.empty((batch, H, d, d + 1), conv=self.conv.init_state(batch * H))
 
-    def _forward(self, x: jax.Array, cache: RecurrentCache | None):
+    def _forward(self, x: jax.Array, cache: RecurrentCache | None, documents: Documents | None = None):
         T = x.shape[1]
         sequence_axis = None if cache is not None else self.sequence_axis
         self._check_length("x", T * (1 if sequence_axis is None else jax.lax.axis_size(sequence_axis)))
-        pos = positions(cache, T, sequence_axis)
+        pos = self._positions(cache, T, documents)
         q = self.kernel(self._heads(self.q_proj(x), self.head_dim))
         k = self.kernel(self._heads(self.k_proj(x) + self._position_embedding(pos, x.dtype), self.head_dim))
         v = self._heads(self.v_proj(x), self.head_dim)
         if self.causal:
             o, state = ops.linear_attn(
                 q, k, v.astype(jnp.float32), scale=1.0, normalize=True, eps=self.eps,
-                **self._op_kwargs(None if cache is None else cache.state),
+                **self._op_kwargs(None if cache is None else cache.state, documents),
             )  # fmt: skip
         else:
             o, state = self._global(q, k, v), None
-        local, conv_state = self._shared_conv(v, None if cache is None else cache.conv)
+        local, conv_state = self._shared_conv(v, None if cache is None else cache.conv, documents)
         y = self._merge_heads(o.astype(x.dtype) + local)
         if cache is not None:
             cache = cache.replace(state=state, conv=conv_state, pos=cache.pos + T)
@@ -123,16 +125,22 @@ class SLAB(Mixer):
             )
 
     def _position_embedding(self, pos: jax.Array, dtype: Any) -> jax.Array:
-        """p at the absolute positions pos [T] -> [T, H·d]; NaN rows for positions >= max_len."""
+        """p at the positions pos [T] (absolute) or [B, T] (within documents) -> [(B,) T, H·d]; NaN rows for
+        positions >= max_len."""
         table = self.pos_embedding[...].astype(jnp.float32)
         return jnp.take(table, pos, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
 
-    def _shared_conv(self, v: jax.Array, state: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    def _shared_conv(
+        self, v: jax.Array, state: jax.Array | None, documents: Documents | None
+    ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
         """The depthwise conv shared by the heads: v [B, T, H, d], state [B·H, K − 1, d] or None -> (y [B, T, H, d],
-        new state [B·H, K − 1, d]); the heads run as extra sequences of one d-channel conv."""
+        new state [B·H, K − 1, d]); the heads run as extra sequences of one d-channel conv (restarting at the
+        documents of their row)."""
         B, T, H, d = v.shape
         per_head = jnp.swapaxes(v, 1, 2).reshape(B * H, T, d)
-        y, state = self.conv(per_head, state)
+        if documents is not None:
+            documents = Documents(*(jnp.repeat(a, H, axis=0) for a in documents))
+        y, state = self.conv(per_head, state, documents)
         return jnp.swapaxes(y.reshape(B, H, T, d), 1, 2), state
 
     def _global(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
