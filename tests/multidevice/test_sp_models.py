@@ -107,11 +107,15 @@ def test_sharded_model_equals_single_device(pattern, num_devices):
 PACKED_ROWS = ((5, 14, 1, 44), (64,))
 
 
-@pytest.mark.parametrize("pattern", [("baseconv", "deltanet", "softmax"), ("mamba2", "gla", "sliding_window")],
-                         ids="+".join)
+PACKED_CASES = [(m,) for m in mixers.available() if mixers.get(m).takes_documents] + [
+    ("baseconv", "deltanet", "softmax"), ("mamba2", "gla", "sliding_window")]
+
+
+@pytest.mark.parametrize("pattern", PACKED_CASES, ids="+".join)
 def test_packed_sharded_model_equals_single_device(pattern):
-    """Packed rows on 4 devices: convolutions, states, attention masks and learned positions restart at documents
-    that cross device borders exactly as on one device (which equals each document alone, test_packed_mixers)."""
+    """Packed rows on 4 devices, every mixer that takes documents and two hybrids:
+    convolutions, states, attention masks and positions restart at documents that cross device borders exactly as
+    on one device (which equals each document alone, test_packed_mixers)."""
     model = build(pattern)
     tokens = jax.random.randint(jax.random.key(3), (B, T), 0, VOCAB)
     ids = jnp.asarray(np.stack([np.repeat(np.arange(len(row)), row) for row in PACKED_ROWS]), jnp.int32)
