@@ -12,7 +12,7 @@ Softmax attention masks pairs by id equality (``masks.Document``); the linear-st
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +93,31 @@ def positions_in_document(segment_ids: Array) -> Array:
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # the index of each token's document start
     return index - first
+
+
+def document_scan(
+    x: Array, starts: Array, combine: Callable[[Array, Array], Array], identity: float,
+    sequence_axis: str | None = None, initial: Array | None = None,
+) -> Array:  # fmt: skip
+    """The inclusive prefix ``combine`` over time of x [B, T, ...] within each document (document starts [B, T],
+    ``document_starts``): an associative scan that restarts at every start, so no sum crosses a boundary and
+    nothing cancels. ``combine`` is associative with ``identity`` (jnp.add and 0, jnp.logaddexp and -inf).
+
+    ``initial`` [B, ...]: the prefix before the row, for its first document (None: identity). With
+    ``sequence_axis`` (inside shard_map, x this device's part) a document that began on an earlier device continues
+    from those devices' prefix: one all-gather of each device's [B, ...] tail and whether it holds a start.
+    """
+    flags = jnp.broadcast_to(starts.reshape(starts.shape + (1,) * (x.ndim - 2)), x.shape)
+
+    def op(a, b):
+        return a[0] | b[0], jnp.where(b[0], b[1], combine(a[1], b[1]))
+
+    seen, out = jax.lax.associative_scan(op, (flags, x), axis=1)
+    carry = jnp.full(x.shape[:1] + x.shape[2:], identity, x.dtype) if initial is None else initial.astype(x.dtype)
+    if sequence_axis is not None:
+        tails, restarts = jax.lax.all_gather((out[:, -1], seen[:, -1]), sequence_axis)  # [P, B, ...]
+        index = jax.lax.axis_index(sequence_axis)
+        for device in range(tails.shape[0]):  # the devices before this one, in order
+            after = jnp.where(restarts[device], tails[device], combine(carry, tails[device]))
+            carry = jnp.where(device < index, after, carry)
+    return jnp.where(seen, out, combine(carry[:, None], out))

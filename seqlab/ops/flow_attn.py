@@ -22,6 +22,9 @@ its forms. Ô is clamped to [-1, 1], so e^{Ô} needs no max-subtraction.
 On a sequence split over devices (`sequence_axis`, inside shard_map) the causal prefix sums add the totals of the
 earlier segments (one all-gather of [B, H, K] or [B, H] totals per prefix sum) and `linear_attn` exchanges its
 state summaries; the non-causal sums are psums.
+
+Packed rows (causal, ``segment_ids``): every prefix sum and t restart at each document
+(``seqlab.core.documents.document_scan``) and S restarts in `linear_attn`, so each document flows alone.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from seqlab.core import documents
 from seqlab.ops import _common
 from seqlab.ops.linear_attn import linear_attn
 
@@ -75,12 +79,15 @@ def flow_attn(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
 ) -> tuple[Array, FlowState | None]:
     """Flow-Attention on feature-mapped q, k [B, T, H, K] (non-negative) and v [B, T, H, V].
 
     causal=True: `offset` tokens precede this call (the first token is t = offset + 1) with prefix sums
-    `initial_state`; impl / chunk_size pick the form of the S part. Returns o [B, T, H, V] (dtype of v) and, if
-    `output_final_state`, the FlowState after the last token. causal=False: one bidirectional pass (no state).
+    `initial_state`; impl / chunk_size pick the form of the S part. segment_ids [B, T] (causal only): packed
+    documents, each from zero prefix sums (`offset` and `initial_state` belong to the row's first document).
+    Returns o [B, T, H, V] (dtype of v) and, if `output_final_state`, the FlowState after the last token (of the
+    last document). causal=False: one bidirectional pass (no state).
     """
     _common.check_qkv(q, k, v)
     _common.check_form(impl, chunk_size)
@@ -93,11 +100,18 @@ def flow_attn(
     if not causal:
         if initial_state is not None or output_final_state:
             raise ValueError("initial_state / output_final_state: non-causal Flow-Attention has no recurrent state")
+        if segment_ids is not None:
+            raise ValueError("segment_ids: packed documents need causal=True")
         return _bidirectional(q32, k32, v32, eps, sequence_axis).astype(v.dtype), None
     batch, _, heads, key_dim = q.shape
     if initial_state is None:
         initial_state = FlowState.zeros(batch, heads, key_dim, v.shape[-1])
-    o, final = _causal(q32, k32, v32, eps, offset, initial_state, output_final_state, impl, chunk_size, sequence_axis)
+    starts = None
+    if segment_ids is not None:
+        segment_ids = documents.check_segment_ids(segment_ids, batch, q.shape[1])
+        starts = documents.document_starts(segment_ids, sequence_axis)
+    o, final = _causal(q32, k32, v32, eps, offset, initial_state, output_final_state, impl, chunk_size, sequence_axis,
+                       segment_ids, starts)  # fmt: skip
     return o.astype(v.dtype), final
 
 
@@ -106,26 +120,38 @@ def _dot(a: Array, b: Array) -> Array:
     return jnp.sum(a * b, axis=-1)
 
 
-def _causal(q, k, v, eps, offset, state: FlowState, output_final_state, impl, chunk_size, sequence_axis):
+def _causal(q, k, v, eps, offset, state: FlowState, output_final_state, impl, chunk_size, sequence_axis,
+            segment_ids: Array | None, starts: Array | None):
     """The causal form on float32 inputs; returns o [B, T, H, V] float32 and the final FlowState or None."""
     length = q.shape[1]
-    start = offset if sequence_axis is None else offset + jax.lax.axis_index(sequence_axis) * length
-    t = (start + jnp.arange(1, length + 1)).astype(jnp.float32)[None, :, None]  # [1, T, 1]
-    k_sum = _prefix_sum(k, state.k_sum, sequence_axis)
-    q_sum = _prefix_sum(q, state.q_sum, sequence_axis)
+    if starts is None:
+        start = offset if sequence_axis is None else offset + jax.lax.axis_index(sequence_axis) * length
+        t = (start + jnp.arange(1, length + 1)).astype(jnp.float32)[None, :, None]  # [1, T, 1]
+    else:  # 1, 2, ... within each document; the row's first document continues from offset
+        ones = jnp.ones(q.shape[:2] + (1,), jnp.float32)
+        first = jnp.full((q.shape[0], 1), offset, jnp.float32)
+        t = documents.document_scan(ones, starts, jnp.add, 0.0, sequence_axis, first)  # [B, T, 1]
+
+    def prefix_sum(x: Array, carry: Array) -> Array:
+        if starts is None:
+            return _prefix_sum(x, carry, sequence_axis)
+        return documents.document_scan(x, starts, jnp.add, 0.0, sequence_axis, carry)
+
+    k_sum = prefix_sum(k, state.k_sum)
+    q_sum = prefix_sum(q, state.q_sum)
     incoming = t / _dot(q + eps, k_sum + eps)  # [B, T, H]
     outgoing = t / _dot(k + eps, q_sum + eps)
-    k_flow = _prefix_sum(k * outgoing[..., None], state.k_flow, sequence_axis)
-    q_flow = _prefix_sum(q * incoming[..., None], state.q_flow, sequence_axis)
+    k_flow = prefix_sum(k * outgoing[..., None], state.k_flow)
+    q_flow = prefix_sum(q * incoming[..., None], state.q_flow)
     sink = _dot(q + eps, k_flow + eps) / t
     source = jnp.clip(_dot(k + eps, q_flow + eps) / t, -1.0, 1.0)
     exp_source = jnp.exp(source)
-    source_sum = _prefix_sum(exp_source, state.source_sum, sequence_axis)
+    source_sum = prefix_sum(exp_source, state.source_sum)
     competition = t * exp_source / source_sum
     o, kv = linear_attn(
         q * (incoming / t)[..., None], k, v * competition[..., None], scale=1.0, normalize=False,
         initial_state=state.kv, output_final_state=output_final_state,
-        impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis, segment_ids=segment_ids,
     )  # fmt: skip
     o = jax.nn.sigmoid(sink)[..., None] * o
     if not output_final_state:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab.checks import check_positive, resolve_dim
+from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import FlowCache
 from seqlab.mixers.registry import register
@@ -43,6 +44,8 @@ from seqlab.ops.flow_attn import FlowState, flow_attn
     examples={"default": dict(num_heads=2), "noncausal": dict(num_heads=2, causal=False)},
 )
 class FlowAttention(Mixer):
+    takes_documents = True  # in its causal form
+
     def __init__(
         self,
         d_model: int,
@@ -73,12 +76,12 @@ class FlowAttention(Mixer):
         prefix = FlowState.zeros(batch, self.num_heads, self.head_dim, self.head_dim)
         return FlowCache(prefix=prefix, pos=jnp.zeros((), jnp.int32))
 
-    def _forward(self, x: jax.Array, cache: FlowCache | None):
+    def _forward(self, x: jax.Array, cache: FlowCache | None, documents: Documents | None = None):
         q = jax.nn.sigmoid(self._heads(self.q_proj(x), self.head_dim))
         k = jax.nn.sigmoid(self._heads(self.k_proj(x), self.head_dim))
         v = self._heads(self.v_proj(x), self.head_dim)
         if cache is None:
-            o, _ = flow_attn(q, k, v, causal=self.causal, eps=self.eps, **self._op_kwargs(None))
+            o, _ = flow_attn(q, k, v, causal=self.causal, eps=self.eps, **self._op_kwargs(None, documents))
         else:
             o, prefix = flow_attn(q, k, v, eps=self.eps, offset=cache.pos, **self._op_kwargs(cache.prefix))
             cache = cache.replace(prefix=prefix, pos=cache.pos + x.shape[1])
