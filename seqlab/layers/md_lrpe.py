@@ -56,24 +56,28 @@ def lrpe_frequencies(num_heads: int, head_dim: int, kind: str, base: float = 100
 
 
 def lrpe_angles(positions: jax.Array, num_heads: int, head_dim: int, kind: str, base: float = 10000.0) -> jax.Array:
-    """Θ [T, H, n] float32 for integer positions [T, m]: axis a uses the head's first n/m frequencies times p_a."""
+    """Θ [(B,) T, H, n] float32 for integer positions [(B,) T, m]: axis a uses the head's first n/m frequencies
+    times p_a."""
     num_axes = positions.shape[-1]
     theta = lrpe_frequencies(num_heads, head_dim, kind, base)
     per_axis = theta.shape[-1] // num_axes
     p = positions.astype(jnp.float32)
-    return jnp.concatenate([p[:, a, None, None] * theta[None, :, :per_axis] for a in range(num_axes)], axis=-1)
+    return jnp.concatenate([p[..., a, None, None] * theta[:, :per_axis] for a in range(num_axes)], axis=-1)
 
 
 def md_lrpe(x: jax.Array, positions: jax.Array, *, kind: str = "cosine", base: float = 10000.0) -> jax.Array:
-    """x [B, T, H, d] at positions [T, m] -> [B, T, H, d] (rotate) or [B, T, H, 2d] (cosine), in x's dtype."""
+    """x [B, T, H, d] at positions [T, m] (or [B, T, m], per row) -> [B, T, H, d] (rotate) or [B, T, H, 2d]
+    (cosine), in x's dtype."""
     if x.ndim != 4:
         raise ValueError(f"x must be [batch, time, heads, head_dim], got shape {x.shape}")
-    if positions.ndim != 2 or positions.shape[0] != x.shape[1] or positions.shape[1] < 1:
-        raise ValueError(f"positions must be [time, num_axes >= 1] with time = {x.shape[1]}, got shape {positions.shape}")
+    leading = x.shape[:2] if positions.ndim == 3 else x.shape[1:2]
+    if positions.ndim not in (2, 3) or positions.shape[:-1] != leading or positions.shape[-1] < 1:
+        raise ValueError(f"positions must be [time, num_axes >= 1] or [batch, time, num_axes] with (batch, time) = "
+                         f"{x.shape[:2]}, got shape {positions.shape}")  # fmt: skip
     check_positive("base", base)
     _, _, num_heads, head_dim = x.shape
     check_lrpe(kind, head_dim, positions.shape[-1])
-    angles = lrpe_angles(positions, num_heads, head_dim, kind, base)[None]  # [1, T, H, n]
+    angles = lrpe_angles(positions, num_heads, head_dim, kind, base)  # [(B,) T, H, n]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x32 = x.astype(jnp.float32)
     if kind == "cosine":

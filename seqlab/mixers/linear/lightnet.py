@@ -46,32 +46,49 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_positive, check_positive_int, resolve_dim
+from seqlab.core.documents import Documents, document_scan, document_starts
+from seqlab.core.halo import previous_segment_tail
 from seqlab.layers.md_lrpe import check_lrpe, grid_positions, lrpe_out_dim, md_lrpe
 from seqlab.layers.norms import RMSNorm
-from seqlab.layers.positional import positions
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import LightNetCache
 from seqlab.mixers.registry import register
 
 
 def lightnet_gate(
-    k: jax.Array, z_start: jax.Array | None = None, sequence_axis: str | None = None
+    k: jax.Array, z_start: jax.Array | None = None, sequence_axis: str | None = None, starts: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normalised keys, log gates and the final logsumexp of key logits k [B, T, H, K].
 
-    z_start [B, H, K]: logsumexp of the keys before this call (None or -inf: no earlier key). Returns
-    k̃ = e^{k - z} and log α = z_prev - z (0 where no earlier key exists), both [B, T, H, K] float32, and z_T
-    [B, H, K] (the logsumexp of all keys of this device's prefix).
+    z_start [B, H, K]: logsumexp of the keys before this call (None or -inf: no earlier key). starts [B, T]:
+    packed documents' starts (``seqlab.core.documents.document_starts``), where z restarts; None: one document.
+    Returns k̃ = e^{k - z} and log α = z_prev - z (0 where no earlier key exists), both [B, T, H, K] float32, and
+    z_T [B, H, K] (the logsumexp of all keys of this device's prefix, of its last document).
     """
     k32 = k.astype(jnp.float32)
     if z_start is None:
         z_start = jnp.full((k.shape[0], *k.shape[2:]), -jnp.inf, jnp.float32)
+    if starts is not None:
+        z = document_scan(k32, starts, jnp.logaddexp, -jnp.inf, sequence_axis, z_start)
+        z_prev = jnp.concatenate([_incoming_z(z, z_start, sequence_axis), z[:, :-1]], axis=1)
+        z_prev = jnp.where(starts[:, :, None, None], -jnp.inf, z_prev)  # no earlier key of the document
+        log_gate = jnp.where(jnp.isneginf(z_prev), 0.0, z_prev - z)
+        return jnp.exp(k32 - z), log_gate, z[:, -1]
     if sequence_axis is not None:
         z_start = jnp.logaddexp(z_start, _earlier_segments_logsumexp(k32, sequence_axis))
     z = jnp.logaddexp(z_start[:, None], jax.lax.cumlogsumexp(k32, axis=1))
     z_prev = jnp.concatenate([z_start[:, None], z[:, :-1]], axis=1)
     log_gate = jnp.where(jnp.isneginf(z_prev), 0.0, z_prev - z)
     return jnp.exp(k32 - z), log_gate, z[:, -1]
+
+
+def _incoming_z(z: jax.Array, z_start: jax.Array, sequence_axis: str | None) -> jax.Array:
+    """z before this device's first token [B, 1, H, K]: z_start on the first (or only) device, else the previous
+    device's last z (one ppermute)."""
+    if sequence_axis is None:
+        return z_start[:, None]
+    before = previous_segment_tail(z, 1, sequence_axis)
+    return jnp.where(jax.lax.axis_index(sequence_axis) == 0, z_start[:, None], before)
 
 
 def _earlier_segments_logsumexp(k32: jax.Array, axis_name: str) -> jax.Array:
@@ -89,6 +106,8 @@ def _earlier_segments_logsumexp(k32: jax.Array, axis_name: str) -> jax.Array:
     examples={"default": dict(num_heads=2, feature_dim=8, gate_low_rank_dim=4)},
 )
 class LightNet(Mixer):
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -152,28 +171,36 @@ class LightNet(Mixer):
             pos=jnp.zeros((), jnp.int32),
         )
 
-    def _forward(self, x: jax.Array, cache: LightNetCache | None):
+    def _forward(self, x: jax.Array, cache: LightNetCache | None, documents: Documents | None = None):
         q = jax.nn.silu(self._heads(self.q_proj(x), self.feature_dim))
         k = self._heads(self.k_proj(x), self.feature_dim)
         v = self._heads(self.v_proj(x), self.value_dim)
         sequence_axis = self.sequence_axis if cache is None else None
-        k, log_gate, z_last = lightnet_gate(k, None if cache is None else cache.z, sequence_axis)
+        starts = None
+        if documents is not None:
+            if self.grid_shape is not None:
+                raise ValueError("documents: packed documents are 1-D sequences; LightNet with grid_shape takes none")
+            starts = document_starts(documents.segment_ids, sequence_axis)
+        k, log_gate, z_last = lightnet_gate(k, None if cache is None else cache.z, sequence_axis, starts)
         if self.lrpe is not None:
-            q, k, log_gate = self._encode_positions(q, k, log_gate, cache)
+            q, k, log_gate = self._encode_positions(q, k, log_gate, cache, documents)
         o, state = ops.gla(
             q, k, v, log_gate, scale=self.feature_dim**-0.5,
-            **self._op_kwargs(None if cache is None else cache.state),
+            **self._op_kwargs(None if cache is None else cache.state, documents),
         )  # fmt: skip
         if cache is not None:
             cache = cache.replace(state=state, z=z_last, pos=cache.pos + x.shape[1])
         o = self.norm(self._merge_heads(o.astype(x.dtype)), self.g_up(self.g_down(x)))
         return self.o_proj(o), cache
 
-    def _encode_positions(self, q: jax.Array, k: jax.Array, log_gate: jax.Array, cache: LightNetCache | None):
-        """MD-LRPE on q, k [B, T, H, d_f] at the grid positions of these tokens; the cosine kind doubles the key
-        features, and each copy keeps its feature's gate."""
-        index = positions(cache, q.shape[1], self.sequence_axis if cache is None else None)
-        pos = index[:, None] if self.grid_shape is None else grid_positions(self.grid_shape, index)
+    def _encode_positions(
+        self, q: jax.Array, k: jax.Array, log_gate: jax.Array, cache: LightNetCache | None,
+        documents: Documents | None = None,
+    ):  # fmt: skip
+        """MD-LRPE on q, k [B, T, H, d_f] at the grid positions of these tokens (within each document of packed
+        rows); the cosine kind doubles the key features, and each copy keeps its feature's gate."""
+        index = self._positions(cache, q.shape[1], documents)
+        pos = index[..., None] if self.grid_shape is None else grid_positions(self.grid_shape, index)
         q = md_lrpe(q, pos, kind=self.lrpe, base=self.lrpe_base)
         k = md_lrpe(k, pos, kind=self.lrpe, base=self.lrpe_base)
         if self.lrpe == "cosine":
