@@ -12,6 +12,11 @@ T·C, no T×T scores). Decoding keeps the keys and values of the current block o
 over at every block boundary (position % C == 0): ``block_local_attn_cached`` continues from such a cache, one
 token or a prompt at a time.
 
+Packed rows (``positions`` [B, T], each token's position within its document): blocks restart with every
+document, so a query sees the keys from its block's start within its document, i - (p_i mod C) <= s <= i. That
+window reaches at most C - 1 tokens back, so each block of C queries reads the slab of 2C keys that ends with it
+(on a sequence split over devices, the first slab starts with the previous device's last C tokens).
+
 The mask is ``seqlab.core.masks.BlockDiagonal(C)`` (its element predicate on positions within a block, through
 ``masks.pairwise``) and masked logits take ``masks.MASKED`` before exponentiation; the blocks are dense, so the
 mask's tile map and visit lists (the blockwise attention's fast path) are not needed.
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from seqlab.core import masks
+from seqlab.core.halo import previous_segment_tail
 
 Array = jax.Array
 __all__ = ["block_local_attn"]
@@ -59,16 +65,23 @@ def attention_weights(logits: Array, visible: Array, weights: str) -> Array:
 
 
 def block_local_attn(
-    q: Array, k: Array, v: Array, *, block_size: int = 64, weights: str = "softmax", scale: float | None = None
+    q: Array, k: Array, v: Array, *, block_size: int = 64, weights: str = "softmax", scale: float | None = None,
+    positions: Array | None = None, sequence_axis: str | None = None,
 ) -> Array:
     """Causal attention inside non-overlapping blocks of ``block_size`` tokens.
 
     q, k: [B, T, H, K]; v: [B, T, H, V] (T need not be a multiple of block_size). weights: "softmax" or "relu".
+    positions: [B, T] int, each token's position within its document (packed rows: blocks restart per document;
+    module docstring), or None; ``sequence_axis``: the mesh axis of a split sequence (with positions only).
     Returns o [B, T, H, V] in v's dtype.
     """
     _check(q, k, v, block_size, weights, scale)
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    if positions is not None:
+        if jnp.shape(positions) != (b, t):
+            raise ValueError(f"positions must be [batch, time] {(b, t)}, got {jnp.shape(positions)}")
+        return _document_blocks(q, k, v, positions, block_size, weights, scale, sequence_axis)
     num_blocks = -(-t // block_size)
     pad = [(0, 0), (0, num_blocks * block_size - t), (0, 0), (0, 0)]
 
@@ -81,6 +94,37 @@ def block_local_attn(
     w = attention_weights(logits, masks.pairwise(masks.BlockDiagonal(block_size), pos, pos), weights)
     o = jnp.einsum("bnhij,bnjhv->bnihv", w, blocks(v))
     return o.reshape(b, num_blocks * block_size, h, v.shape[-1])[:, :t].astype(v.dtype)
+
+
+def _document_blocks(q: Array, k: Array, v: Array, positions: Array, block_size: int, weights: str, scale: float,
+                     sequence_axis: str | None) -> Array:  # fmt: skip
+    """Block-local attention with blocks aligned to each document's start (positions [B, T] within documents):
+    every block of C queries against the 2C keys that end with it, masked to i - (p_i mod C) <= s <= i."""
+    b, t, h, d = q.shape
+    c = block_size
+    n = -(-t // c)
+    pad = n * c - t
+
+    def with_before(x: Array) -> Array:  # [B, C + N·C, H, D] float32: C tokens before the segment, x, padding
+        x = x.astype(jnp.float32)
+        before = jnp.zeros((b, c) + x.shape[2:], jnp.float32)
+        if sequence_axis is not None:
+            before = previous_segment_tail(x, c, sequence_axis)
+        return jnp.concatenate([before, x, jnp.zeros((b, pad) + x.shape[2:], jnp.float32)], axis=1)
+
+    def slabs(x: Array) -> Array:  # [B, N, 2C, H, D]: block n's keys, tokens n·C - C .. n·C + C
+        blocks = with_before(x).reshape(b, n + 1, c, h, x.shape[-1])
+        return jnp.concatenate([blocks[:, :-1], blocks[:, 1:]], axis=2)
+
+    queries = jnp.pad(q.astype(jnp.float32), [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, n, c, h, d)
+    logits = jnp.einsum("bnihk,bnjhk->bnhij", queries * scale, slabs(k))
+    query_index = jnp.arange(c)[:, None] + c  # a query's index in its slab
+    back = jnp.pad(positions, [(0, 0), (0, pad)]).reshape(b, n, 1, c, 1) % c  # p_i mod C
+    key_index = jnp.arange(2 * c)[None, :]
+    visible = (key_index <= query_index) & (key_index >= query_index - back)  # [B, N, 1, C, 2C]
+    w = attention_weights(logits, visible, weights)
+    o = jnp.einsum("bnhij,bnjhv->bnihv", w, slabs(v))
+    return o.reshape(b, n * c, h, v.shape[-1])[:, :t].astype(v.dtype)
 
 
 def block_local_attn_cached(

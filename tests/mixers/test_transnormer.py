@@ -143,6 +143,20 @@ def test_block_local_attn_matches_per_token_reference(weights, block, rng):
     assert rel_err(o, block_local_ref(np, *f64((q, k, v)), block, weights)) <= FWD_TOL
 
 
+@pytest.mark.parametrize("weights", ["softmax", "relu"])
+@pytest.mark.parametrize("block", [1, 5, 16])
+def test_block_local_attn_on_packed_rows_restarts_blocks_per_document(weights, block, rng):
+    q, k, v = qkv(rng)  # row 0: documents of 1, 6, 17 and 13 tokens; row 1: one document
+    lengths = (1, 6, 17, 13)
+    positions = np.stack([np.concatenate([np.arange(n) for n in lengths]), np.arange(37)])
+    o = block_local_attn(q, k, v, block_size=block, weights=weights, positions=positions)
+    starts = np.cumsum((0,) + lengths)
+    alone = np.concatenate([block_local_ref(np, *f64((q[:1, s:e], k[:1, s:e], v[:1, s:e])), block, weights)  # alone
+                            for s, e in zip(starts[:-1], starts[1:])], axis=1)  # fmt: skip
+    assert rel_err(o[:1], alone) <= FWD_TOL
+    assert rel_err(o[1:], block_local_ref(np, *f64((q[1:], k[1:], v[1:])), block, weights)) <= FWD_TOL
+
+
 def test_block_local_attn_scale_and_blocks_matter(rng):
     q, k, v = qkv(rng)
     o = block_local_attn(q, k, v, block_size=8, weights="softmax", scale=0.3)

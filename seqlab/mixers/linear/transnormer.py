@@ -180,6 +180,8 @@ class DiagAttention(_TransNormerMixer):
     chunk size. On a sequence split over devices (`shard_sequence`) every shard must hold whole blocks.
     """
 
+    takes_documents = True
+
     def __init__(
         self,
         d_model: int,
@@ -213,15 +215,18 @@ class DiagAttention(_TransNormerMixer):
         zeros = jnp.zeros(shape, jnp.float32)
         return BlockCache(k=zeros, v=zeros, pos=jnp.zeros((), jnp.int32))
 
-    def _forward(self, x: jax.Array, cache: BlockCache | None):
+    def _forward(self, x: jax.Array, cache: BlockCache | None, documents: Documents | None = None):
         T = x.shape[1]
         if cache is None:
             self._check_shard_length(T)
         q = self._heads(self.q_proj(x), self.head_dim)
         k = self._heads(self.k_proj(x), self.head_dim)
-        q, k = self._position_encode(q, k, cache)
+        q, k = self._position_encode(q, k, cache, documents)
         v = self._heads(self.v_proj(x), self.head_dim)
-        if cache is None:
+        if cache is None and documents is not None:  # blocks restart with every document
+            o = block_local_attn(q, k, v, block_size=self.block_size, weights=self.weights,
+                                 positions=documents.positions, sequence_axis=self.sequence_axis)  # fmt: skip
+        elif cache is None:
             o = block_local_attn(q, k, v, block_size=self.block_size, weights=self.weights)
         else:
             o, k_block, v_block = block_local_attn_cached(q, k, v, cache.k, cache.v, cache.pos, weights=self.weights)
