@@ -151,7 +151,7 @@ def test_block_local_attn_on_packed_rows_restarts_blocks_per_document(weights, b
     positions = np.stack([np.concatenate([np.arange(n) for n in lengths]), np.arange(37)])
     o = block_local_attn(q, k, v, block_size=block, weights=weights, positions=positions)
     starts = np.cumsum((0,) + lengths)
-    alone = np.concatenate([block_local_ref(np, *f64((q[:1, s:e], k[:1, s:e], v[:1, s:e])), block, weights)  # alone
+    alone = np.concatenate([block_local_ref(np, *f64((q[:1, s:e], k[:1, s:e], v[:1, s:e])), block, weights)
                             for s, e in zip(starts[:-1], starts[1:])], axis=1)  # fmt: skip
     assert rel_err(o[:1], alone) <= FWD_TOL
     assert rel_err(o[1:], block_local_ref(np, *f64((q[1:], k[1:], v[1:])), block, weights)) <= FWD_TOL
