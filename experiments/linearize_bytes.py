@@ -32,7 +32,7 @@ TARGET_ARGS = {"hedgehog": {}, "lolcats": {"window": 32, "kind": "sw"}, "liger":
 
 def teacher_config(args: argparse.Namespace):
     config = config_lib.load_config(os.path.join(ROOT, "configs", "bytes.py") + (":softmax,tiny" if args.tiny else ":softmax"))
-    config.data.bytes.pack = False  # the LoLCATs student takes no packed documents
+    config.data.bytes.pack = False  # windows of the byte stream (the runs in BENCHMARKS.md)
     if not args.tiny:
         config.data.bytes.seq_len = args.seq_len
         config.model.update(d_model=args.d_model, num_layers=args.num_layers, num_heads=args.num_heads)

@@ -126,12 +126,12 @@ class Mixer(nnx.Module):
         raise NotImplementedError
 
     def _check_documents(self, x: jax.Array, documents: Documents) -> None:
-        if not self.takes_documents:
-            raise ValueError(f"documents: {type(self).__name__} does not take packed documents (takes_documents is "
-                             "False); train it on unpacked rows (data.bytes.pack=False)")  # fmt: skip
         if not self.causal:
             raise ValueError(f"documents: {type(self).__name__} is non-causal here (causal=False); packed documents "
                              "are for causal mixers")  # fmt: skip
+        if not self.takes_documents:
+            raise ValueError(f"documents: {type(self).__name__} does not take packed documents (takes_documents is "
+                             "False); train it on unpacked rows (data.bytes.pack=False)")  # fmt: skip
         for name, array in zip(documents._fields, documents):
             if jnp.shape(array) != x.shape[:2]:
                 raise ValueError(f"documents.{name} must be [batch, time] {x.shape[:2]}, got {jnp.shape(array)}")

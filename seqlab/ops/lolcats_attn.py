@@ -35,6 +35,11 @@ matmul gives both), into
 The R tokens before a segment (zeros at the start of the sequence) feed both the first slabs and the delay; on a
 sequence split over devices they are the previous device's last R tokens (one ppermute).
 
+Packed rows (``segment_ids`` and ``positions`` within documents, [B, T]): the window and the band are taken on
+document positions and masked to the query's document (the band's keys carry their ids and positions, the R
+before a segment included), and a delayed key counts in the linear part only where it shares the query's document
+(which also restarts the linear state at every document), so every document is mixed alone.
+
 All arithmetic is float32; the output takes v's dtype. k and v may have fewer (grouped-query) heads than q;
 φq and φk have the query heads (the map is applied after the GQA repeat).
 """
@@ -44,7 +49,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from seqlab.core import masks
+from seqlab.core import documents, masks
 from seqlab.ops import _common
 from seqlab.ops.linear_attn import linear_attn
 from seqlab.core.halo import previous_segment_tail
@@ -140,11 +145,26 @@ def _key_slabs(x: Array, num_blocks: int, window: int, back: int) -> Array:
     return jnp.concatenate([blocks[:, o : o + num_blocks] for o in range(back + 1)], axis=2)
 
 
-def _band_numerator(q, phi_q, keys, start, window_factor, linear_factor, window, kind, scale) -> Array:
+def _band_masks(q_pos: Array, k_pos: Array, window: int, kind: str, packed: tuple[Array, ...] | None):
+    """in_window, in_band [(B,) N, 1, W, R + W] for query positions [N, W] and key positions [N, R + W] (absolute);
+    packed: (query positions, query ids [B, N, W], key positions, key ids [B, N, R + W]) within documents."""
+    window_keys, band_keys = window_mask(window, kind), masks.Causal(window_reach(window, kind))
+    if packed is None:
+        return (masks.pairwise(window_keys, q_pos, k_pos)[None, :, None],
+                masks.pairwise(band_keys, q_pos, k_pos)[None, :, None])  # fmt: skip
+    q_pos, q_ids, k_pos, k_ids = packed
+    same = dict(segments=(q_ids, k_ids))
+    in_window = masks.pairwise(window_keys & masks.Document(), q_pos, k_pos, **same)
+    return in_window[:, :, None], masks.pairwise(band_keys & masks.Document(), q_pos, k_pos, **same)[:, :, None]
+
+
+def _band_numerator(q, phi_q, keys, start, window_factor, linear_factor, window, kind, scale,
+                    packed: tuple[Array, Array, Array, Array] | None = None) -> Array:  # fmt: skip
     """Σ over the band of band_weights · [v, 1], in dense blocks of `window` queries: [B, T, H, V + 1] float32.
 
     q: [B, T, H, D], phi_q: [B, T, H, F]; keys: [B, R + T, H, D + F + V + 1], the concatenated k | φk | [v, 1] of
-    the R tokens before the segment and of the segment; start: absolute position of q's first token.
+    the R tokens before the segment and of the segment; start: absolute position of q's first token. packed:
+    (positions, ids [B, T] of the queries; positions, ids [B, R + T] of the keys) of packed rows, or None.
     """
     batch, length, heads, dim = q.shape
     reach = window_reach(window, kind)
@@ -158,8 +178,13 @@ def _band_numerator(q, phi_q, keys, start, window_factor, linear_factor, window,
     offsets = jnp.arange(num_blocks)[:, None] * window
     q_pos = start + offsets + jnp.arange(window)  # [N, W]
     k_pos = start - reach + offsets + jnp.arange(reach + window)  # [N, R + W]
-    in_window = masks.pairwise(window_mask(window, kind), q_pos, k_pos)[None, :, None]  # [1, N, 1, W, R + W]
-    in_band = masks.pairwise(masks.Causal(reach), q_pos, k_pos)[None, :, None]
+    if packed is not None:  # the same blocks and slabs of the rows' positions and ids
+        query_rows = [jnp.pad(x, [(0, 0), (0, pad)]).reshape(batch, num_blocks, window) for x in packed[:2]]
+        late = 2**30  # the padding keys' position: after every query, so no causal mask shows them
+        key_rows = [_key_slabs(jnp.pad(x, [(0, 0), (0, pad)], constant_values=fill)[..., None, None], num_blocks,
+                               window, back)[..., 0, 0] for x, fill in zip(packed[2:], (late, 0))]  # fmt: skip
+        packed = (*query_rows, *key_rows)
+    in_window, in_band = _band_masks(q_pos, k_pos, window, kind, packed)  # [(B,) N, 1, W, R + W]
     features = phi_q.shape[-1]
     phi_scores = None
     if kind == "tk":  # the band reaches past the window only for tk
@@ -186,6 +211,8 @@ def lolcats_attn(
     impl: str = "auto",
     chunk_size: int = 64,
     sequence_axis: str | None = None,
+    segment_ids: Array | None = None,
+    positions: Array | None = None,
 ) -> tuple[Array, Array | None]:
     """LoLCATs' window + linear hybrid attention (see the module docstring).
 
@@ -199,6 +226,8 @@ def lolcats_attn(
     contiguously along it (inside ``jax.shard_map``, T_local >= R): the band's first keys come from the previous
     device by one ppermute, the linear part runs as `linear_attn`'s sequence-parallel form, and positions (hence
     the "tk" blocks) are absolute.
+    segment_ids [B, T] int and positions [B, T] (within each document; None: computed from the ids, whole rows
+    only): packed documents (module docstring); initial_state then belongs to each row's first document.
     """
     _check_args(q, k, v, phi_q, phi_k, window_factor, linear_factor, window, kind)
     _common.check_form(impl, chunk_size)
@@ -212,14 +241,37 @@ def lolcats_attn(
     )  # [B, T, H, D + F + V + 1]
     before, start = _previous_tokens(keys, reach, sequence_axis)
     keys = jnp.concatenate([before, keys], axis=1)  # token t of the segment at index R + t
-    band = _band_numerator(q.astype(jnp.float32), phi_q32, keys, start, gamma, lam, window, kind, scale)
+    packed = None if segment_ids is None else _packed_keys(segment_ids, positions, reach, sequence_axis)
+    band = _band_numerator(q.astype(jnp.float32), phi_q32, keys, start, gamma, lam, window, kind, scale, packed)
     delayed = keys[:, :length, :, dim:]  # φk | [v, 1] of token t − R at index t
+    if packed is not None:  # a delayed key counts only in its own document
+        delayed = jnp.where((packed[3][:, :length] == packed[1])[:, :, None, None], delayed, 0.0)
     features = phi_q.shape[-1]
     earlier, state = linear_attn(
         phi_q32, delayed[..., :features], delayed[..., features:], scale=1.0, initial_state=initial_state,
         output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, sequence_axis=sequence_axis,
+        segment_ids=segment_ids,
     )  # fmt: skip
     return _normalise(band + lam[:, 0] * earlier, v.dtype), state
+
+
+def _packed_keys(segment_ids: Array, positions: Array | None, reach: int,
+                 sequence_axis: str | None) -> tuple[Array, Array, Array, Array]:  # fmt: skip
+    """(positions, ids [B, T] of the queries; positions, ids [B, R + T] of the keys, the R tokens before the segment
+    first: the previous device's, or position -1 and id -1 at the start of the row)."""
+    segment_ids = documents.check_segment_ids(segment_ids, *jnp.shape(segment_ids)[:2])
+    if positions is None:
+        positions = documents.positions_in_document(segment_ids)
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.shape != segment_ids.shape:
+        raise ValueError(f"positions must have the shape of segment_ids {segment_ids.shape}, got {positions.shape}")
+    nothing = jnp.full((segment_ids.shape[0], reach), -1, jnp.int32)
+    before = [nothing, nothing]
+    if sequence_axis is not None:
+        first = jax.lax.axis_index(sequence_axis) == 0
+        before = [jnp.where(first, -1, previous_segment_tail(x, reach, sequence_axis)) for x in (positions, segment_ids)]
+    keys = [jnp.concatenate([b, x], axis=1) for b, x in zip(before, (positions, segment_ids))]
+    return positions, segment_ids, keys[0], keys[1]
 
 
 def lolcats_decode_step(

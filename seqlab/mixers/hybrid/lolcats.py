@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
+from seqlab.core.documents import Documents
 from seqlab.ops import _common as ops_common
 from seqlab.checks import check_choice, check_finite, check_input, check_positive_int
 from seqlab.layers.feature_maps import make_feature_map
@@ -80,6 +81,8 @@ WINDOW_FACTOR_INIT = -2.1972  # sigmoid(-2.1972) = 0.1
 class LoLCATsAttention(Mixer):
     """Softmax attention over a window plus Hedgehog linear attention over everything before it (see the module
     docstring)."""
+
+    takes_documents = True
 
     def __init__(
         self,
@@ -184,16 +187,17 @@ class LoLCATsAttention(Mixer):
             q, k = self.rope(q, pos), self.rope(k, pos)
         return q, k, v, self.q_map(q), self.k_map(repeat_heads(k, self.num_heads))
 
-    def _forward(self, x: jax.Array, cache: HybridCache | None):
+    def _forward(self, x: jax.Array, cache: HybridCache | None, documents: Documents | None = None):
         T = x.shape[1]
-        q, k, v, phi_q, phi_k = self._project(x, positions(cache, T, None if cache is not None else self.sequence_axis))
+        q, k, v, phi_q, phi_k = self._project(x, self._positions(cache, T, documents))
         gamma, lam = self.factors()
         if cache is not None and T == 1:
             o, cache = self._decode_step(q, k, v, phi_q, phi_k, cache, gamma, lam)
         else:
+            packed = {} if documents is None else dict(positions=documents.positions)
             o, state = lolcats_attn(
                 q, k, v, phi_q, phi_k, gamma, linear_factor=lam, window=self.window, kind=self.kind,
-                **self._op_kwargs(None if cache is None else cache.state),
+                **self._op_kwargs(None if cache is None else cache.state, documents), **packed,
             )  # fmt: skip
             if cache is not None:
                 cache = cache.write(k, v, phi_k).replace(state=state)
