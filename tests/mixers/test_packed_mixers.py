@@ -16,6 +16,7 @@ from flax import nnx
 
 from seqlab import mixers
 from seqlab.core.documents import Documents
+from seqlab.models import DecoderLM
 from test_registry_checks import CASES, D, T, make
 
 ROWS = ((7, 1, 16, 13), (16, 21))
@@ -83,3 +84,19 @@ def test_a_mixer_without_documents_and_a_non_causal_one_refuse_them():
 def test_documents_of_a_wrong_shape_are_refused():
     with pytest.raises(ValueError, match=r"^documents\.segment_ids must be \[batch, time\]"):
         make("gla")(jnp.zeros((len(ROWS), T, D)), documents=Documents.of(segment_ids()[:, :-1]))
+
+
+def test_a_packed_row_through_a_model_equals_each_document_alone():
+    """Learned position embeddings restart per document too: the whole DecoderLM's logits."""
+    pattern = ("deltanet", "softmax")
+    model = DecoderLM(
+        vocab_size=32, d_model=D, num_layers=len(pattern), num_heads=2, mixers=pattern, mixer_args={}, mlp="swiglu",
+        mlp_ratio=2.0, norm="rmsnorm", position_embedding="learned", max_len=T, embed_dropout=0.0, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(2), (len(ROWS), T), 0, 32)
+    packed = nnx.jit(lambda m, t: m(t, documents=Documents.of(segment_ids())))(model, tokens)
+    run = nnx.jit(lambda m, t: m(t))
+    for b, row in enumerate(ROWS):
+        bounds = np.cumsum((0,) + row)
+        alone = jnp.concatenate([run(model, tokens[b : b + 1, s:e]) for s, e in zip(bounds[:-1], bounds[1:])], 1)
+        np.testing.assert_allclose(packed[b : b + 1], alone, rtol=2e-4, atol=2e-5)
