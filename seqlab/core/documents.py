@@ -30,13 +30,14 @@ class Documents(NamedTuple):
     positions: Array
 
     @classmethod
-    def of(cls, segment_ids: Array, positions: Array | None = None) -> "Documents":
-        """segment_ids [B, T] (and positions [B, T], or None: computed from the ids, whole rows only)."""
+    def of(cls, segment_ids: Array, positions: Array | None = None, sequence_axis: str | None = None) -> "Documents":
+        """segment_ids [B, T] (and positions [B, T], or None: computed from the ids, on this device's part of rows
+        split along ``sequence_axis`` if given)."""
         if jnp.ndim(segment_ids) != 2:
             raise ValueError(f"segment_ids must be [batch, time] integers, got shape {jnp.shape(segment_ids)}")
         segment_ids = check_segment_ids(segment_ids, *jnp.shape(segment_ids))
         if positions is None:
-            positions = positions_in_document(segment_ids)
+            positions = positions_in_document(segment_ids, sequence_axis)
         if jnp.shape(positions) != segment_ids.shape:
             raise ValueError(f"positions must have the shape of segment_ids {segment_ids.shape}, got "
                              f"{jnp.shape(positions)}")  # fmt: skip
@@ -86,13 +87,11 @@ def document_starts(segment_ids: Array, sequence_axis: str | None = None) -> Arr
     return starts.at[:, 0].set(first)
 
 
-def positions_in_document(segment_ids: Array) -> Array:
-    """[B, T] int32: each token's position within its document (0 at every document start)."""
-    length = segment_ids.shape[1]
-    index = jnp.arange(length, dtype=jnp.int32)
-    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # the index of each token's document start
-    return index - first
+def positions_in_document(segment_ids: Array, sequence_axis: str | None = None) -> Array:
+    """[B, T] int32: each token's position within its document (0 at every document start); with
+    ``sequence_axis`` (segment_ids this device's part), counted from the document's start on an earlier device."""
+    ones = jnp.ones(segment_ids.shape, jnp.int32)
+    return document_scan(ones, document_starts(segment_ids, sequence_axis), jnp.add, 0, sequence_axis) - 1
 
 
 def document_scan(

@@ -226,8 +226,8 @@ def lolcats_attn(
     contiguously along it (inside ``jax.shard_map``, T_local >= R): the band's first keys come from the previous
     device by one ppermute, the linear part runs as `linear_attn`'s sequence-parallel form, and positions (hence
     the "tk" blocks) are absolute.
-    segment_ids [B, T] int and positions [B, T] (within each document; None: computed from the ids, whole rows
-    only): packed documents (module docstring); initial_state then belongs to each row's first document.
+    segment_ids [B, T] int and positions [B, T] (within each document; None: computed from the ids): packed
+    documents (module docstring); initial_state then belongs to each row's first document.
     """
     _check_args(q, k, v, phi_q, phi_k, window_factor, linear_factor, window, kind)
     _common.check_form(impl, chunk_size)
@@ -261,7 +261,7 @@ def _packed_keys(segment_ids: Array, positions: Array | None, reach: int,
     first: the previous device's, or position -1 and id -1 at the start of the row)."""
     segment_ids = documents.check_segment_ids(segment_ids, *jnp.shape(segment_ids)[:2])
     if positions is None:
-        positions = documents.positions_in_document(segment_ids)
+        positions = documents.positions_in_document(segment_ids, sequence_axis)
     positions = jnp.asarray(positions, jnp.int32)
     if positions.shape != segment_ids.shape:
         raise ValueError(f"positions must have the shape of segment_ids {segment_ids.shape}, got {positions.shape}")

@@ -116,7 +116,9 @@ class InLineAttention(Mixer):
             cache = cache.replace(state=state, conv=conv_state, pos=cache.pos + x.shape[1])
         return self.o_proj(y), cache
 
-    def _causal(self, q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array | None, documents: Documents | None):
+    def _causal(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, state: jax.Array | None, documents: Documents | None = None
+    ):
         """q, k [B, T, H, d], v [B, T, H, d]; state [B, H, d + 1, d + 1] or None -> (o [B, T, H, d] float32, new
         state or None). Reads [S_tᵀq_t, q_t·z_t] and [u_t, t] from the engine (two calls on the values [v, 1]);
         with documents, t counts from each document's start."""
