@@ -100,3 +100,21 @@ def test_a_packed_row_through_a_model_equals_each_document_alone():
         bounds = np.cumsum((0,) + row)
         alone = jnp.concatenate([run(model, tokens[b : b + 1, s:e]) for s, e in zip(bounds[:-1], bounds[1:])], 1)
         np.testing.assert_allclose(packed[b : b + 1], alone, rtol=2e-4, atol=2e-5)
+
+
+# The recurrent form and the Pallas kernels (interpret mode) at mixer level, each mixer's first example, forward
+# (every form's gradients and the parallel form: tests/ops/test_packed_ops.py). Pallas only where every op of the
+# mixer has a kernel (Based's Taylor op has none).
+NO_KERNEL = ("based",)
+FIRST_EXAMPLES = [f"{name}-{next(iter(mixers.info(name).examples))}" for name in mixers.available()]
+FORM_CASES = [(case, impl) for case in TAKES if case in FIRST_EXAMPLES for impl in ("recurrent", "pallas")
+              if "impl" in mixers.keyword_arguments(mixers.get(case.split("-")[0]))
+              and not (impl == "pallas" and case.split("-")[0] in NO_KERNEL)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, impl", FORM_CASES, ids=[f"{c}-{i}" for c, i in FORM_CASES])
+def test_every_form_of_a_packed_mixer_equals_each_document_alone(case, impl):
+    mixer = make(case, impl=impl)
+    x = jax.random.normal(jax.random.key(4), (len(ROWS), T, D), jnp.float32)
+    packed = nnx.jit(lambda m, a: m(a, documents=Documents.of(segment_ids())))(mixer, x)
+    np.testing.assert_allclose(packed, nnx.jit(each_alone)(mixer, x), rtol=2e-4, atol=2e-5)
