@@ -33,6 +33,9 @@ RESUMABLE_KEYS = (
     "train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_batch_size", "mesh.data", "mesh.seq",
 )  # fmt: skip
+# Keys whose absence from a stored config means a value other than their default: a run stored without
+# data.bytes.pack trained on unpacked windows.
+ABSENT_MEANS = {"data.bytes.pack": False}
 # What a run writes in its workdir (removed by `clear`).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)
 _MAX_LISTED = 6
@@ -119,12 +122,14 @@ def config_differences(
 ) -> dict[str, tuple[Any, Any]]:  # fmt: skip
     """``{key: (stored value, new value)}`` for every relevant key that differs and that resume may not change
     (a key missing on one side shows as None there). `defaults` is the default config (as a dict): a key missing
-    from `stored` whose new value is its default there is no difference."""
-    old, now, default = relevant_config(stored), relevant_config(new), _flatten(defaults)
+    from `stored` whose new value is what its absence means (its default there, or ``ABSENT_MEANS``) is no
+    difference."""
+    old, now = relevant_config(stored), relevant_config(new)
+    absent = {**_flatten(defaults), **ABSENT_MEANS}
     return {
         key: (old.get(key), now.get(key)) for key in sorted(set(old) | set(now))
         if key not in RESUMABLE_KEYS and old.get(key) != now.get(key)
-        and not (key not in old and key in default and now[key] == default[key])
+        and not (key not in old and key in absent and now[key] == absent[key])
     }  # fmt: skip
 
 

@@ -136,6 +136,18 @@ def test_a_key_the_new_config_lacks_is_a_difference(finished_run, tmp_path):
     differences = workdir_lib.config_differences(stored, new, config_lib.default_dict())
     assert differences == {"model.mixer_args.gla.expand_k": (0.5, None)}
 
+
+def test_a_bytes_run_stored_without_pack_trained_on_windows(finished_run):
+    """data.bytes.pack defaults to True, but a stored config without it ran unpacked: only pack=False resumes it."""
+    stored = json.load(open(os.path.join(finished_run, "config.json")))
+    stored["data"]["task"] = "bytes"
+    del stored["data"]["bytes"]["pack"]
+    new = json.loads(json.dumps(stored))
+    for value, expected in ((True, {"data.bytes.pack": (None, True)}), (False, {})):
+        new["data"]["bytes"]["pack"] = value
+        assert workdir_lib.config_differences(stored, new, config_lib.default_dict()) == expected
+
+
 def test_overwrite_starts_over(finished_run, tmp_path):
     workdir = copy_of(finished_run, tmp_path)
     config = tiny_config(steps=2)
