@@ -391,9 +391,9 @@ def _to_layout(q: Array, k: Array, v: Array, beta: Array, g: Array, starts: Arra
     gamma = chunk_math.chunk_cumsum(_common.to_kernel_layout(g.astype(jnp.float32), length).reshape(gates))
     if starts is None:
         doc = jnp.zeros(gates, jnp.float32)
-    else:  # the starts counted within each chunk
-        flags = jnp.broadcast_to(starts[:, :, None], beta.shape[:1] + (starts.shape[1], heads)).astype(jnp.float32)
-        doc = jnp.cumsum(_common.to_kernel_layout(flags, length).reshape(gates), axis=-1)
+    else:
+        flags = jnp.broadcast_to(starts[:, :, None], (batch, starts.shape[1], heads))
+        doc = chunk_math.document_index(_common.to_kernel_layout(flags, length).reshape(gates))
     return _Layout(
         _common.to_kernel_layout(q, length, key_dim), _common.to_kernel_layout(k, length, key_dim),
         _common.to_kernel_layout(v, length, value_dim), beta, gamma, doc, starts is not None,

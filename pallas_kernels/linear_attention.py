@@ -268,8 +268,8 @@ def chunk_documents(starts: Array | None, shape: tuple[int, ...], chunk: int) ->
     batch, heads, length = shape[:3]
     if starts is None:
         return jnp.zeros((batch, heads, length, 1), jnp.float32)
-    flags = starts.astype(jnp.float32).reshape(batch, heads, length // chunk, chunk)
-    return jnp.cumsum(flags, axis=-1).reshape(batch, heads, length, 1)
+    flags = starts.reshape(batch, heads, length // chunk, chunk)
+    return chunk_math.document_index(flags).reshape(batch, heads, length, 1)
 
 
 def _state_scan(kernel, sequences: tuple[Array, ...], state: Array, chunk: int, blocks: LinearAttentionBlocks,

@@ -20,6 +20,12 @@ Array = jax.Array
 DOCUMENT = "document"  # the engine input holding each token's document index within its chunk
 
 
+def document_index(starts: Array, axis: int = -1) -> Array:
+    """Each token's ``DOCUMENT`` index within its chunk, float32: the document starts (bool, chunk layout along
+    ``axis``) counted from the chunk's first token."""
+    return jnp.cumsum(starts.astype(jnp.float32), axis=axis)
+
+
 def causal_mask(length: int, *, strict: bool = False) -> Array:
     """[C, C] bool, True where key j is visible to query i (j <= i, or j < i when strict)."""
     rows = jnp.arange(length)[:, None]

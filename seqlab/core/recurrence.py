@@ -449,8 +449,8 @@ def _split_chunks(
     num_chunks = -(-length // chunk)
     chunks = {name: _to_chunks(x, num_chunks, chunk) for name, x in inputs.items()}
     if starts is not None:
-        flags = _to_chunks(starts.astype(jnp.float32)[:, :, None], num_chunks, chunk)  # [N, B, 1, C]
-        chunks[chunk_math.DOCUMENT] = jnp.cumsum(flags, axis=-1)
+        flags = _to_chunks(starts[:, :, None], num_chunks, chunk)  # [N, B, 1, C]
+        chunks[chunk_math.DOCUMENT] = chunk_math.document_index(flags)
     return chunks, length
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from seqlab.core import masks
-from seqlab.core.halo import previous_segment_tail
+from seqlab.core.halo import key_slabs, previous_segment_tail
 
 Array = jax.Array
 __all__ = ["block_local_attn"]
@@ -113,8 +113,7 @@ def _document_blocks(q: Array, k: Array, v: Array, positions: Array, block_size:
         return jnp.concatenate([before, x, jnp.zeros((b, pad) + x.shape[2:], jnp.float32)], axis=1)
 
     def slabs(x: Array) -> Array:  # [B, N, 2C, H, D]: block n's keys, tokens n·C - C .. n·C + C
-        blocks = with_before(x).reshape(b, n + 1, c, h, x.shape[-1])
-        return jnp.concatenate([blocks[:, :-1], blocks[:, 1:]], axis=2)
+        return key_slabs(with_before(x), n, c, back=1)
 
     queries = jnp.pad(q.astype(jnp.float32), [(0, 0), (0, pad), (0, 0), (0, 0)]).reshape(b, n, c, h, d)
     logits = jnp.einsum("bnihk,bnjhk->bnhij", queries * scale, slabs(k))

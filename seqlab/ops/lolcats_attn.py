@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from seqlab.core import documents, masks
 from seqlab.ops import _common
 from seqlab.ops.linear_attn import linear_attn
-from seqlab.core.halo import previous_segment_tail
+from seqlab.core.halo import key_slabs, previous_segment_tail
 
 Array = jax.Array
 __all__ = ["lolcats_attn", "lolcats_decode_step"]
@@ -139,12 +139,6 @@ def _previous_tokens(x: Array, count: int, sequence_axis: str | None) -> tuple[A
     return previous_segment_tail(x, count, sequence_axis), jax.lax.axis_index(sequence_axis) * x.shape[1]
 
 
-def _key_slabs(x: Array, num_blocks: int, window: int, back: int) -> Array:
-    """[B, (back + N)·W, H, C] -> [B, N, (back + 1)·W, H, C]: for query block n, the key blocks n .. n + back."""
-    blocks = x.reshape(x.shape[0], num_blocks + back, window, *x.shape[2:])
-    return jnp.concatenate([blocks[:, o : o + num_blocks] for o in range(back + 1)], axis=2)
-
-
 def _band_masks(q_pos: Array, k_pos: Array, window: int, kind: str, packed: tuple[Array, ...] | None):
     """in_window, in_band [(B,) N, 1, W, R + W] for query positions [N, W] and key positions [N, R + W] (absolute);
     packed: (query positions, query ids [B, N, W], key positions, key ids [B, N, R + W]) within documents."""
@@ -173,7 +167,7 @@ def _band_numerator(q, phi_q, keys, start, window_factor, linear_factor, window,
     pad = num_blocks * window - length
     blocks = jnp.pad(jnp.concatenate([q, phi_q], -1), [(0, 0), (0, pad), (0, 0), (0, 0)])
     blocks = blocks.reshape(batch, num_blocks, window, heads, -1)  # [B, N, W, H, D + F]
-    slabs = _key_slabs(jnp.pad(keys, [(0, 0), (0, pad), (0, 0), (0, 0)]), num_blocks, window, back)
+    slabs = key_slabs(jnp.pad(keys, [(0, 0), (0, pad), (0, 0), (0, 0)]), num_blocks, window, back)
     scores = jnp.einsum("bnqhd,bnkhd->bnhqk", blocks[..., :dim], slabs[..., :dim]) * scale
     offsets = jnp.arange(num_blocks)[:, None] * window
     q_pos = start + offsets + jnp.arange(window)  # [N, W]
@@ -181,7 +175,7 @@ def _band_numerator(q, phi_q, keys, start, window_factor, linear_factor, window,
     if packed is not None:  # the same blocks and slabs of the rows' positions and ids
         query_rows = [jnp.pad(x, [(0, 0), (0, pad)]).reshape(batch, num_blocks, window) for x in packed[:2]]
         late = 2**30  # the padding keys' position: after every query, so no causal mask shows them
-        key_rows = [_key_slabs(jnp.pad(x, [(0, 0), (0, pad)], constant_values=fill)[..., None, None], num_blocks,
+        key_rows = [key_slabs(jnp.pad(x, [(0, 0), (0, pad)], constant_values=fill)[..., None, None], num_blocks,
                                window, back)[..., 0, 0] for x, fill in zip(packed[2:], (late, 0))]  # fmt: skip
         packed = (*query_rows, *key_rows)
     in_window, in_band = _band_masks(q_pos, k_pos, window, kind, packed)  # [(B,) N, 1, W, R + W]
