@@ -408,11 +408,60 @@ def reference_visible(mask, t: int, s: int, segments) -> bool:
         return s <= t and s // mask.window in (t // mask.window, t // mask.window - 1)
     if isinstance(mask, M.Document):
         return segments[t] == segments[s]
+    if isinstance(mask, M.VerticalStride):
+        I, J = t // mask.block, s // mask.block
+        if mask.causal:
+            return s <= t and (I - J < mask.local_blocks or (J + mask.residue) % mask.stride == 0)
+        return abs(I - J) < mask.local_blocks or (I - J + mask.residue) % mask.stride == 0
+    if isinstance(mask, (M.Neighborhood, M.Halo, M.CircularWindow)):
+        return grid_visible(mask, t, s)
     if isinstance(mask, M.And):
         return all(reference_visible(m, t, s, segments) for m in mask.masks)
     if isinstance(mask, M.Or):
         return any(reference_visible(m, t, s, segments) for m in mask.masks)
     raise TypeError(mask)
+
+
+def grid_coordinates(grid, p: int) -> list[int]:
+    """Raster-order coordinates of position p on a grid (None: 1-d), the last axis fastest."""
+    if grid is None:
+        return [p]
+    coords = []
+    for n in reversed(grid):
+        coords.append(p % n)
+        p //= n
+    return coords[::-1]
+
+
+def natten_window(u: int, n_g: int | None, k: int, s: int, causal: bool) -> range:
+    """NATTEN's in-group window of in-group coordinate u (csrc/include/natten/cuda/reference/mask.hpp)."""
+    L, R = k // 2, k // 2 + k % 2 - 1
+    if causal:
+        c = (u // s) * s + s - 1 if n_g is None else min((u // s) * s + s - 1, n_g - 1)
+        return range(max(c - L - R, 0), u + 1)
+    c = min((u // s) * s + s // 2, n_g - 1)
+    start = max(c - L, 0) - (c + R + 1 - n_g if c + R >= n_g else 0)
+    return range(start, start + k)
+
+
+def grid_visible(mask, t: int, s: int) -> bool:
+    """Neighborhood (NATTEN's per-axis windows), Halo (haloed blocks) and CircularWindow (distance) by axis."""
+    xs, ys = grid_coordinates(mask.grid, t), grid_coordinates(mask.grid, s)
+    if isinstance(mask, M.CircularWindow):
+        return sum((x - y) ** 2 for x, y in zip(xs, ys)) <= mask.radius ** 2
+    for axis, (x, y) in enumerate(zip(xs, ys)):
+        if isinstance(mask, M.Halo):
+            b, h = mask.block[axis], mask.halo[axis]
+            top = (x // b) * b
+            if not (top - h <= y <= (x if mask.causal else top + b + h - 1)):
+                return False
+            continue
+        d, n = mask.dilation[axis], None if mask.grid is None else mask.grid[axis]
+        n_g = None if n is None else len(range(x % d, n, d))
+        if y % d != x % d or y // d not in natten_window(x // d, n_g, mask.kernel[axis], mask.stride[axis],
+                                                         mask.causal[axis]):
+            return False
+    return True
 
 
 def has_document(mask) -> bool:

@@ -4,8 +4,10 @@ kernels (``pallas_kernels.flash_attention``).
 
 A mask is a frozen, hashable dataclass (it is static: it keys compilation caches and custom_vjp plans). The basic
 masks are ``Causal(window)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``, ``Strided(stride,
-causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window) and ``Document()``
-(segment ids); ``And(a, b, ...)`` / ``a & b`` and ``Or(a, b, ...)`` / ``a | b`` compose them, and ``PerHead(masks)``
+causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window),
+``VerticalStride`` (S2-Attention's per-head stripes; ``s2_heads``), the token-grid masks ``Neighborhood`` (NATTEN,
+1-3 d with dilation), ``Halo`` (HaloNet) and ``CircularWindow`` (CLEAR), on raster-order positions of a grid,
+and ``Document()`` (segment ids); ``And(a, b, ...)`` / ``a & b`` and ``Or(a, b, ...)`` / ``a | b`` compose them, and ``PerHead(masks)``
 gives one per query head (``PerHead & m`` combines head by head). Every element mask (``ElementMask``) gives:
 
 - the element predicate ``visible(q_pos, k_pos, *, segments=None, cells=None)``: bool, in jnp, from int32 absolute
@@ -45,6 +47,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import math
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -304,6 +307,305 @@ class BlockSparse(ElementMask):
         return self.block & -self.block
 
 
+def _array_module(x: object):
+    """numpy for numpy inputs (static tile maps), jax.numpy for traced or device arrays."""
+    return np if isinstance(x, (np.ndarray, np.generic, int)) else jnp
+
+
+def _floor_div(x, d: int):
+    """x // d for x >= 0 (jax.lax.div in jnp: no floor correction in a kernel)."""
+    return x // d if _array_module(x) is np else jax.lax.div(x, jnp.asarray(d, x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class VerticalStride(ElementMask):
+    """S2-Attention's block pattern for one head ("S2-Attention: Hardware-Aware Context Sharding Among Attention
+    Heads"): with query block I = t // block and key block J = s // block, the key is visible iff it is local,
+    0 <= I − J < local_blocks, or on this head's vertical stripes, (J + residue) % stride == 0 (and J <= I), and
+    s <= t. Non-causal: |I − J| < local_blocks or (I − J + residue) % stride == 0 (relative stripes). Heads with
+    residues h·σ + o (``s2_heads``) shard the remote context between them."""
+
+    block: int
+    local_blocks: int
+    stride: int
+    residue: int = 0
+    causal: bool = True
+
+    def __post_init__(self):
+        for name in ("block", "local_blocks", "stride"):
+            _check_positive("VerticalStride", name, getattr(self, name))
+        if not isinstance(self.residue, int) or isinstance(self.residue, bool) or self.residue < 0:
+            raise ValueError(f"VerticalStride.residue must be a non-negative int, got {self.residue!r}")
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        xp = _array_module(q_pos)
+        rows, cols = _floor_div(q_pos, self.block), _floor_div(k_pos, self.block)
+        diff = rows - cols
+        if self.causal:
+            stripe = (cols + self.residue) % self.stride == 0
+            return (k_pos <= q_pos) & ((diff < self.local_blocks) | stripe)
+        stripe = (diff + self.residue) % self.stride == 0
+        return (xp.abs(diff) < self.local_blocks) | stripe
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        rows = (q_first // self.block, q_last // self.block)
+        cols = (k_first // self.block, k_last // self.block)
+        lo, hi = rows[0] - cols[1], rows[1] - cols[0]  # the block differences I − J over the pair of ranges
+        if not self.causal:
+            local = (hi > -self.local_blocks) & (lo < self.local_blocks)
+            return local | _has_residue(lo + self.residue, hi + self.residue, self.stride)
+        last_col = np.minimum(cols[1], rows[1])  # a stripe key needs J <= I
+        stripe = _has_residue(cols[0] + self.residue, last_col + self.residue, self.stride)
+        return (k_first <= q_last) & (((hi >= 0) & (lo < self.local_blocks)) | stripe)
+
+
+def _has_residue(lo: np.ndarray, hi: np.ndarray, stride: int) -> np.ndarray:
+    """Whether [lo, hi] holds a multiple of stride (lo <= hi; empty ranges give False)."""
+    return (hi >= lo) & (np.floor_divide(hi, stride) * stride >= lo)
+
+
+def s2_heads(num_heads: int, block: int, local_blocks: int, stride: int, *, head_step: int | None = None,
+             offset: int = 0, dense_heads: int = 0, causal: bool = True) -> PerHead:
+    """S2-Attention's per-head masks: head h < num_heads − dense_heads takes ``VerticalStride`` with residue
+    h·σ + offset (σ = head_step, default max(1, stride // num_heads)), so the heads' stripes cover the context;
+    the last ``dense_heads`` heads are dense (``Causal()`` / ``Bidirectional()``)."""
+    if not isinstance(dense_heads, int) or not 0 <= dense_heads <= num_heads:
+        raise ValueError(f"dense_heads must be an int in [0, {num_heads}], got {dense_heads!r}")
+    step = max(1, stride // num_heads) if head_step is None else head_step
+    _check_positive("s2_heads", "head_step", step)
+    sparse = [VerticalStride(block, local_blocks, stride, (h * step + offset) % stride, causal)
+              for h in range(num_heads - dense_heads)]
+    dense = [Causal() if causal else Bidirectional()] * dense_heads
+    return PerHead(tuple(sparse + dense))
+
+
+DENSE_TILE_MAP_LIMIT = 8192  # grid masks evaluate their tile map pair by pair up to this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class _GridMask(ElementMask):
+    """A mask on a token grid of shape ``grid`` (axis sizes; None: a 1-d sequence of any length) laid out in
+    raster order (the last axis fastest): position p has coordinates x_a = (p // Π_{b>a} n_b) % n_a.
+    Subclasses give ``_visible_coordinates`` and, per query, the box of key coordinates it can see
+    (``_key_box``). The tile map is exact up to DENSE_TILE_MAP_LIMIT tokens (the predicate on every pair, in
+    numpy), above it (and in ``any_visible``) conservative: the raster range of each query's key box."""
+
+    grid: tuple[int, ...] | None
+
+    def _check_grid(self, name: str) -> None:
+        if self.grid is None:
+            return
+        grid = tuple(self.grid) if isinstance(self.grid, (tuple, list)) else ()
+        if not grid or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+            raise ValueError(f"{name}.grid must be None or a non-empty tuple of positive ints, got {self.grid!r}")
+        object.__setattr__(self, "grid", grid)
+
+    @property
+    def ndim(self) -> int:
+        return 1 if self.grid is None else len(self.grid)
+
+    def _axis_size(self, axis: int) -> int | None:
+        return None if self.grid is None else self.grid[axis]
+
+    def check(self, length: int) -> None:
+        if self.grid is not None and length > math.prod(self.grid):
+            raise ValueError(f"{type(self).__name__}.grid {self.grid} holds {math.prod(self.grid)} tokens, fewer "
+                             f"than the sequence's T={length}")
+
+    def coordinates(self, pos) -> list:
+        """Per axis, the coordinate of raster positions pos (any shape)."""
+        if self.grid is None:
+            return [pos]
+        strides = [math.prod(self.grid[a + 1 :]) for a in range(self.ndim)]
+        return [_floor_div(pos, st) % n if a else _floor_div(pos, st)
+                for a, (st, n) in enumerate(zip(strides, self.grid))]
+
+    def _visible_coordinates(self, q: list, k: list):
+        raise NotImplementedError
+
+    def _key_box(self, q: list) -> tuple[list, list]:
+        """Per axis, the least and greatest key coordinate the queries at coordinates q may see (numpy)."""
+        raise NotImplementedError
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        return self._visible_coordinates(self.coordinates(q_pos), self.coordinates(k_pos))
+
+    def _raster(self, coords: list) -> np.ndarray:
+        if self.grid is None:
+            return coords[0]
+        return sum(c * math.prod(self.grid[a + 1 :]) for a, c in enumerate(coords))
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        q_first, q_last, k_first, k_last = np.broadcast_arrays(q_first, q_last, k_first, k_last)
+        queries = np.arange(int(q_last.max()) + 1)
+        lo, hi = self._key_box(self.coordinates(queries))
+        lo, hi = self._raster(lo), self._raster(hi)
+        out = np.zeros(q_first.shape, bool)
+        for index in np.ndindex(q_first.shape):
+            span = slice(q_first[index], q_last[index] + 1)
+            out[index] = lo[span].min() <= k_last[index] and hi[span].max() >= k_first[index]
+        return out
+
+    def tile_map(self, length: int, block_q: int, block_k: int) -> np.ndarray:
+        if length > DENSE_TILE_MAP_LIMIT:
+            return super().tile_map(length, block_q, block_k)
+        keys = np.arange(length)
+        k_tiles = -(-length // block_k)
+        rows = []
+        for first in range(0, length, block_q):
+            queries = np.arange(first, min(first + block_q, length))
+            seen = self.visible(queries[:, None], keys[None]).any(axis=0)
+            rows.append(np.pad(seen, (0, k_tiles * block_k - length)).reshape(k_tiles, block_k).any(axis=1))
+        return np.stack(rows)
+
+
+def _per_axis(owner: str, name: str, value: object, ndim: int) -> tuple:
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * ndim
+    if len(values) != ndim:
+        raise ValueError(f"{owner}.{name} must be one value or one per grid axis ({ndim}), got {value!r}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighborhood(_GridMask):
+    """Neighborhood attention ("Neighborhood Attention Transformer"; "Dilated Neighborhood Attention Transformer";
+    "Faster Neighborhood Attention"), 1-d, 2-d or 3-d with dilation, stride and causality per axis. On each axis
+    (size n, window k, dilation δ, stride s) a position x lies in dilation group g = x % δ at in-group coordinate
+    u = x // δ; a group holds n_g = ceil((n − g) / δ) positions. A key at y is visible iff it is in the query's
+    group on every axis and, with w = y // δ, inside the query's window there:
+      non-causal: c = min((u // s)·s + s // 2, n_g − 1), start = clip(c − k // 2, 0, n_g − k), w in
+                  [start, start + k) — k keys, shifted inward at the borders;
+      causal:     c = min((u // s)·s + s − 1, n_g − 1), w in [max(c − k + 1, 0), u].
+    kernel, dilation, stride, causal: one value or one per axis; grid None: one unbounded axis (causal only)."""
+
+    kernel: int | tuple[int, ...] = 7
+    dilation: int | tuple[int, ...] = 1
+    stride: int | tuple[int, ...] = 1
+    causal: bool | tuple[bool, ...] = False
+    grid: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self._check_grid("Neighborhood")
+        for name in ("kernel", "dilation", "stride"):
+            values = _per_axis("Neighborhood", name, getattr(self, name), self.ndim)
+            for v in values:
+                _check_positive("Neighborhood", name, v)
+            object.__setattr__(self, name, values)
+        causal = _per_axis("Neighborhood", "causal", self.causal, self.ndim)
+        if not all(isinstance(c, bool) for c in causal):
+            raise ValueError(f"Neighborhood.causal must be a bool or one per grid axis, got {self.causal!r}")
+        object.__setattr__(self, "causal", causal)
+        for a in range(self.ndim):
+            n = self._axis_size(a)
+            if n is None and not causal[a]:
+                raise ValueError("Neighborhood.grid: a non-causal axis needs its size (the window shifts inward at "
+                                 "its end); give grid=(n, ...)")
+            if n is not None and self.kernel[a] * self.dilation[a] > n:
+                raise ValueError(f"Neighborhood.kernel: kernel × dilation must fit axis {a} of size {n}, got "
+                                 f"{self.kernel[a]} × {self.dilation[a]}")
+
+    def _window(self, axis: int, x):
+        """(group, first, last) in-group coordinates of the keys the queries at coordinate x see on ``axis``."""
+        xp = _array_module(x)
+        k, d, s, n = self.kernel[axis], self.dilation[axis], self.stride[axis], self._axis_size(axis)
+        group, u = x % d, _floor_div(x, d)
+        size = None if n is None else _floor_div(n - group + d - 1, d)
+        if self.causal[axis]:
+            c = (u // s) * s + s - 1 if xp is np else jax.lax.div(u, s) * s + s - 1
+            c = c if size is None else xp.minimum(c, size - 1)
+            return group, xp.maximum(c - k + 1, 0), u
+        c = xp.minimum((u // s) * s + s // 2 if xp is np else jax.lax.div(u, s) * s + s // 2, size - 1)
+        first = xp.clip(c - k // 2, 0, size - k)
+        return group, first, first + k - 1
+
+    def _visible_coordinates(self, q, k):
+        result = None
+        for axis, (x, y) in enumerate(zip(q, k)):
+            group, first, last = self._window(axis, x)
+            d = self.dilation[axis]
+            w = _floor_div(y, d)
+            inside = (y % d == group) & (w >= first) & (w <= last)
+            result = inside if result is None else result & inside
+        return result
+
+    def _key_box(self, q):
+        lo, hi = [], []
+        for axis, x in enumerate(q):
+            group, first, last = self._window(axis, x)
+            lo.append(first * self.dilation[axis] + group)
+            hi.append(last * self.dilation[axis] + group)
+        return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class Halo(_GridMask):
+    """HaloNet's blocked local attention with halos ("Scaling Local Self-Attention for Parameter Efficient Visual
+    Backbones"): queries in non-overlapping blocks of ``block`` positions per axis see the keys of their block
+    widened by ``halo`` positions on each side, per axis: key y visible to query x iff ⌊x/b⌋·b − h <= y <
+    ⌊x/b⌋·b + b + h on every axis (keys off the grid do not exist). causal (1-d language models): the left halo
+    and the block up to the query, ⌊x/b⌋·b − h <= y <= x."""
+
+    block: int | tuple[int, ...] = 8
+    halo: int | tuple[int, ...] = 3
+    causal: bool = False
+    grid: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self._check_grid("Halo")
+        for name, least in (("block", 1), ("halo", 0)):
+            values = _per_axis("Halo", name, getattr(self, name), self.ndim)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values):
+                raise ValueError(f"Halo.{name} must be ints >= {least} (one, or one per axis), got {values!r}")
+            object.__setattr__(self, name, values)
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"Halo.causal must be a bool, got {self.causal!r}")
+        if self.grid is None and not self.causal:
+            raise ValueError("Halo.grid: a non-causal halo needs the grid shape, e.g. grid=(H, W)")
+        if self.causal and self.ndim != 1:
+            raise ValueError(f"Halo.causal: the causal halo is 1-d (grid None or (n,)), got grid={self.grid}")
+
+    def _window(self, axis: int, x):
+        b, h = self.block[axis], self.halo[axis]
+        start = _floor_div(x, b) * b
+        return start - h, (x if self.causal else start + b + h - 1)
+
+    def _visible_coordinates(self, q, k):
+        result = None
+        for axis, (x, y) in enumerate(zip(q, k)):
+            first, last = self._window(axis, x)
+            inside = (y >= first) & (y <= last)
+            result = inside if result is None else result & inside
+        return result
+
+    def _key_box(self, q):
+        windows = [self._window(axis, x) for axis, x in enumerate(q)]
+        return [np.maximum(w[0], 0) for w in windows], [w[1] for w in windows]
+
+
+@dataclasses.dataclass(frozen=True)
+class CircularWindow(_GridMask):
+    """CLEAR's local attention for 2-d (DiT) tokens ("CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion
+    Transformers Up"): key y visible to query x iff their grid coordinates are within Euclidean distance
+    ``radius``, Σ_a (x_a − y_a)² <= radius²; non-causal, on a grid of any dimension."""
+
+    radius: float = 8.0
+    grid: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self._check_grid("CircularWindow")
+        if self.grid is None:
+            raise ValueError("CircularWindow.grid must be the token grid's shape, e.g. grid=(H, W), got None")
+        if isinstance(self.radius, bool) or not isinstance(self.radius, (int, float)) or not self.radius >= 0:
+            raise ValueError(f"CircularWindow.radius must be a non-negative number, got {self.radius!r}")
+
+    def _visible_coordinates(self, q, k):
+        return sum((x - y) * (x - y) for x, y in zip(q, k)) <= self.radius**2
+
+    def _key_box(self, q):
+        r = int(math.floor(self.radius))
+        return [np.maximum(x - r, 0) for x in q], [x + r for x in q]
+
+
 @dataclasses.dataclass(frozen=True)
 class Document(ElementMask):
     """Document (segment-id) masking: key s visible to query t iff both lie in the same segment,
@@ -455,6 +757,19 @@ def pairwise(mask: ElementMask, q_pos: Array, k_pos: Array, *, length: int | Non
         segments = (segments[0][..., :, None], segments[1][..., None, :])
     in_range = (k >= 0) if length is None else (k >= 0) & (k < length)
     return in_range & mask.visible(q, k, segments=segments)
+
+
+def head_pairwise(mask: Mask, kv_heads: int, group: int, q_pos: Array, k_pos: Array, *, length: int | None = None,
+                  segments: Segments | None = None) -> Array:
+    """Bool broadcasting to [(B,) Hkv, G, Tq, Tk]: ``pairwise`` of each query head's mask (head h = i·G + g) on
+    q_pos [Tq] and k_pos [Tk]; segments ([B, Tq], [B, Tk]) for Document terms."""
+    head_masks = mask.head_masks(kv_heads * group)
+    per_mask = {m: pairwise(m, q_pos, k_pos, length=length, segments=segments) for m in dict.fromkeys(head_masks)}
+    if len(head_masks) == 1:
+        return per_mask[head_masks[0]][..., None, None, :, :]
+    shape = jnp.broadcast_shapes(*(x.shape for x in per_mask.values()))  # with B as soon as one head needs it
+    visible = jnp.stack([jnp.broadcast_to(per_mask[m], shape) for m in head_masks], axis=-3)  # [(B,) H, Tq, Tk]
+    return visible.reshape(*visible.shape[:-3], kv_heads, group, *visible.shape[-2:])
 
 
 def visit_lists(mask: Mask, length: int, block_q: int, block_k: int, *,

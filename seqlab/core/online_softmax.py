@@ -211,13 +211,10 @@ def _modified(plan: BlockPlan, mod: Callable, consts: tuple, scores: Array, q_po
 def _row_visible(plan: BlockPlan, q_pos: Array, k_pos: Array, segments: Segments | None) -> Array:
     """Bool broadcasting to [B, Hkv, G*block, Tk]: each head's mask on query positions q_pos [block] and key
     positions k_pos [Tk] (keys outside [0, T) invisible); segments ([B, block], [B, Tk]) for Document terms."""
-    per_mask = {m: masks.pairwise(m, q_pos, k_pos, length=plan.length, segments=segments)
-                for m in dict.fromkeys(plan.head_masks)}  # [(B,) block, Tk] each
-    if len(plan.head_masks) == 1:
-        return jnp.tile(per_mask[plan.head_masks[0]], (plan.group, 1))[..., None, :, :]
-    shape = jnp.broadcast_shapes(*(x.shape for x in per_mask.values()))  # with B as soon as one head needs it
-    visible = jnp.stack([jnp.broadcast_to(per_mask[m], shape) for m in plan.head_masks], axis=-3)  # [(B,) H, ...]
-    return visible.reshape(*visible.shape[:-3], plan.heads // plan.group, plan.group * plan.block, -1)
+    visible = masks.head_pairwise(plan.mask, plan.heads // plan.group, plan.group, q_pos, k_pos,
+                                  length=plan.length, segments=segments)  # [(B,) Hkv | 1, G | 1, block, Tk]
+    visible = jnp.broadcast_to(visible, (*visible.shape[:-4], visible.shape[-4], plan.group, *visible.shape[-2:]))
+    return visible.reshape(*visible.shape[:-3], plan.group * visible.shape[-2], visible.shape[-1])
 
 
 def split_blocks(x: Array, axis: int, block: int) -> Array:
@@ -466,16 +463,15 @@ def dense_attention(
 
 
 def cache_attention(q: Array, k_cache: Array, v_cache: Array, key_positions: Array, query_position: Array,
-                    *, window: int | None, same_document: Array | None = None) -> Array:
-    """One query step against a KV cache (the decode path), under ``Causal(window)``.
+                    *, mask: Mask, segments: Segments | None = None) -> Array:
+    """One query step against a KV cache (the decode path): the keys ``mask`` shows the query (any mask, per
+    head with ``PerHead``; a decode cache holds only keys at or before the query).
 
     q: [B, Hkv, G, D] (scaled); k_cache: [B, Hkv, L, D]; v_cache: [B, Hkv, L, V]; key_positions: [L] (-1 = empty);
-    same_document: [B, L] bool, the keys in the query's document (packed rows), or None.
+    segments: (the query's document id [B, 1], the keys' [B, L]) for a mask with a Document term, or None.
     Returns [B, Hkv, G, V] float32.
     """
     scores = jnp.einsum("bhgd,bhld->bhgl", q, k_cache)
     query = jnp.reshape(query_position, (1,))
-    visible = masks.pairwise(masks.Causal(window), query, key_positions)  # [1, L]
-    if same_document is not None:
-        visible = visible & same_document[:, None, None, :]
-    return finalize(partial_from_scores(scores, visible, v_cache))
+    visible = masks.head_pairwise(mask, q.shape[1], q.shape[2], query, key_positions, segments=segments)
+    return finalize(partial_from_scores(scores, visible[..., 0, :], v_cache))  # visible: [(B,) Hkv|1, G|1, L]

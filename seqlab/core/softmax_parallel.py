@@ -1,5 +1,5 @@
-"""Softmax attention over a sequence split into contiguous segments along a mesh axis, under a ``Causal`` or
-``Bidirectional`` mask of ``seqlab.core.masks`` (with an optional sliding window).
+"""Softmax attention over a sequence split into contiguous segments along a mesh axis, under any mask of
+``seqlab.core.masks`` (per head with ``PerHead``).
 
 Called inside ``jax.shard_map``: of P devices on the axis, device i holds tokens [i·T_local, (i+1)·T_local) of q,
 k and v. Every exchange below ends in the online-softmax ``Partial`` of ``seqlab.core.online_softmax``, computed
@@ -12,15 +12,16 @@ block, a scan over the key blocks it can reach, where a block with no visible pa
 - "ring" — "Ring Attention with Blockwise Transformers for Near-Infinite Context": P steps; each device attends
   to the K/V segment it holds, merges the partial, and passes the segment to the next device with ``ppermute``
   (P - 1 permutes). Segments a causal mask hides (a later device's) cost only the skip test.
-- halo — sliding window w with w - 1 <= T_local, whatever the mode: device i receives only the last w - 1 keys
-  and values of device i - 1 (and, non-causal, the first w - 1 of device i + 1) by one ``ppermute`` each, then
-  attends locally. Edge devices receive zeros at positions outside [0, T), which the mask hides. Communication
+- halo — a ``Causal`` / ``Bidirectional`` sliding window w with w - 1 <= T_local, whatever the mode: device i
+  receives only the last w - 1 keys and values of device i - 1 (and, non-causal, the first w - 1 of device i + 1)
+  by one ``ppermute`` each, then attends locally. Edge devices receive zeros at positions outside [0, T), which the mask hides. Communication
   does not grow with T.
 
-Visibility is the mask's element predicate on global positions (``masks.pairwise``, keys outside [0, T)
-invisible); which key blocks a query block scans comes from the window (``SequenceMask.reach``), not from tile maps,
-since the key segments' offsets are traced. Packed rows: the document ids of the keys travel with them (gathered,
-passed round the ring or sent as halos), and a key is visible only to queries of its own document.
+Visibility is each head's element predicate on global positions (``masks.head_pairwise``, keys outside [0, T)
+invisible); which key blocks a query block scans comes from the window (``SequenceMask.reach``; every block for
+other masks, a block with no visible pair skipped), not from tile maps, since the key segments' offsets are
+traced. Packed rows: the document ids of the keys travel with them (gathered, passed round the ring or sent as
+halos), and a key is visible only to queries of its own document.
 """
 
 from __future__ import annotations
@@ -43,10 +44,9 @@ MODES = ("allgather", "ring")
 
 @dataclasses.dataclass(frozen=True)
 class SequenceMask:
-    """Which keys a query sees: ``mask`` (Causal or Bidirectional) on positions in [0, length); the block size of
-    the query and key loops."""
+    """Which keys a query sees: ``mask`` on positions in [0, length); the block size of the query and key loops."""
 
-    mask: masks.Causal | masks.Bidirectional
+    mask: masks.Mask
     length: int
     block: int
 
@@ -56,7 +56,8 @@ class SequenceMask:
 
     @property
     def window(self) -> int | None:
-        return self.mask.window
+        """The sliding window of a Causal / Bidirectional mask (it bounds the key blocks scanned), else None."""
+        return self.mask.window if isinstance(self.mask, (masks.Causal, masks.Bidirectional)) else None
 
     def reach(self, num_key_blocks: int) -> int:
         """How many consecutive key blocks one query block can see (static)."""
@@ -75,19 +76,18 @@ class SequenceMask:
 
 
 def sequence_parallel_attention(
-    q: Array, k: Array, v: Array, *, axis_name: str, mode: str, mask: masks.Causal | masks.Bidirectional,
+    q: Array, k: Array, v: Array, *, axis_name: str, mode: str, mask: masks.Mask,
     block_size: int | None, segment_ids: Array | None = None,
 ) -> Array:
     """This device's segment of softmax attention over the sequence split along ``axis_name``.
 
     q: [B, Hkv, G, T_local, D] (G query heads per key/value head, scaled, float32); k: [B, Hkv, T_local, D];
-    v: [B, Hkv, T_local, V]; mode in ``MODES``; mask: Causal or Bidirectional (global positions); block_size None:
+    v: [B, Hkv, T_local, V]; mode in ``MODES``; mask: any mask (global positions); block_size None:
     one block of T_local (the parallel form); segment_ids: this device's document ids [B, T_local] int32, or None.
     Returns o [B, Hkv, G, T_local, V] float32.
     """
     t_local = q.shape[3]
-    if not isinstance(mask, (masks.Causal, masks.Bidirectional)):
-        raise ValueError(f"mask must be Causal or Bidirectional under sequence parallelism, got {mask!r}")
+    mask.head_masks(q.shape[1] * q.shape[2])
     spec = SequenceMask(mask, t_local * jax.lax.axis_size(axis_name), min(block_size or t_local, t_local))
     keys = _Keys(k, v, segment_ids)
     if spec.window is not None and spec.window - 1 <= t_local:
@@ -187,7 +187,8 @@ def segment_partial(q: Array, keys: _Keys, q_segments: Array | None, q_start: Ar
 
         def key_block(part, key_index):
             k_pos = _positions(k_start, key_index, block, tk)
-            visible = masks.pairwise(mask.mask, q_pos, k_pos, length=mask.length) & (q_pos >= 0)[:, None]
+            visible = masks.head_pairwise(mask.mask, *q_block.shape[1:3], q_pos, k_pos, length=mask.length)
+            visible = visible & (q_pos >= 0)[:, None]  # [Hkv | 1, G | 1, block, block]
             if documents:  # [B, 1, 1, block, block]
                 visible = visible & (q_doc[:, :, None] == ks[key_index][:, None, :])[:, None, None]
 

@@ -9,15 +9,15 @@ query tile gets the list of key tiles it visits. ``causal`` / ``window`` are sho
 (s <= t, t - w < s) and ``Bidirectional(window)`` (|t - s| < w). Forms: "chunked" is
 ``seqlab.core.online_softmax.blockwise_attention`` over the visit lists (one slice per row on the fast path, where
 each row's visits are one contiguous span; gathered tiles otherwise), "parallel" its dense form, "pallas"
-``pallas_kernels.flash_attention`` (no score_mod), "recurrent" a scan of decode steps (``Causal`` masks only).
+``pallas_kernels.flash_attention`` (no score_mod), "recurrent" a scan of decode steps (any mask, no score_mod).
 ``score_mod(scores, q_idx, k_idx, head)`` rewrites the scaled float32 scores before masking; the shapes it receives
 are stated in ``seqlab.core.online_softmax``.
 
 With ``sequence_axis`` the sequence is split into contiguous segments along that mesh axis (inside
 ``jax.shard_map``) and ``seqlab.core.softmax_parallel`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:
 Rethinking Sequence Parallelism for Linear Attention and Its Hybrid") or "ring" ("Ring Attention with Blockwise
-Transformers for Near-Infinite Context"); sliding windows with w - 1 <= T_local exchange only a halo. Only
-``Causal`` and ``Bidirectional`` masks (with a window) are supported there.
+Transformers for Near-Infinite Context") under any mask (no score_mod); ``Causal`` / ``Bidirectional`` sliding
+windows with w - 1 <= T_local exchange only a halo.
 
 Packed rows (``seqlab.core.documents``): ``segment_ids`` [B, T] or ``cu_seqlens`` [D + 1] restrict every query
 to the keys of its own document, in every form: the mask becomes ``mask & Document()`` (a mask that already has a
@@ -74,12 +74,10 @@ def _check(q: Array, k: Array, v: Array, impl: str, block_size: int | None) -> N
 
 def _check_form(mask: masks.Mask, impl: str, sequence_axis: str | None, score_mod: bool) -> None:
     """What the recurrent and sequence-parallel forms support (mask: before packed documents are added to it)."""
-    if impl == "recurrent" and (not isinstance(mask, masks.Causal) or score_mod):
-        raise ValueError(f"impl='recurrent' needs a causal mask, Causal(window) (causal=True), without score_mod; "
-                         f"got mask={mask!r}")
-    if sequence_axis is not None and (not isinstance(mask, (masks.Causal, masks.Bidirectional)) or score_mod):
-        raise ValueError(f"mask: with sequence_axis only Causal or Bidirectional masks (causal / window), without "
-                         f"score_mod, are supported; got mask={mask!r}")
+    if impl == "recurrent" and score_mod:
+        raise ValueError("score_mod: impl='recurrent' (a scan of decode steps) takes none; use 'chunked'")
+    if sequence_axis is not None and score_mod:
+        raise ValueError("score_mod: with sequence_axis none is supported (the scores are computed per key segment)")
 
 
 def _document_ids(
@@ -148,7 +146,7 @@ def softmax_attn(
     _check_form(mask, impl, sequence_axis, score_mod is not None)
     _check_sequence(impl, sequence_axis, sequence_parallel)
     segment_ids = _document_ids(mask, segment_ids, cu_seqlens, *q.shape[:2])
-    base_mask = mask  # the sequence-parallel and recurrent forms take the ids beside it
+    base_mask = mask  # the sequence-parallel form takes the ids beside it
     if segment_ids is not None and not masks.needs_segments(mask):
         mask = mask & masks.Document()
     kernel = score_mod is None or impl == "pallas"  # an explicit impl="pallas" with score_mod: the kernel's error
@@ -178,10 +176,8 @@ def softmax_attn(
 
         def step(_, xs):
             q_t, pos, ids = xs
-            same = None if ids is None else segment_ids == ids[:, None]  # [B, T]: keys in the query's document
-            o_t = online_softmax.cache_attention(q_t, kt, vt, positions, pos, window=base_mask.window,
-                                                 same_document=same)  # fmt: skip
-            return None, o_t
+            segments = None if ids is None else (ids[:, None], segment_ids)  # the query's document, the keys'
+            return None, online_softmax.cache_attention(q_t, kt, vt, positions, pos, mask=mask, segments=segments)
 
         _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions, step_ids))
         o = jnp.moveaxis(o, 0, 3)
@@ -197,12 +193,13 @@ def softmax_decode_step(
     *,
     scale: float | None = None,
     window: int | None = None,
+    mask: masks.Mask | None = None,
 ) -> Array:
     """One decode step against a KV cache (a full cache or a ring buffer; slot order does not matter).
 
     q: [B, H, D]; k_cache: [B, L, Hkv, D]; v_cache: [B, L, Hkv, V]; key_positions: [L] int (-1 = empty slot);
-    a key is visible iff 0 <= pos <= query_position and (window is None or query_position - pos < window).
-    Returns [B, H, V].
+    a key is visible iff 0 <= pos and ``mask`` shows it to query_position; mask None: ``Causal(window)``
+    (pos <= query_position and, with a window, query_position - pos < window). Returns [B, H, V].
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
@@ -214,9 +211,11 @@ def softmax_decode_step(
         raise ValueError(f"key_positions must have shape ({k_cache.shape[1]},), got {key_positions.shape}")
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"the kv heads of k_cache ({k_cache.shape[2]}) must divide the query heads of q ({q.shape[1]})")
+    mask = masks.resolve(mask, True, window)
+    mask.head_masks(q.shape[1])
     b, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     qg = _group_heads(q[:, None], k_cache.shape[2], scale)[:, :, :, 0]
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k_cache, v_cache))
-    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, window=window)
+    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, mask=mask)
     return o.reshape(b, h, v_cache.shape[-1]).astype(v_cache.dtype)

@@ -32,7 +32,7 @@ TOL = 1e-5
 BF16_TOL = 1e-2
 HIGHEST = jax.lax.Precision.HIGHEST
 B, D, V = 2, 16, 8
-IMPLS = ("chunked", "parallel", "pallas")
+IMPLS = ("chunked", "parallel", "pallas", "recurrent")  # recurrent: a scan of decode steps
 
 
 def make_inputs(seed: int, T: int, H: int, H_kv: int, q_scale: float = 1.0):
@@ -86,6 +86,13 @@ CASES = [
     ("and-window-strided", M.Causal(window=20) & M.Strided(3), 70, 4, 1, 32),
     ("or-block-sparse-diagonal", M.BlockSparse(SPARSE_3, 16) | M.BlockDiagonal(8), 37, 4, 2, 16),
     ("per-head-gather", M.PerHead((M.Causal(4), M.Strided(3), M.Terraced(6), M.Document())), 37, 4, 2, 32),
+    ("s2-heads", M.s2_heads(4, block=8, local_blocks=2, stride=3, dense_heads=1), 70, 4, 2, 16),
+    ("natten-2d-dilated", M.Neighborhood(kernel=(3, 5), dilation=(2, 1), stride=(1, 2), grid=(7, 10)), 70, 4, 1, 16),
+    ("natten-3d-causal", M.Neighborhood(kernel=3, causal=(True, False, True), grid=(3, 4, 4)) & M.Document(), 37, 4,
+     2, 16),
+    ("halo-causal", M.Halo(block=8, halo=3, causal=True), 37, 4, 2, 16),
+    ("halo-2d", M.Halo(block=(4, 3), halo=(1, 2), grid=(7, 10)), 70, 4, 2, 32),
+    ("circular-2d", M.CircularWindow(radius=2.5, grid=(7, 10)), 70, 4, 1, 16),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -146,6 +153,12 @@ TILE_MASKS = [
     (M.PerHead((M.Causal(4), M.Strided(13), M.BlockDiagonal(30), M.Terraced(5))), True),
     (M.Causal(window=20) & M.Strided(3), False), (M.BlockDiagonal(20) & M.Strided(7, causal=False), False),
     (M.Document(), False), (M.Causal() & M.Document(), False), (M.Terraced(8) | M.Document(), False),
+    (M.VerticalStride(8, 2, 3, 1), True), (M.VerticalStride(12, 1, 2, 0, causal=False), True),
+    (M.s2_heads(3, 10, 2, 4), True), (M.Neighborhood(kernel=5, dilation=3, grid=(70,)), True),
+    (M.Neighborhood(kernel=(3, 3), dilation=(1, 2), causal=(True, False), grid=(7, 10)), True),
+    (M.Neighborhood(kernel=4, stride=3, causal=True), True), (M.Halo(block=8, halo=3, causal=True), True),
+    (M.Halo(block=(4, 3), halo=(1, 2), grid=(7, 10)), True), (M.CircularWindow(radius=2.5, grid=(7, 10)), True),
+    (M.Neighborhood(kernel=(3, 3), grid=(7, 10)) & M.Document(), False),
 ]
 
 
@@ -171,6 +184,19 @@ def test_tile_maps_and_visit_lists(mask, exact):
                                                                               for c in tile_map.T)
         for visits in rows:
             assert M.is_span(visits) == (visits == tuple(range(visits[0], visits[-1] + 1)) if visits else True)
+
+
+GRID_MASKS = [(m, e) for m, e in TILE_MASKS if any(isinstance(x, M._GridMask) for x in M.leaves(m))]
+
+
+@pytest.mark.parametrize("mask,exact", GRID_MASKS, ids=[str(m) for m, _ in GRID_MASKS])
+def test_long_grid_tile_maps_never_miss_a_visible_pair(mask, exact, monkeypatch):
+    """Above DENSE_TILE_MAP_LIMIT tokens a grid mask maps tiles from each query's key box: a superset."""
+    monkeypatch.setattr(M, "DENSE_TILE_MAP_LIMIT", 0)
+    T, padded = 70, 96
+    needed = np.any([nonempty_tiles(vis, 16, 16, padded) for vis in reference_mask(mask, T, 1).reshape(-1, T, T)],
+                    axis=0)[:5, :5]
+    assert not (needed & ~mask.tile_map(T, 16, 16)).any()
 
 
 def test_span_and_gathered_rows():
@@ -284,9 +310,8 @@ def test_bad_masks(make, match):
     (dict(mask=M.Document(), segment_ids=np.zeros((B, 21), np.int32)), "segment_ids"),  # shape
     (dict(mask=M.Document(), segment_ids=np.zeros((B, 20), np.float32)), "segment_ids"),  # dtype
     (dict(mask=M.Strided(3), causal=False), "mask"),
-    (dict(mask=M.Strided(3), impl="recurrent"), "recurrent"),
-    (dict(mask=M.Causal(), impl="recurrent", score_mod=softcap_mod(None)), "recurrent"),
-    (dict(mask=M.Strided(3), sequence_axis="seq"), "sequence_axis"),
+    (dict(mask=M.Causal(), impl="recurrent", score_mod=softcap_mod(None)), "score_mod"),
+    (dict(mask=M.Strided(3), sequence_axis="seq", score_mod=softcap_mod(None)), "score_mod"),
     (dict(mask=M.PerHead((M.Causal(),) * 3)), "PerHead.masks"),
 ])
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])
