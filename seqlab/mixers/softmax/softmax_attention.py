@@ -31,6 +31,7 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_choice, check_optional_positive_int
+from seqlab.core import masks
 from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import KVCache
@@ -86,10 +87,19 @@ class SoftmaxAttention(Mixer):
         )  # fmt: skip
         self.window = window
 
+    def attention_mask(self) -> masks.Mask:
+        """Which keys each query sees, in every form (training, prefill, decode): ``Causal(window)``. A family
+        whose pattern is another mask of ``seqlab.core.masks`` overrides this (and ``cache_slots``)."""
+        return masks.Causal(self.window)
+
+    def cache_slots(self, max_len: int) -> int:
+        """The KV cache's slots: max_len, or a sliding window's ring of min(window, max_len)."""
+        return max_len if self.window is None else min(self.window, max_len)
+
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         self._check_cache_args(batch, max_len)
-        length = max_len if self.window is None else min(self.window, max_len)
-        return KVCache.empty((batch, length, self.num_kv_heads, self.head_dim), self.dtype or jnp.float32)
+        shape = (batch, self.cache_slots(max_len), self.num_kv_heads, self.head_dim)
+        return KVCache.empty(shape, self.dtype or jnp.float32)
 
     def queries_keys(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
         """q [B, T, H, d] and k [B, T, H_kv, d] of x [B, T, d_model] at positions pos [T] or [B, T], RoPE applied."""
@@ -105,13 +115,13 @@ class SoftmaxAttention(Mixer):
         v = self._heads(self.v_proj(x), self.head_dim)
         if cache is not None:
             cache = self._write(cache, k, v)
+        mask = self.attention_mask()
         if cache is not None and T == 1:  # a decode step attends to the cache; training and prompts to themselves
-            o = ops.softmax_decode_step(
-                q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, window=self.window
-            )[:, None]
+            o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, mask=mask)
+            o = o[:, None]
         else:
             o = ops.softmax_attn(
-                q, k, v, causal=True, window=self.window, impl=self.impl, block_size=self.block_size,
+                q, k, v, mask=mask, impl=self.impl, block_size=self.block_size,
                 sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
                 segment_ids=None if documents is None else documents.segment_ids,
             )  # fmt: skip
@@ -121,7 +131,7 @@ class SoftmaxAttention(Mixer):
         """The cache with the keys/values k, v [B, T, H_kv, d] of the next T positions in slots p % L; of a prompt
         longer than a ring buffer of L slots only the last L tokens land."""
         T, slots = k.shape[1], cache.k.shape[1]
-        if self.window is None and T > slots:
+        if T > slots and self.cache_slots(T) == T:  # a full cache, not a ring: the prompt must fit
             raise ValueError(f"x: a prompt of {T} tokens does not fit a KV cache of max_len={slots}")
         return cache.write(k, v)
 
@@ -139,3 +149,25 @@ class SlidingWindowAttention(SoftmaxAttention):
         if window is None:
             raise ValueError("window must be a positive integer for sliding-window attention, got None")
         super().__init__(d_model, num_heads, window=window, **kwargs)
+
+
+class MaskedAttention(SoftmaxAttention):
+    """Softmax attention whose pattern is a family's mask (``attention_mask``, from ``seqlab.core.masks``): every
+    form of the op (blockwise over the mask's tile map, dense, Pallas, recurrent), the decode step against a full
+    KV cache and sequence parallelism (all-gather or ring) run that mask. RoPE is off by default (the families'
+    patterns carry the locality). causal=False makes a non-causal layer (no decode cache). Block- and grid-
+    aligned patterns align to the row, so packed documents are refused (takes_documents is False)."""
+
+    takes_documents = False
+
+    def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, rope: bool = False, **kwargs: Any):
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be a bool, got {causal!r}")
+        if kwargs.get("window") is not None:
+            raise ValueError(f"window: {type(self).__name__}'s keys come from its mask; window must be None, got "
+                             f"{kwargs['window']!r}")
+        super().__init__(d_model, num_heads, rope=rope, **kwargs)
+        self.causal = causal
+
+    def attention_mask(self) -> masks.Mask:
+        raise NotImplementedError
