@@ -462,16 +462,34 @@ def dense_attention(
     return o.reshape(batch, kv_heads, group, length, -1)
 
 
+def modified_scores(score_mod: ScoreMod | None, scores: Array, q_pos: Array, k_pos: Array,
+                    length: int | None) -> Array:
+    """score_mod on grouped scores [B, Hkv, G, Tq, Tk] (head h = i·G + g) at absolute positions q_pos [Tq] and
+    k_pos [Tk] (clipped into [0, length), or at 0 from below for None); the scores as they are for no score_mod."""
+    if score_mod is None:
+        return scores
+    b, kv_heads, group, tq, tk = scores.shape
+    top = None if length is None else length - 1
+    q_idx = jnp.clip(q_pos, 0, top).astype(jnp.int32)[:, None]
+    k_idx = jnp.clip(k_pos, 0, top).astype(jnp.int32)[None]
+    head = jnp.arange(kv_heads * group, dtype=jnp.int32)[:, None, None]
+    out = score_mod(scores.reshape(b, kv_heads * group, tq, tk), q_idx, k_idx, head)
+    return out.reshape(scores.shape)
+
+
 def cache_attention(q: Array, k_cache: Array, v_cache: Array, key_positions: Array, query_position: Array,
-                    *, mask: Mask, segments: Segments | None = None) -> Array:
+                    *, mask: Mask, segments: Segments | None = None, score_mod: ScoreMod | None = None,
+                    length: int | None = None) -> Array:
     """One query step against a KV cache (the decode path): the keys ``mask`` shows the query (any mask, per
     head with ``PerHead``; a decode cache holds only keys at or before the query).
 
     q: [B, Hkv, G, D] (scaled); k_cache: [B, Hkv, L, D]; v_cache: [B, Hkv, L, V]; key_positions: [L] (-1 = empty);
     segments: (the query's document id [B, 1], the keys' [B, L]) for a mask with a Document term, or None.
-    Returns [B, Hkv, G, V] float32.
+    score_mod: as in ``blockwise_attention``, at the query's and the slots' positions (empty slots, at -1, are
+    clipped to 0 and masked; with ``length``, positions are clipped below it). Returns [B, Hkv, G, V] float32.
     """
     scores = jnp.einsum("bhgd,bhld->bhgl", q, k_cache)
     query = jnp.reshape(query_position, (1,))
+    scores = modified_scores(score_mod, scores[..., None, :], query, key_positions, length)[..., 0, :]
     visible = masks.head_pairwise(mask, q.shape[1], q.shape[2], query, key_positions, segments=segments)
     return finalize(partial_from_scores(scores, visible[..., 0, :], v_cache))  # visible: [(B,) Hkv|1, G|1, L]

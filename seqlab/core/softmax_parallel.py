@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from seqlab.core import masks
 from seqlab.core.online_softmax import (
-    Partial, empty_partial, finalize, join_blocks, merge, partial_from_scores, split_blocks,
+    Partial, empty_partial, finalize, join_blocks, merge, modified_scores, partial_from_scores, split_blocks,
 )
 
 Array = jax.Array
@@ -49,6 +49,7 @@ class SequenceMask:
     mask: masks.Mask
     length: int
     block: int
+    score_mod: masks.ScoreMod | None = None
 
     @property
     def causal(self) -> bool:
@@ -77,18 +78,19 @@ class SequenceMask:
 
 def sequence_parallel_attention(
     q: Array, k: Array, v: Array, *, axis_name: str, mode: str, mask: masks.Mask,
-    block_size: int | None, segment_ids: Array | None = None,
+    block_size: int | None, segment_ids: Array | None = None, score_mod: masks.ScoreMod | None = None,
 ) -> Array:
     """This device's segment of softmax attention over the sequence split along ``axis_name``.
 
     q: [B, Hkv, G, T_local, D] (G query heads per key/value head, scaled, float32); k: [B, Hkv, T_local, D];
     v: [B, Hkv, T_local, V]; mode in ``MODES``; mask: any mask (global positions); block_size None:
-    one block of T_local (the parallel form); segment_ids: this device's document ids [B, T_local] int32, or None.
-    Returns o [B, Hkv, G, T_local, V] float32.
+    one block of T_local (the parallel form); segment_ids: this device's document ids [B, T_local] int32, or None;
+    score_mod: as in ``online_softmax.blockwise_attention``, at global positions. Returns o [B, Hkv, G, T_local, V] float32.
     """
     t_local = q.shape[3]
     mask.head_masks(q.shape[1] * q.shape[2])
-    spec = SequenceMask(mask, t_local * jax.lax.axis_size(axis_name), min(block_size or t_local, t_local))
+    length = t_local * jax.lax.axis_size(axis_name)
+    spec = SequenceMask(mask, length, min(block_size or t_local, t_local), score_mod)
     keys = _Keys(k, v, segment_ids)
     if spec.window is not None and spec.window - 1 <= t_local:
         part = _halo(q, keys, segment_ids, axis_name, spec)
@@ -194,6 +196,7 @@ def segment_partial(q: Array, keys: _Keys, q_segments: Array | None, q_start: Ar
 
             def attend(part):
                 scores = jnp.einsum("bhgqd,bhkd->bhgqk", q_block, kb[key_index])
+                scores = modified_scores(mask.score_mod, scores, q_pos, k_pos, mask.length)
                 return merge(part, partial_from_scores(scores, visible, vb[key_index][:, :, None]))
 
             return jax.lax.cond(jnp.any(visible), attend, lambda part: part, part), None

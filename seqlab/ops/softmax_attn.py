@@ -9,14 +9,14 @@ query tile gets the list of key tiles it visits. ``causal`` / ``window`` are sho
 (s <= t, t - w < s) and ``Bidirectional(window)`` (|t - s| < w). Forms: "chunked" is
 ``seqlab.core.online_softmax.blockwise_attention`` over the visit lists (one slice per row on the fast path, where
 each row's visits are one contiguous span; gathered tiles otherwise), "parallel" its dense form, "pallas"
-``pallas_kernels.flash_attention`` (no score_mod), "recurrent" a scan of decode steps (any mask, no score_mod).
+``pallas_kernels.flash_attention`` (no score_mod), "recurrent" a scan of decode steps.
 ``score_mod(scores, q_idx, k_idx, head)`` rewrites the scaled float32 scores before masking; the shapes it receives
 are stated in ``seqlab.core.online_softmax``.
 
 With ``sequence_axis`` the sequence is split into contiguous segments along that mesh axis (inside
 ``jax.shard_map``) and ``seqlab.core.softmax_parallel`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:
 Rethinking Sequence Parallelism for Linear Attention and Its Hybrid") or "ring" ("Ring Attention with Blockwise
-Transformers for Near-Infinite Context") under any mask (no score_mod); ``Causal`` / ``Bidirectional`` sliding
+Transformers for Near-Infinite Context") under any mask and score_mod; ``Causal`` / ``Bidirectional`` sliding
 windows with w - 1 <= T_local exchange only a halo.
 
 Packed rows (``seqlab.core.documents``): ``segment_ids`` [B, T] or ``cu_seqlens`` [D + 1] restrict every query
@@ -70,14 +70,6 @@ def _check(q: Array, k: Array, v: Array, impl: str, block_size: int | None) -> N
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
     if impl == "pallas" and block_size is not None and not pallas_common.is_block_size(block_size):
         raise ValueError(f"block_size must be None or a power of two >= 16 with impl='pallas', got {block_size}")
-
-
-def _check_form(mask: masks.Mask, impl: str, sequence_axis: str | None, score_mod: bool) -> None:
-    """What the recurrent and sequence-parallel forms support (mask: before packed documents are added to it)."""
-    if impl == "recurrent" and score_mod:
-        raise ValueError("score_mod: impl='recurrent' (a scan of decode steps) takes none; use 'chunked'")
-    if sequence_axis is not None and score_mod:
-        raise ValueError("score_mod: with sequence_axis none is supported (the scores are computed per key segment)")
 
 
 def _document_ids(
@@ -143,7 +135,6 @@ def softmax_attn(
     """
     _check(q, k, v, impl, block_size)
     mask = masks.resolve(mask, causal, window)
-    _check_form(mask, impl, sequence_axis, score_mod is not None)
     _check_sequence(impl, sequence_axis, sequence_parallel)
     segment_ids = _document_ids(mask, segment_ids, cu_seqlens, *q.shape[:2])
     base_mask = mask  # the sequence-parallel form takes the ids beside it
@@ -163,7 +154,7 @@ def softmax_attn(
     if sequence_axis is not None:
         o = sequence_attention.sequence_parallel_attention(
             qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, mask=base_mask,
-            block_size=block_size if impl == "chunked" else None, segment_ids=segment_ids,
+            block_size=block_size if impl == "chunked" else None, segment_ids=segment_ids, score_mod=score_mod,
         )
     elif impl == "chunked":
         o = online_softmax.blockwise_attention(qg, kt, vt, mask=mask, block_size=block_size, score_mod=score_mod,
@@ -177,7 +168,9 @@ def softmax_attn(
         def step(_, xs):
             q_t, pos, ids = xs
             segments = None if ids is None else (ids[:, None], segment_ids)  # the query's document, the keys'
-            return None, online_softmax.cache_attention(q_t, kt, vt, positions, pos, mask=mask, segments=segments)
+            o_t = online_softmax.cache_attention(q_t, kt, vt, positions, pos, mask=mask, segments=segments,
+                                                 score_mod=score_mod, length=t)
+            return None, o_t
 
         _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions, step_ids))
         o = jnp.moveaxis(o, 0, 3)
@@ -194,12 +187,14 @@ def softmax_decode_step(
     scale: float | None = None,
     window: int | None = None,
     mask: masks.Mask | None = None,
+    score_mod: masks.ScoreMod | None = None,
 ) -> Array:
     """One decode step against a KV cache (a full cache or a ring buffer; slot order does not matter).
 
     q: [B, H, D]; k_cache: [B, L, Hkv, D]; v_cache: [B, L, Hkv, V]; key_positions: [L] int (-1 = empty slot);
     a key is visible iff 0 <= pos and ``mask`` shows it to query_position; mask None: ``Causal(window)``
-    (pos <= query_position and, with a window, query_position - pos < window). Returns [B, H, V].
+    (pos <= query_position and, with a window, query_position - pos < window). score_mod: as in ``softmax_attn``,
+    at the query's and the slots' absolute positions (head [H, 1, 1]). Returns [B, H, V].
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
@@ -217,5 +212,5 @@ def softmax_decode_step(
     scale = d**-0.5 if scale is None else scale
     qg = _group_heads(q[:, None], k_cache.shape[2], scale)[:, :, :, 0]
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k_cache, v_cache))
-    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, mask=mask)
+    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, mask=mask, score_mod=score_mod)
     return o.reshape(b, h, v_cache.shape[-1]).astype(v_cache.dtype)

@@ -255,7 +255,7 @@ def score_reference(name: str):
     return value_and_grads(reference, *score_problem(name))
 
 
-@pytest.mark.parametrize("impl", ["chunked", "parallel"])
+@pytest.mark.parametrize("impl", ["chunked", "parallel", "recurrent"])
 @pytest.mark.parametrize("name", list(SCORE_CASES))
 def test_score_mod_matches_reference(name, impl):
     """Forward and gradients in q, k, v and in the array the score_mod closes over (bias table, temperatures)."""
@@ -310,8 +310,6 @@ def test_bad_masks(make, match):
     (dict(mask=M.Document(), segment_ids=np.zeros((B, 21), np.int32)), "segment_ids"),  # shape
     (dict(mask=M.Document(), segment_ids=np.zeros((B, 20), np.float32)), "segment_ids"),  # dtype
     (dict(mask=M.Strided(3), causal=False), "mask"),
-    (dict(mask=M.Causal(), impl="recurrent", score_mod=softcap_mod(None)), "score_mod"),
-    (dict(mask=M.Strided(3), sequence_axis="seq", score_mod=softcap_mod(None)), "score_mod"),
     (dict(mask=M.PerHead((M.Causal(),) * 3)), "PerHead.masks"),
 ])
 @pytest.mark.parametrize("impl", ["chunked", "pallas"])

@@ -92,6 +92,11 @@ class SoftmaxAttention(Mixer):
         whose pattern is another mask of ``seqlab.core.masks`` overrides this (and ``cache_slots``)."""
         return masks.Causal(self.window)
 
+    def score_mod(self) -> masks.ScoreMod | None:
+        """A rewrite of the scaled float32 scores before masking, in every form (``seqlab.core.masks.ScoreMod``);
+        None here. A family whose weights are another function of the scores overrides this."""
+        return None
+
     def cache_slots(self, max_len: int) -> int:
         """The KV cache's slots: max_len, or a sliding window's ring of min(window, max_len)."""
         return max_len if self.window is None else min(self.window, max_len)
@@ -115,13 +120,14 @@ class SoftmaxAttention(Mixer):
         v = self._heads(self.v_proj(x), self.head_dim)
         if cache is not None:
             cache = self._write(cache, k, v)
-        mask = self.attention_mask()
+        mask, score_mod = self.attention_mask(), self.score_mod()
         if cache is not None and T == 1:  # a decode step attends to the cache; training and prompts to themselves
-            o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, mask=mask)
+            o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, mask=mask,
+                                        score_mod=score_mod)  # fmt: skip
             o = o[:, None]
         else:
             o = ops.softmax_attn(
-                q, k, v, mask=mask, impl=self.impl, block_size=self.block_size,
+                q, k, v, mask=mask, score_mod=score_mod, impl=self.impl, block_size=self.block_size,
                 sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
                 segment_ids=None if documents is None else documents.segment_ids,
             )  # fmt: skip
