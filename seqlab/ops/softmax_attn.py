@@ -11,7 +11,9 @@ query tile gets the list of key tiles it visits. ``causal`` / ``window`` are sho
 each row's visits are one contiguous span; gathered tiles otherwise), "parallel" its dense form, "pallas"
 ``pallas_kernels.flash_attention`` (no score_mod), "recurrent" a scan of decode steps.
 ``score_mod(scores, q_idx, k_idx, head)`` rewrites the scaled float32 scores before masking; the shapes it receives
-are stated in ``seqlab.core.online_softmax``.
+are stated in ``seqlab.core.online_softmax``. Under ``sequence_axis`` on XLA:CPU host devices, the gradient of an
+array a score_mod closes over (a psum) and the keys' all-gather transpose are independent collectives that each
+device may run in a different order: tie that array to k first (``jax.lax.optimization_barrier``, as ``gpsa``).
 
 With ``sequence_axis`` the sequence is split into contiguous segments along that mesh axis (inside
 ``jax.shard_map``) and ``seqlab.core.softmax_parallel`` exchanges keys and values: "allgather" (LASP-2H, "LASP-2:

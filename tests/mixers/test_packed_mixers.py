@@ -105,7 +105,7 @@ def test_a_packed_row_through_a_model_equals_each_document_alone():
 # The recurrent form and the Pallas kernels (interpret mode) at mixer level, each mixer's first example, forward
 # (every form's gradients and the parallel form: tests/ops/test_packed_ops.py). Pallas only where every op of the
 # mixer has a kernel (Based's Taylor op has none; the flash kernel takes no score_mod).
-NO_KERNEL = ("based", "softplus_attn")  # Based: no Taylor kernel; softplus: score_mod
+NO_KERNEL = ("based", "softplus_attn", "gpsa")  # Based: no Taylor kernel; the others: a score_mod
 FIRST_EXAMPLES = [f"{name}-{next(iter(mixers.info(name).examples))}" for name in mixers.available()]
 FORM_CASES = [(case, impl) for case in TAKES if case in FIRST_EXAMPLES for impl in ("recurrent", "pallas")
               if "impl" in mixers.keyword_arguments(mixers.get(case.split("-")[0]))

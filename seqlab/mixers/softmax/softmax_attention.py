@@ -115,23 +115,31 @@ class SoftmaxAttention(Mixer):
         return q, k
 
     def _forward(self, x: jax.Array, cache: KVCache | None, documents: Documents | None = None):
-        T = x.shape[1]
-        q, k = self.queries_keys(x, self._positions(cache, T, documents))
+        q, k, v, cache = self._queries_keys_values(x, cache, documents)
+        o = self._attend(q, k, v, cache, documents, self.score_mod())
+        return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+
+    def _queries_keys_values(self, x: jax.Array, cache: KVCache | None, documents: Documents | None) -> tuple:
+        """q [B, T, H, d], k, v [B, T, H_kv, d] of x [B, T, d_model] at this call's positions, and the cache with
+        k, v written (None stays None)."""
+        q, k = self.queries_keys(x, self._positions(cache, x.shape[1], documents))
         v = self._heads(self.v_proj(x), self.head_dim)
-        if cache is not None:
-            cache = self._write(cache, k, v)
-        mask, score_mod = self.attention_mask(), self.score_mod()
-        if cache is not None and T == 1:  # a decode step attends to the cache; training and prompts to themselves
+        return q, k, v, (None if cache is None else self._write(cache, k, v))
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache | None, documents: Documents | None,
+                score_mod: masks.ScoreMod | None) -> jax.Array:
+        """o [B, T, H, d] of q [B, T, H, d] under ``attention_mask`` and score_mod: a decode step (T = 1 with a
+        cache, already written) against the cache, else the op over k, v [B, T, H_kv, d]."""
+        mask = self.attention_mask()
+        if cache is not None and q.shape[1] == 1:  # a decode step reads the cache; training and prompts themselves
             o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, mask=mask,
                                         score_mod=score_mod)  # fmt: skip
-            o = o[:, None]
-        else:
-            o = ops.softmax_attn(
-                q, k, v, mask=mask, score_mod=score_mod, impl=self.impl, block_size=self.block_size,
-                sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
-                segment_ids=None if documents is None else documents.segment_ids,
-            )  # fmt: skip
-        return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+            return o[:, None]
+        return ops.softmax_attn(
+            q, k, v, mask=mask, score_mod=score_mod, impl=self.impl, block_size=self.block_size,
+            sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
+            segment_ids=None if documents is None else documents.segment_ids,
+        )  # fmt: skip
 
     def _write(self, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
         """The cache with the keys/values k, v [B, T, H_kv, d] of the next T positions in slots p % L; of a prompt
@@ -149,7 +157,8 @@ class SoftmaxAttention(Mixer):
     examples={"ring": dict(num_heads=4, num_kv_heads=1, window=8)},
 )
 class SlidingWindowAttention(SoftmaxAttention):
-    """Softmax attention restricted to the last `window` keys (default 64, as LoLCATs-sw and Liger); ring-buffer cache."""
+    """Softmax attention restricted to the last `window` keys (default 64, as LoLCATs-sw and Liger); ring-buffer
+    cache."""
 
     def __init__(self, d_model: int, num_heads: int, *, window: int = 64, **kwargs):
         if window is None:

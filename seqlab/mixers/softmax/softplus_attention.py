@@ -85,11 +85,7 @@ class SoftplusAttention(SoftmaxAttention):
             raise ValueError("reweight_power: LSSAR's dense re-weighting has no sequence-parallel form; shard LSSA "
                              "(reweight_power=None) or run LSSAR on whole sequences")
         T = x.shape[1]
-        pos = self._positions(cache, T, documents)
-        q, k = self.queries_keys(x, pos)
-        v = self._heads(self.v_proj(x), self.head_dim)
-        if cache is not None:
-            cache = self._write(cache, k, v)
+        q, k, v, cache = self._queries_keys_values(x, cache, documents)
         if cache is not None and T == 1:
             k_all, v_all, key_pos, q_pos = cache.k, cache.v, cache.key_positions, cache.pos - 1 + jnp.zeros(1, int)
         else:
