@@ -396,6 +396,8 @@ def reference_visible(mask, t: int, s: int, segments) -> bool:
     """Key s visible to query t (segments: this batch element's segment id per position)."""
     if isinstance(mask, M.Causal):
         return s <= t and (mask.window is None or t - s < mask.window)
+    if isinstance(mask, M.Lagged):
+        return s <= t - mask.lag
     if isinstance(mask, M.Bidirectional):
         return mask.window is None or abs(t - s) < mask.window
     if isinstance(mask, M.BlockDiagonal):

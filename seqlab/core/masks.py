@@ -3,7 +3,7 @@
 kernels (``pallas_kernels.flash_attention``).
 
 A mask is a frozen, hashable dataclass (it is static: it keys compilation caches and custom_vjp plans). The basic
-masks are ``Causal(window)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``, ``Strided(stride,
+masks are ``Causal(window)``, ``Lagged(lag)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``, ``Strided(stride,
 causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window),
 ``VerticalStride`` (S2-Attention's per-head stripes; ``s2_heads``), the token-grid masks ``Neighborhood`` (NATTEN,
 1-3 d with dilation), ``Halo`` (HaloNet) and ``CircularWindow`` (CLEAR), on raster-order positions of a grid,
@@ -166,6 +166,23 @@ class Causal(ElementMask):
     def any_visible(self, q_first, q_last, k_first, k_last):
         lo, hi = _differences(q_first, q_last, k_first, k_last)
         return (hi >= 0) if self.window is None else (hi >= 0) & (lo < self.window)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lagged(ElementMask):
+    """Key s visible to query t iff s <= t − lag: causal attention to strictly earlier positions (HiLo's pooled
+    blocks: a query sees the blocks completed before its own)."""
+
+    lag: int = 1
+
+    def __post_init__(self):
+        _check_positive("Lagged", "lag", self.lag)
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        return q_pos - k_pos >= self.lag
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        return _differences(q_first, q_last, k_first, k_last)[1] >= self.lag
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     RecurrentCache  linear-state families: the op's state [B, H, K, V] (+ the short conv's last inputs)
     KVCache         softmax attention: keys/values of the last L positions (L = max_len, or the window's ring)
     HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
+    HiLoCache       HiLo: a KVCache ring of the current block (Hi-Fi) and a full KVCache (Lo-Fi, pooled per block)
     ConvCache       BaseConv: the short conv's last inputs
     BlockCache      TransNormer DiagAttention: keys/values of the current block
     FlowCache       Flowformer: the flow's prefix sums
@@ -131,6 +132,23 @@ class HybridCache(KVCache):
             (self.k, self.v, self.phi_k), (k, v, phi_k), self.key_positions, self.pos
         )
         return self.replace(k=k_new, v=v_new, phi_k=phi_new, key_positions=key_positions, pos=self.pos + k.shape[1])
+
+
+@struct.dataclass
+class HiLoCache:
+    """Decode cache of HiLo attention: the Hi-Fi heads' keys/values of the current block (a `KVCache` ring of b
+    slots) and the Lo-Fi heads' keys/values of every position (a full `KVCache` of a multiple of b slots; their
+    block means are the pooled keys and values).
+
+    hi, lo: the two `KVCache`s, advancing together; pos: [] int32, number of tokens consumed so far.
+    """
+
+    hi: KVCache
+    lo: KVCache
+
+    @property
+    def pos(self) -> jax.Array:
+        return self.hi.pos
 
 
 @struct.dataclass

@@ -91,6 +91,7 @@ CASES = [
     ("natten-3d-causal", M.Neighborhood(kernel=3, causal=(True, False, True), grid=(3, 4, 4)) & M.Document(), 37, 4,
      2, 16),
     ("halo-causal", M.Halo(block=8, halo=3, causal=True), 37, 4, 2, 16),
+    ("lagged-per-head", M.PerHead((M.Lagged(1), M.Causal(), M.Lagged(5), M.Causal())), 37, 4, 2, 16),
     ("halo-2d", M.Halo(block=(4, 3), halo=(1, 2), grid=(7, 10)), 70, 4, 2, 32),
     ("circular-2d", M.CircularWindow(radius=2.5, grid=(7, 10)), 70, 4, 1, 16),
 ]
@@ -153,7 +154,7 @@ TILE_MASKS = [
     (M.PerHead((M.Causal(4), M.Strided(13), M.BlockDiagonal(30), M.Terraced(5))), True),
     (M.Causal(window=20) & M.Strided(3), False), (M.BlockDiagonal(20) & M.Strided(7, causal=False), False),
     (M.Document(), False), (M.Causal() & M.Document(), False), (M.Terraced(8) | M.Document(), False),
-    (M.VerticalStride(8, 2, 3, 1), True), (M.VerticalStride(12, 1, 2, 0, causal=False), True),
+    (M.Lagged(1), True), (M.Lagged(17), True), (M.VerticalStride(8, 2, 3, 1), True), (M.VerticalStride(12, 1, 2, 0, causal=False), True),
     (M.s2_heads(3, 10, 2, 4), True), (M.Neighborhood(kernel=5, dilation=3, grid=(70,)), True),
     (M.Neighborhood(kernel=(3, 3), dilation=(1, 2), causal=(True, False), grid=(7, 10)), True),
     (M.Neighborhood(kernel=4, stride=3, causal=True), True), (M.Halo(block=8, halo=3, causal=True), True),
