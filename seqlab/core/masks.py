@@ -3,11 +3,12 @@
 kernels (``pallas_kernels.flash_attention``).
 
 A mask is a frozen, hashable dataclass (it is static: it keys compilation caches and custom_vjp plans). The basic
-masks are ``Causal(window)``, ``Lagged(lag)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``, ``Strided(stride,
-causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window),
+masks are ``Causal(window)``, ``Lagged(lag)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``,
+``Strided(stride, causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window),
 ``VerticalStride`` (S2-Attention's per-head stripes; ``s2_heads``), the token-grid masks ``Neighborhood`` (NATTEN,
 1-3 d with dilation), ``Halo`` (HaloNet) and ``CircularWindow`` (CLEAR), on raster-order positions of a grid,
-and ``Document()`` (segment ids); ``And(a, b, ...)`` / ``a & b`` and ``Or(a, b, ...)`` / ``a | b`` compose them, and ``PerHead(masks)``
+``Document()`` (segment ids) and ``InDocument(mask)`` (a mask on positions within each document); ``And(a, b,
+...)`` / ``a & b`` and ``Or(a, b, ...)`` / ``a | b`` compose them, and ``PerHead(masks)``
 gives one per query head (``PerHead & m`` combines head by head). Every element mask (``ElementMask``) gives:
 
 - the element predicate ``visible(q_pos, k_pos, *, segments=None, cells=None)``: bool, in jnp, from int32 absolute
@@ -638,6 +639,43 @@ class Document(ElementMask):
         return _all(q_first, q_last, k_first, k_last)
 
 
+@dataclasses.dataclass(frozen=True)
+class InDocument(ElementMask):
+    """``mask`` on positions counted from each document's start, within the document: key s visible to query t
+    iff start(t) == start(s) and mask.visible(t − start(t), s − start(s)). The segment ids passed with the call
+    must be the documents' start positions (``document_start_ids``), so a block-, stripe- or grid-aligned mask
+    aligns to every document of a packed row as if it were alone (each document must fit ``mask``: its length
+    check, for the row's T, is not applied). Statically every tile may hold a visible pair."""
+
+    mask: ElementMask
+
+    def __post_init__(self):
+        if not isinstance(self.mask, ElementMask) or needs_segments(self.mask):
+            raise ValueError(f"InDocument.mask must be an element mask without a Document term, got {self.mask!r}")
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        if segments is None:
+            raise ValueError("segment_ids: an InDocument mask needs the documents' start positions [B, T]")
+        q_start, k_start = segments
+        return (q_start == k_start) & self.mask.visible(q_pos - q_start, k_pos - k_start)
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        return _all(q_first, q_last, k_first, k_last)
+
+
+def in_document(mask: Mask) -> Mask:
+    """``InDocument`` of mask, head by head for ``PerHead``."""
+    if isinstance(mask, PerHead):
+        return PerHead(tuple(InDocument(m) for m in mask.masks))
+    return InDocument(mask)
+
+
+def document_start_ids(positions: Array, offset: Array | int = 0) -> Array:
+    """The segment ids an ``InDocument`` mask takes: each token's document start, its absolute position (offset +
+    its index) less its position within the document, positions [B, T]."""
+    return offset + jnp.arange(positions.shape[-1], dtype=jnp.int32) - positions.astype(jnp.int32)
+
+
 def _element_terms(owner: str, masks: object) -> tuple[ElementMask, ...]:
     terms = tuple(masks) if isinstance(masks, (tuple, list)) else ()
     if not terms or not all(isinstance(m, ElementMask) for m in terms):
@@ -743,8 +781,8 @@ def leaves(mask: Mask) -> tuple[ElementMask, ...]:
 
 
 def needs_segments(mask: Mask) -> bool:
-    """Whether the mask has a ``Document`` term (its calls need segment ids)."""
-    return any(isinstance(leaf, Document) for leaf in leaves(mask))
+    """Whether the mask has a ``Document`` or ``InDocument`` term (its calls need segment ids)."""
+    return any(isinstance(leaf, (Document, InDocument)) for leaf in leaves(mask))
 
 
 def cell_terms(mask: Mask) -> tuple[BlockSparse, ...]:

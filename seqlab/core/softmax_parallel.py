@@ -189,8 +189,10 @@ def segment_partial(q: Array, keys: _Keys, q_segments: Array | None, q_start: Ar
 
         def key_block(part, key_index):
             k_pos = _positions(k_start, key_index, block, tk)
-            visible = masks.head_pairwise(mask.mask, *q_block.shape[1:3], q_pos, k_pos, length=mask.length)
-            visible = visible & (q_pos >= 0)[:, None]  # [Hkv | 1, G | 1, block, block]
+            segments = (q_doc, ks[key_index]) if documents else None  # an InDocument term reads them
+            visible = masks.head_pairwise(mask.mask, *q_block.shape[1:3], q_pos, k_pos, length=mask.length,
+                                          segments=segments)
+            visible = visible & (q_pos >= 0)[:, None]  # [(B,) Hkv | 1, G | 1, block, block]
             if documents:  # [B, 1, 1, block, block]
                 visible = visible & (q_doc[:, :, None] == ks[key_index][:, None, :])[:, None, None]
 

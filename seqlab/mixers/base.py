@@ -63,6 +63,7 @@ class Mixer(nnx.Module):
 
     causal: bool = True
     takes_documents: bool = False
+    documents_refused: str = ""  # why a causal built-in mixer does not take packed documents
 
     def __init__(
         self,
@@ -130,8 +131,9 @@ class Mixer(nnx.Module):
             raise ValueError(f"documents: {type(self).__name__} is non-causal here (causal=False); packed documents "
                              "are for causal mixers")  # fmt: skip
         if not self.takes_documents:
+            why = f" ({self.documents_refused})" if self.documents_refused else ""
             raise ValueError(f"documents: {type(self).__name__} does not take packed documents (takes_documents is "
-                             "False); train it on unpacked rows (data.bytes.pack=False)")  # fmt: skip
+                             f"False{why}); train it on unpacked rows (data.bytes.pack=False)")  # fmt: skip
         for name, array in zip(documents._fields, documents):
             if jnp.shape(array) != x.shape[:2]:
                 raise ValueError(f"documents.{name} must be [batch, time] {x.shape[:2]}, got {jnp.shape(array)}")

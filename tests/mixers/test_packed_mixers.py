@@ -46,8 +46,12 @@ def loss_and_grads(mixer: mixers.Mixer, x: jax.Array, weights: jax.Array, run):
     return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(mixer, x)
 
 
-def test_every_causal_mixer_takes_documents():
-    assert TAKES == CASES
+def test_every_causal_mixer_takes_documents_or_says_why_not():
+    refusing = [case for case in CASES if case not in TAKES]
+    assert all(make(case).documents_refused for case in refusing), refusing
+    for case in refusing:
+        with pytest.raises(ValueError, match=f"takes_documents is False \\({make(case).documents_refused}\\)"):
+            make(case)(jnp.zeros((len(ROWS), T, D)), documents=Documents.of(segment_ids()))
 
 
 @pytest.mark.parametrize("case", TAKES)

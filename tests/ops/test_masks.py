@@ -24,7 +24,8 @@ import pytest
 
 from pallas_kernels import _common
 from pallas_kernels import flash_attention as fa
-from reference import dense_reference, has_document, nonempty_tiles, reference_mask, rel_err, segment_ids
+from reference import dense_reference, has_document, nonempty_tiles, reference_mask, rel_err
+from reference import segment_ids as reference_segment_ids
 from seqlab import ops
 from seqlab.core import masks as M
 
@@ -98,8 +99,8 @@ CASES = [
 CASE_IDS = [c[0] for c in CASES]
 
 
-def attention_op(mask, T, impl, block, **kwargs):
-    ids = segment_ids(T) if has_document(mask) else None
+def attention_op(mask, T, impl, block, segment_ids=None, **kwargs):
+    ids = reference_segment_ids(T) if segment_ids is None and has_document(mask) else segment_ids
     return lambda q, k, v: ops.softmax_attn(q, k, v, mask=mask, segment_ids=ids, impl=impl, block_size=block,
                                             **kwargs)
 
@@ -354,3 +355,24 @@ def test_cases_exercise_every_path():
     assert all_spans(SPAN, SCORE_T, 16) and not all_spans(GATHER, SCORE_T, 16)
     assert not all_spans(M.Strided(33, causal=False) | M.Causal(window=8), 70, 16)  # the bf16 test's mask
     assert (~reference_mask(CASES[2][1], 70, 4).any(-1)).sum() == 4 * 16
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask", [M.Halo(block=8, halo=3, causal=True), M.s2_heads(4, 4, 2, 3),
+                                  M.Neighborhood(kernel=(3, 3), causal=True, grid=(6, 6))], ids=str)
+def test_in_document_masks_each_document_as_if_alone(mask, impl):
+    """InDocument(mask) with the documents' start positions as segment ids: a packed row's outputs and gradients
+    equal each document's own (block, stripe and grid alignments restart at every document)."""
+    lengths, H = (13, 1, 20, 3), 4
+    T = sum(lengths)
+    starts = np.repeat(np.cumsum((0,) + lengths[:-1]), lengths).astype(np.int32)
+    q, k, v, W = make_inputs(7, T, H, 2)
+    packed = attention_op(M.in_document(mask), T, impl, 16, segment_ids=np.stack([starts] * B))
+    got = value_and_grads(packed, (q, k, v), W)
+
+    def alone(q, k, v):
+        bounds = np.cumsum((0,) + lengths)
+        return jnp.concatenate([ops.softmax_attn(q[:, a:b], k[:, a:b], v[:, a:b], mask=mask, impl="parallel")
+                                for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+
+    assert_close(got, value_and_grads(alone, (q, k, v), W))

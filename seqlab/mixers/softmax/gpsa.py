@@ -49,8 +49,6 @@ class GatedPositionalAttention(MaskedAttention):
     """grid: the 2-d token grid (H, W) (None: a 1-d sequence); causal: keys up to the query (raster order);
     locality_strength α of the initialisation. Other arguments: `SoftmaxAttention`'s."""
 
-    takes_documents = True  # relative offsets only: restarting positions at a document changes nothing
-
     def __init__(self, d_model: int, num_heads: int, *, grid: tuple[int, int] | None = None, causal: bool = True,
                  locality_strength: float = 1.0, param_dtype: Any = jnp.float32, **kwargs: Any):
         if grid is not None and (not isinstance(grid, (tuple, list)) or len(grid) != 2

@@ -54,6 +54,8 @@ class HiLoAttention(Mixer):
     """window: the block b (1-d) or patch side s (2-d); alpha: the Lo-Fi share of the heads; grid: (H, W) for
     2-d tokens (non-causal, s dividing both); causal: 1-d causal blocks. num_heads · head_dim = d_model."""
 
+    documents_refused = "its Lo-Fi heads stack the row's blocks of b tokens, which documents would cut"
+
     def __init__(self, d_model: int, num_heads: int, *, window: int = 2, alpha: float = 0.9,
                  grid: tuple[int, int] | None = None, causal: bool = True, sequence_parallel: str = "allgather",
                  impl: str = "auto", rngs: nnx.Rngs | None = None, dtype: Any = None, param_dtype: Any = jnp.float32):

@@ -130,7 +130,9 @@ class SoftmaxAttention(Mixer):
                 score_mod: masks.ScoreMod | None) -> jax.Array:
         """o [B, T, H, d] of q [B, T, H, d] under ``attention_mask`` and score_mod: a decode step (T = 1 with a
         cache, already written) against the cache, else the op over k, v [B, T, H_kv, d]."""
-        mask = self.attention_mask()
+        mask, segment_ids = self.attention_mask(), None
+        if documents is not None:
+            mask, segment_ids = self._packed(mask, documents)
         if cache is not None and q.shape[1] == 1:  # a decode step reads the cache; training and prompts themselves
             o = ops.softmax_decode_step(q[:, 0], cache.k, cache.v, cache.key_positions, cache.pos - 1, mask=mask,
                                         score_mod=score_mod)  # fmt: skip
@@ -138,8 +140,13 @@ class SoftmaxAttention(Mixer):
         return ops.softmax_attn(
             q, k, v, mask=mask, score_mod=score_mod, impl=self.impl, block_size=self.block_size,
             sequence_axis=None if cache is not None else self.sequence_axis, sequence_parallel=self.sequence_parallel,
-            segment_ids=None if documents is None else documents.segment_ids,
+            segment_ids=segment_ids,
         )  # fmt: skip
+
+    def _packed(self, mask: masks.Mask, documents: Documents) -> tuple[masks.Mask, jax.Array]:
+        """The mask and segment ids of packed rows: the documents' ids, the mask as it is (``Causal(window)`` is
+        the same on every document's positions)."""
+        return mask, documents.segment_ids
 
     def _write(self, cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
         """The cache with the keys/values k, v [B, T, H_kv, d] of the next T positions in slots p % L; of a prompt
@@ -171,9 +178,9 @@ class MaskedAttention(SoftmaxAttention):
     form of the op (blockwise over the mask's tile map, dense, Pallas, recurrent), the decode step against a full
     KV cache and sequence parallelism (all-gather or ring) run that mask. RoPE is off by default (the families'
     patterns carry the locality). causal=False makes a non-causal layer (no decode cache). Block- and grid-
-    aligned patterns align to the row, so packed documents are refused (takes_documents is False)."""
+    aligned patterns are applied to the positions within each document of a packed row (``InDocument``)."""
 
-    takes_documents = False
+    takes_documents = True
 
     def __init__(self, d_model: int, num_heads: int, *, causal: bool = True, rope: bool = False, **kwargs: Any):
         if not isinstance(causal, bool):
@@ -186,3 +193,10 @@ class MaskedAttention(SoftmaxAttention):
 
     def attention_mask(self) -> masks.Mask:
         raise NotImplementedError
+
+    def _packed(self, mask: masks.Mask, documents: Documents) -> tuple[masks.Mask, jax.Array]:
+        """``InDocument`` of the mask, whose segment ids are the documents' start positions (continued across the
+        devices of a sequence split along ``sequence_axis``)."""
+        t_local = documents.positions.shape[1]
+        offset = 0 if self.sequence_axis is None else jax.lax.axis_index(self.sequence_axis) * t_local
+        return masks.in_document(mask), masks.document_start_ids(documents.positions, offset)
