@@ -54,6 +54,27 @@ def perturbed_params(mixer: nnx.Module, seed: int = 1) -> dict:
     return jax.tree.unflatten(treedef, moved)
 
 
+def assert_layer_matches(mixer: nnx.Module, formula, shape: tuple[int, ...], *, param_grads: tuple[str, ...] = (),
+                         forward_tol: float = 1e-5, grad_tol: float = 1e-4) -> None:
+    """The mixer (its parameters perturbed) against ``formula(xp, params, x)``, a test's own statement of the
+    layer: forward in float64 numpy (forward_tol); the gradients of sum(y·w) in x and in the parameters named
+    ``param_grads`` against jax.grad of the formula in jnp at full matmul precision (grad_tol)."""
+    params = perturbed_params(mixer)
+    nnx.update(mixer, params)
+    x, w = inputs(0, shape)
+    y = nnx.jit(lambda m, a: m(a))(mixer, x)
+    assert rel_err(y, formula(np, f64(params), np.asarray(x, np.float64))) <= forward_tol
+    dx, dparams = nnx.jit(nnx.grad(lambda m, a: jnp.sum(m(a) * w), argnums=(1, 0)))(mixer, x)
+    params = jax.tree.map(jnp.asarray, params)
+    with jax.default_matmul_precision("highest"):
+        want_dx = jax.jit(jax.grad(lambda a: jnp.sum(formula(jnp, params, a) * w)))(x)
+        want_dp = jax.jit(jax.grad(lambda p: jnp.sum(formula(jnp, p, x) * w)))(params) if param_grads else {}
+    assert rel_err(dx, want_dx) <= grad_tol
+    for name in param_grads:
+        got, want = jax.tree.leaves(nnx.to_pure_dict(dparams)[name]), jax.tree.leaves(want_dp[name])
+        assert all(rel_err(a, b) <= grad_tol for a, b in zip(got, want)), name
+
+
 def steps(mixer, x, cache):
     """(y [B, T, D], cache) feeding x one token at a time through `step` (a scan over time)."""
 

@@ -10,16 +10,15 @@ same loop in jnp (1e-4); at initialisation head h's positional attention peaks a
 
 from __future__ import annotations
 
+import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import f64, heads, linear, merge, perturbed_params
-from reference import rel_err
+from mixer_references import assert_layer_matches, heads, linear, merge
 from seqlab import mixers
 
 B, T, D = 2, 11, 16
@@ -52,18 +51,8 @@ def softmax(xp, s):
 @pytest.mark.parametrize("num_heads, grid, causal", [(2, None, True), (4, (3, 4), False)])
 def test_gpsa_matches_the_papers_formula(num_heads, grid, causal):
     mixer = mixers.create("gpsa", d_model=D, num_heads=num_heads, grid=grid, causal=causal, rngs=nnx.Rngs(0))
-    params = perturbed_params(mixer)
-    nnx.update(mixer, params)
-    x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
-    w = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float32)
-    kw = dict(num_heads=num_heads, grid=grid, causal=causal)
-    y = nnx.jit(lambda m, a: m(a))(mixer, x)
-    assert rel_err(y, layer(np, f64(params), np.asarray(x, np.float64), **kw)) <= 1e-5
-    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) * w)))(mixer)
-    with jax.default_matmul_precision("highest"):
-        want = jax.grad(lambda p: jnp.sum(layer(jnp, p, x, **kw) * w))(jax.tree.map(jnp.asarray, params))
-    for name in ("gate", "pos_weights"):
-        assert rel_err(grads[name][...], want[name]) <= 1e-4, name
+    formula = functools.partial(layer, num_heads=num_heads, grid=grid, causal=causal)
+    assert_layer_matches(mixer, formula, (B, T, D), param_grads=("gate", "pos_weights"))
 
 
 def test_initial_positional_attention_is_a_soft_convolution():

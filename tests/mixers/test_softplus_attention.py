@@ -11,6 +11,7 @@ finite. Decode = forward, prefill, packed rows and the sharded model are the reg
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,8 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import f64, heads, linear, merge, perturbed_params
-from reference import rel_err
+from mixer_references import assert_layer_matches, heads, linear, merge
 from seqlab import mixers
 from seqlab.mixers.softmax.softplus_attention import log_softplus
 
@@ -48,17 +48,7 @@ def layer(xp, params, x, *, base: float | None, power: float | None):
 def test_softplus_attention_matches_the_formula(base, power):
     mixer = mixers.create("softplus_attn", d_model=D, num_heads=H, rope=False, length_base=base,
                           reweight_power=power, rngs=nnx.Rngs(0))  # fmt: skip
-    params = perturbed_params(mixer)
-    nnx.update(mixer, params)
-    x = 3.0 * jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
-    w = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float32)
-    y = nnx.jit(lambda m, a: m(a))(mixer, x)
-    assert rel_err(y, layer(np, f64(params), np.asarray(x, np.float64), base=base, power=power)) <= 1e-5
-    dx = nnx.jit(nnx.grad(lambda m, a: jnp.sum(m(a) * w), argnums=1))(mixer, x)
-    with jax.default_matmul_precision("highest"):
-        want = jax.grad(lambda a: jnp.sum(layer(jnp, jax.tree.map(jnp.asarray, params), a, base=base,
-                                                power=power) * w))(x)  # fmt: skip
-    assert rel_err(dx, want) <= 1e-4
+    assert_layer_matches(mixer, functools.partial(layer, base=base, power=power), (B, T, D))
 
 
 def test_log_softplus_is_finite_and_exact_far_below_zero():
