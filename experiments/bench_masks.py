@@ -6,9 +6,10 @@ tile) pairs the mask's tile map visits.
     python experiments/bench_masks.py --length=1024 --impls=chunked --repeats=2
 
 Pallas runs interpreted on CPU (its time there measures the interpreter, not the kernel; on a GPU it is the
-kernel). "visited" is the fraction of tile pairs at the XLA form's block (512, or the window's); "kernel tiles"
-the same at the Pallas kernel's 128-token tiles. Times are the best of `repeats` calls after a warm-up call
-(which also compiles), jit-compiled, float32, B = 1.
+kernel). "visited" is the mean over heads of the fraction of tile pairs each head's mask visits at the XLA form's
+block (``--block``, default the op's: 512, or the window's; a PerHead mask whose heads' maps differ enough runs one
+call per head mask); "kernel tiles" is the union over heads at the Pallas kernel's 128-token tiles. Times are the
+best of `repeats` calls after a warm-up call (which also compiles), jit-compiled, float32, B = 1.
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def visited_fraction(mask: masks.Mask, length: int, block: int) -> float:
     return float(np.mean(tiles))
 
 
-def time_impl(mask: masks.Mask, impl: str, args: tuple, repeats: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ops.softmax_attn under mask."""
+def time_impl(mask: masks.Mask, impl: str, args: tuple, repeats: int, block: int | None) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ops.softmax_attn under mask (block: the XLA form's block size)."""
     def attention(q, k, v):
-        return ops.softmax_attn(q, k, v, mask=mask, impl=impl)
+        return ops.softmax_attn(q, k, v, mask=mask, impl=impl, block_size=block if impl == "chunked" else None)
 
     forward = jax.jit(attention)
     backward = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * v), argnums=(0, 1, 2)))
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--impls", default="chunked,pallas")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated substrings of family names to run")
+    parser.add_argument("--block", type=int, default=None, help="the XLA form's block (default: the op's)")
     a = parser.parse_args()
     rng = np.random.default_rng(0)
     args = tuple(jnp.asarray(rng.normal(size=(1, a.length, a.heads, a.dim)), jnp.float32) for _ in range(3))
@@ -83,10 +85,12 @@ def main() -> None:
         if a.only and not any(part in name for part in a.only.split(",")):
             continue
         window = mask.window if isinstance(mask, (masks.Causal, masks.Bidirectional)) else None
-        row = [name, f"{visited_fraction(mask, a.length, default_block_size(window)):.3f}",
-               f"{visited_fraction(mask, a.length, KERNEL_TILE):.3f}"]
+        block = a.block or default_block_size(window)
+        per_head = mask.masks if isinstance(mask, masks.PerHead) else (mask,)
+        visited = np.mean([visited_fraction(m, a.length, block) for m in per_head])  # each head's own tiles
+        row = [name, f"{visited:.3f}", f"{visited_fraction(mask, a.length, KERNEL_TILE):.3f}"]
         for impl in impls:
-            row += [f"{ms:.0f}" for ms in time_impl(mask, impl, args, a.repeats)]
+            row += [f"{ms:.0f}" for ms in time_impl(mask, impl, args, a.repeats, a.block)]
         print("| " + " | ".join(row) + " |", flush=True)
 
 

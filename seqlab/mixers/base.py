@@ -126,6 +126,15 @@ class Mixer(nnx.Module):
     def _forward(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         raise NotImplementedError
 
+    def _on_whole_sequence(self, layer, x: jax.Array) -> jax.Array:
+        """layer(x) for a layer that needs the whole sequence (global pooling, FFT): on a sequence split along
+        ``sequence_axis`` it all-gathers x [B, T_local, D], applies layer, and keeps this device's outputs."""
+        if self.sequence_axis is None:
+            return layer(x)
+        t_local = x.shape[1]
+        y = layer(jax.lax.all_gather(x, self.sequence_axis, axis=1, tiled=True))
+        return jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(self.sequence_axis) * t_local, t_local, axis=1)
+
     def _check_documents(self, x: jax.Array, documents: Documents) -> None:
         if not self.causal:
             raise ValueError(f"documents: {type(self).__name__} is non-causal here (causal=False); packed documents "

@@ -29,8 +29,11 @@ to the keys of its own document, in every form: the mask becomes ``mask & Docume
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _common as pallas_common
 from pallas_kernels import flash_attention as pallas_flash
@@ -150,9 +153,12 @@ def softmax_attn(
         blocks = pallas_flash.FlashBlocks() if block_size is None else pallas_flash.FlashBlocks(*(block_size,) * 4)
         return pallas_flash.flash_attention(q, k, v, mask=mask, scale=scale, blocks=blocks, score_mod=score_mod,
                                             segment_ids=segment_ids)
+    block_size = block_size or default_block_size(_mask_window(base_mask))
+    if impl == "chunked" and sequence_axis is None and _splits_heads(mask, h, t, block_size):
+        return _by_head_mask(q, k, v, mask, scale=scale, score_mod=score_mod, segment_ids=segment_ids,
+                             block_size=block_size)
     qg = _group_heads(q, k.shape[2], scale)
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
-    block_size = block_size or default_block_size(_mask_window(base_mask))
     if sequence_axis is not None:
         o = sequence_attention.sequence_parallel_attention(
             qg, kt, vt, axis_name=sequence_axis, mode=sequence_parallel, mask=base_mask,
@@ -177,6 +183,42 @@ def softmax_attn(
         _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions, step_ids))
         o = jnp.moveaxis(o, 0, 3)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]).astype(v.dtype)
+
+
+SPLIT_GAIN = 0.75  # heads split by mask when their mean visited tiles are below this share of the union's
+
+
+def _splits_heads(mask: masks.Mask, heads: int, length: int, block: int) -> bool:
+    """Whether a PerHead mask's heads should run as one blockwise call per distinct mask: the union of the heads'
+    tile maps (one call) visits more than 1 / SPLIT_GAIN times the tiles the heads need on average."""
+    if not isinstance(mask, masks.PerHead) or len(set(mask.head_masks(heads))) < 2:
+        return False
+    union = mask.tile_map(length, block, block).mean()
+    mean = np.mean([m.tile_map(length, block, block).mean() for m in mask.masks])
+    return mean < SPLIT_GAIN * union
+
+
+def _by_head_mask(q: Array, k: Array, v: Array, mask: masks.PerHead, *, scale: float, score_mod, segment_ids,
+                  block_size: int) -> Array:
+    """The chunked form, one call per distinct head mask over the query heads that have it (each key/value head
+    taken for its query heads), so each call visits only its own mask's tiles; o [B, T, H, V]."""
+    group = q.shape[2] // k.shape[2]
+    outputs, order = [], []
+    for head_mask in dict.fromkeys(mask.masks):
+        heads = [h for h, m in enumerate(mask.masks) if m == head_mask]
+        index = jnp.asarray(heads, jnp.int32)
+        kv = jnp.asarray([h // group for h in heads], jnp.int32)
+        mod = None if score_mod is None else functools.partial(_with_heads, score_mod, index)
+        outputs.append(softmax_attn(q[:, :, index], k[:, :, kv], v[:, :, kv], mask=head_mask, scale=scale,
+                                    score_mod=mod, segment_ids=segment_ids, impl="chunked", block_size=block_size))
+        order += heads
+    return jnp.concatenate(outputs, axis=2)[:, :, np.argsort(order)]
+
+
+def _with_heads(score_mod: masks.ScoreMod, index: Array, scores: Array, q_idx: Array, k_idx: Array,
+                head: Array) -> Array:
+    """score_mod of a call over the query heads ``index`` (its head h is head index[h] of the whole layer)."""
+    return score_mod(scores, q_idx, k_idx, index[head])
 
 
 def softmax_decode_step(

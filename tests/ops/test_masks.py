@@ -28,6 +28,7 @@ from reference import dense_reference, has_document, nonempty_tiles, reference_m
 from reference import segment_ids as reference_segment_ids
 from seqlab import ops
 from seqlab.core import masks as M
+from seqlab.ops.softmax_attn import _splits_heads
 
 TOL = 1e-5
 BF16_TOL = 1e-2
@@ -93,6 +94,8 @@ CASES = [
      2, 16),
     ("halo-causal", M.Halo(block=8, halo=3, causal=True), 37, 4, 2, 16),
     ("lagged-per-head", M.PerHead((M.Lagged(1), M.Causal(), M.Lagged(5), M.Causal())), 37, 4, 2, 16),
+    ("per-head-split", M.PerHead((M.BlockDiagonal(16), M.VerticalStride(16, 1, 3, 0), M.VerticalStride(16, 1, 3, 1),
+                                  M.Causal(window=3))) & M.Document(), 70, 4, 2, 16),  # one call per head mask
     ("halo-2d", M.Halo(block=(4, 3), halo=(1, 2), grid=(7, 10)), 70, 4, 2, 32),
     ("circular-2d", M.CircularWindow(radius=2.5, grid=(7, 10)), 70, 4, 1, 16),
 ]
@@ -355,6 +358,8 @@ def test_cases_exercise_every_path():
     assert all_spans(SPAN, SCORE_T, 16) and not all_spans(GATHER, SCORE_T, 16)
     assert not all_spans(M.Strided(33, causal=False) | M.Causal(window=8), 70, 16)  # the bf16 test's mask
     assert (~reference_mask(CASES[2][1], 70, 4).any(-1)).sum() == 4 * 16
+    splits = {case_id: _splits_heads(mask, H, T, block) for case_id, mask, T, H, _, block in CASES}
+    assert splits["per-head-split"] and not splits["per-head-span"]  # one call per head mask, or one for all
 
 
 @pytest.mark.parametrize("impl", IMPLS)

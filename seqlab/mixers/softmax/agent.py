@@ -101,13 +101,7 @@ class AgentAttention(Mixer):
         return resized.reshape(h, n, -1)
 
     def _forward(self, x: jax.Array, cache: Any):
-        if self.sequence_axis is None:
-            return self._agent_attention(x), None
-        # The agents pool the whole sequence: gather it, attend, keep this device's outputs.
-        t_local = x.shape[1]
-        y = self._agent_attention(jax.lax.all_gather(x, self.sequence_axis, axis=1, tiled=True))
-        start = jax.lax.axis_index(self.sequence_axis) * t_local
-        return jax.lax.dynamic_slice_in_dim(y, start, t_local, axis=1), None
+        return self._on_whole_sequence(self._agent_attention, x), None  # the agents pool the whole sequence
 
     def _agent_attention(self, x: jax.Array) -> jax.Array:
         """x [B, T, d_model] -> y [B, T, d_model] over the whole sequence."""
