@@ -75,7 +75,9 @@ def sharded_loss(model, num_devices: int):
 # DeltaNet run in CI in the 8-device mixed model below, Gated DeltaNet's op in test_sp_ops.py; their single-mixer
 # 4-device models are slow-only too (47 s of the suite's CPU time).
 SLOW_MIXERS = ("transnormer_norm", "transnormer_diag", "tnl", "lightnet", "flowformer", "dsf", "inline", "slab",
-               "linfusion", "liger", "gla", "deltanet", "gated_deltanet")
+               "linfusion", "liger", "gla", "deltanet", "gated_deltanet",
+               # softmax under a mask or score_mod: their sequence-parallel op is checked in test_sp_softmax.py
+               "natten", "halonet", "s2", "clear", "selective", "softplus_attn", "kernelized_rpe")
 MODEL_CASES = [
     pytest.param((m,), 4, marks=pytest.mark.slow) if m in SLOW_MIXERS else ((m,), 4) for m in mixers.available()
 ] + [

@@ -130,8 +130,7 @@ ALGEBRA_MASKS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["allgather", "ring"])
-@pytest.mark.parametrize("name", list(ALGEBRA_MASKS))
+@pytest.mark.parametrize("name, mode", [("s2-heads", "allgather"), ("natten-2d", "ring"), ("halo-causal", "allgather")])
 def test_any_mask_sequence_parallel_equals_single_device(name, mode):
     mask = ALGEBRA_MASKS[name]
     q, k, v, w = inputs()
@@ -142,7 +141,7 @@ def test_any_mask_sequence_parallel_equals_single_device(name, mode):
     assert max(errors.values()) <= TOL, errors
 
 
-@pytest.mark.parametrize("mode, window", [("allgather", None), ("ring", None), ("allgather", 8)])
+@pytest.mark.parametrize("mode, window", [("ring", None), ("allgather", 8)])
 def test_score_mod_sequence_parallel_equals_single_device(mode, window):
     """A relative-position bias per head (score_mod at global positions) under every exchange: output and the
     gradients in q, k, v. (The table's own gradient is left out here: its psum and the all-gather's transpose are

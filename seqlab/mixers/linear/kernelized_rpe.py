@@ -56,6 +56,8 @@ def toeplitz_product(weights: jax.Array, x: jax.Array) -> jax.Array:
 class KernelizedRPEAttention(Mixer):
     """num_features m; feature_map "prf" or "relu"; max_len L (the bias table's reach: T <= L); causal."""
 
+    documents_refused = "its Toeplitz product by FFT runs over the whole row"
+
     def __init__(self, d_model: int, num_heads: int, *, num_features: int = 64, feature_map: str = "prf",
                  max_len: int = 2048, causal: bool = True, head_dim: int | None = None, impl: str = "auto",
                  rngs: nnx.Rngs | None = None, dtype: Any = None, param_dtype: Any = jnp.float32):

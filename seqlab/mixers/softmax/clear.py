@@ -29,6 +29,7 @@ class ClearAttention(MaskedAttention):
     """radius r and grid (the token grid's shape, e.g. (H, W)); non-causal. Other arguments: `SoftmaxAttention`'s."""
 
     causal = False
+    takes_documents = False  # non-causal
 
     def __init__(self, d_model: int, num_heads: int, *, grid: tuple[int, ...], radius: float = 8.0,
                  causal: bool = False, **kwargs: Any):
