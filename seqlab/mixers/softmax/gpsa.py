@@ -72,8 +72,8 @@ class GatedPositionalAttention(MaskedAttention):
         if self.grid is None:
             return [(k_idx - q_idx).astype(jnp.float32)]
         width = self.grid[1]
-        return [(k // width - q // width).astype(jnp.float32) for q, k in ((q_idx, k_idx),)] + \
-            [(k_idx % width - q_idx % width).astype(jnp.float32)]
+        rows = (k_idx // width - q_idx // width).astype(jnp.float32)
+        return [rows, (k_idx % width - q_idx % width).astype(jnp.float32)]
 
     def positional_logits(self, weights: jax.Array):
         """The score_mod of the positional pass, v_pos^h · (‖δ‖², δ) added to the (zero) scores, for the
