@@ -490,7 +490,7 @@ def reference_mask(mask, T: int, H: int) -> np.ndarray:
 
 def dense_reference(visible: np.ndarray, scale: float | None = None, score_mod=None):
     """Masked softmax attention with the [B or 1, H, T, T] mask ``visible`` (0 for a query that sees no key);
-    scale None: ."""
+    scale None: D ** -0.5."""
 
     def attention(q, k, v):
         group, (T, H) = q.shape[2] // k.shape[2], q.shape[1:3]
@@ -506,6 +506,26 @@ def dense_reference(visible: np.ndarray, scale: float | None = None, score_mod=N
         return jnp.einsum("bhts,bshv->bthv", p, v, precision=HIGHEST)
 
     return attention
+
+
+def attention_inputs(seed: int, *, B: int = 2, T: int = 37, H: int = 4, H_kv: int = 2, D: int = 16, V: int = 24):
+    """q [B, T, H, D], k [B, T, H_kv, D], v [B, T, H_kv, V] and the output weights W [B, T, H, V] of the loss
+    sum(o * W), float32 standard normal."""
+    rng = np.random.default_rng(seed)
+    n = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    return n(B, T, H, D), n(B, T, H_kv, D), n(B, T, H_kv, V), n(B, T, H, V)
+
+
+def attention_value_and_grads(attention, q, k, v, W):
+    """(o, [dq, dk, dv]) as float32 numpy: attention(q, k, v) and the gradients of sum(o * W), from one jitted
+    function."""
+
+    def loss(q, k, v):
+        o = attention(q, k, v)
+        return jnp.sum(o.astype(jnp.float32) * W), o
+
+    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return np.asarray(o.astype(jnp.float32)), [np.asarray(g.astype(jnp.float32)) for g in grads]
 
 
 def nonempty_tiles(visible: np.ndarray, block_q: int, block_k: int, padded: int) -> np.ndarray:

@@ -32,6 +32,11 @@ gives one per query head (``PerHead & m`` combines head by head). Every element 
 ``by_key=True``: per key tile, the query tiles that visit it). ``is_span(visits)``: whether they are one contiguous
 run of tiles — the fast path of the XLA blockwise form reads such a row with one slice.
 
+``BlockIndex(tiles, block)`` is the one runtime block mask: per (batch row, key/value head, query tile), the key
+tiles chosen from the data (``seqlab.core.block_select``: top-k tiles, hierarchical pruning). It is a traced
+pytree, not a static mask: the attention functions take it as ``block_index=`` beside a static mask, and a query
+sees a key only where both allow it.
+
 Masked scores take ``MASKED`` (``masked_fill``, or ``scores + mask_bias(visible)`` where the addition fuses into
 the score matmul), a finite "minus infinity": exp(MASKED − m) is 0 and never inf − inf; scores are masked before
 they are exponentiated.
@@ -817,14 +822,68 @@ def pairwise(mask: ElementMask, q_pos: Array, k_pos: Array, *, length: int | Non
 def head_pairwise(mask: Mask, kv_heads: int, group: int, q_pos: Array, k_pos: Array, *, length: int | None = None,
                   segments: Segments | None = None) -> Array:
     """Bool broadcasting to [(B,) Hkv, G, Tq, Tk]: ``pairwise`` of each query head's mask (head h = i·G + g) on
-    q_pos [Tq] and k_pos [Tk]; segments ([B, Tq], [B, Tk]) for Document terms."""
+    q_pos [Tq] and k_pos [Tk] (or [B, Hkv, Tk]: each key/value head's own keys, as a ``BlockIndex`` row gathers
+    them); segments ([B, Tq], [B, Tk]) for Document terms ([B, 1, Tq], [B, Hkv, Tk] with per-head keys)."""
     head_masks = mask.head_masks(kv_heads * group)
     per_mask = {m: pairwise(m, q_pos, k_pos, length=length, segments=segments) for m in dict.fromkeys(head_masks)}
+    if jnp.ndim(k_pos) == 3:  # per key/value head keys: per_mask values are [B, Hkv, Tq, Tk]
+        if len(set(head_masks)) == 1:
+            return per_mask[head_masks[0]][:, :, None]
+        heads = [per_mask[m][:, h // group] for h, m in enumerate(head_masks)]
+        return jnp.stack(heads, axis=1).reshape(k_pos.shape[0], kv_heads, group, *heads[0].shape[-2:])
     if len(head_masks) == 1:
         return per_mask[head_masks[0]][..., None, None, :, :]
     shape = jnp.broadcast_shapes(*(x.shape for x in per_mask.values()))  # with B as soon as one head needs it
     visible = jnp.stack([jnp.broadcast_to(per_mask[m], shape) for m in head_masks], axis=-3)  # [(B,) H, Tq, Tk]
     return visible.reshape(*visible.shape[:-3], kv_heads, group, *visible.shape[-2:])
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"], meta_fields=["block"])
+@dataclasses.dataclass(frozen=True)
+class BlockIndex:
+    """The runtime block mask: the key tiles each query tile sees, chosen from the data (top-k block selection,
+    hierarchical pruning), intersected with a static mask's predicate.
+
+    tiles: [B, Hkv, nq, S] int32 over tiles of ``block`` tokens (nq = ceil(T / block); a row's query heads share
+    their key/value head's tiles): queries in tile i see the keys of tiles tiles[b, h, i, :] only. Build it with
+    ``BlockIndex.of``, which sorts each row and marks repeated and out-of-range entries unused (they are then the
+    sentinel nk, which holds no key). A pytree: ``tiles`` is traced, ``block`` static.
+    """
+
+    tiles: Array
+    block: int
+
+    @classmethod
+    def of(cls, tiles: Array, block: int, num_tiles: int) -> "BlockIndex":
+        """tiles [B, Hkv, nq, S] int (any order; repeats, negative and >= num_tiles entries unused) of ``block``
+        tokens among num_tiles key tiles."""
+        _check_positive("BlockIndex", "block", block)
+        if jnp.ndim(tiles) != 4 or not jnp.issubdtype(jnp.result_type(tiles), jnp.integer):
+            raise ValueError(f"BlockIndex.tiles must be integers [batch, kv_heads, query_tiles, selected], got "
+                             f"{jnp.result_type(tiles)} {jnp.shape(tiles)}")
+        tiles = jnp.asarray(tiles, jnp.int32)
+        tiles = jnp.sort(jnp.where((tiles >= 0) & (tiles < num_tiles), tiles, num_tiles), axis=-1)
+        repeat = jnp.concatenate([jnp.zeros_like(tiles[..., :1], bool), tiles[..., 1:] == tiles[..., :-1]], -1)
+        return cls(jnp.where(repeat, num_tiles, tiles), block)
+
+    @property
+    def width(self) -> int:
+        """S, the key tiles each query tile reads."""
+        return self.tiles.shape[-1]
+
+    def check(self, batch: int, kv_heads: int, length: int) -> None:
+        """ValueError, naming block_index, unless tiles is [batch, kv_heads, ceil(length / block), S]."""
+        rows = -(-length // self.block)
+        if self.tiles.shape[:3] != (batch, kv_heads, rows):
+            raise ValueError(f"block_index: tiles must be [{batch}, {kv_heads}, {rows}, S] (batch, kv heads, query "
+                             f"tiles of {self.block} for T={length}), got {self.tiles.shape}")
+
+    def visible(self, q_pos: Array, k_pos: Array, first_row: Array | int = 0) -> Array:
+        """[B, Hkv, Tq, Tk] bool: whether key k_pos [Tk] lies in a tile that query q_pos [Tq]'s row selects; the
+        rows of ``tiles`` are query tiles first_row, first_row + 1, ... (a decode step holds only its own)."""
+        rows = jnp.clip(q_pos // self.block - first_row, 0, self.tiles.shape[2] - 1)
+        selected = self.tiles[:, :, rows]  # [B, Hkv, Tq, S]
+        return jnp.any(selected[..., None, :] == (k_pos // self.block)[:, None], axis=-1)
 
 
 def visit_lists(mask: Mask, length: int, block_q: int, block_k: int, *,

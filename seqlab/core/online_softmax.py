@@ -128,6 +128,7 @@ class BlockPlan:
     mask: Mask
     group: int  # query heads per key/value head, stacked in a query block's rows
     heads: int = 1
+    selected: int = 0  # S > 0: each row gathers the S key tiles of a runtime BlockIndex instead of its visit list
 
     @property
     def count(self) -> int:
@@ -139,6 +140,8 @@ class BlockPlan:
 
     @functools.cached_property
     def classes(self) -> tuple[RowClass, ...]:
+        if self.selected:  # one gather class; its tiles are the BlockIndex's, read at run time
+            return (RowClass(self.selected, tuple(range(self.count)), (), False),)
         visits = [v or (0,) for v in masks.visit_lists(self.mask, self.length, self.block, self.block)]
         widths = sorted({len(v) for v in visits})
         groups = np.array_split(np.array(widths), min(len(widths), MAX_ROW_CLASSES))
@@ -159,30 +162,37 @@ class BlockPlan:
         return np.argsort(np.concatenate([c.rows for c in self.classes]))
 
 
-def _plan(mask: Mask, q: Array, block: int) -> BlockPlan:
-    """The plan for q [B, Hkv, G, T, D]; ValueError if the mask does not fit T or the heads."""
-    _, kv_heads, group, length, _ = q.shape
+def _plan(mask: Mask, q: Array, block: int, block_index: masks.BlockIndex | None = None) -> BlockPlan:
+    """The plan for q [B, Hkv, G, T, D] (over a runtime BlockIndex's tiles, if given); ValueError if the mask
+    or the index does not fit T or the heads."""
+    batch, kv_heads, group, length, _ = q.shape
     mask.check(length)
     mask.head_masks(kv_heads * group)
-    return BlockPlan(length, min(block, length), mask, group, kv_heads * group)
+    if block_index is None:
+        return BlockPlan(length, min(block, length), mask, group, kv_heads * group)
+    block_index.check(batch, kv_heads, length)
+    return BlockPlan(length, block_index.block, mask, group, kv_heads * group, block_index.width)
 
 
 def blockwise_attention(
     q: Array, k: Array, v: Array, *, mask: Mask | None = None, block_size: int, causal: bool = True,
     window: int | None = None, score_mod: ScoreMod | None = None, segment_ids: Array | None = None,
+    block_index: masks.BlockIndex | None = None,
 ) -> Array:
     """Chunked softmax attention over the key tiles each query block visits, with a flash-attention backward.
 
     q: [B, Hkv, G, T, D] (G query heads per key/value head, already scaled); k: [B, Hkv, T, D]; v: [B, Hkv, T, V];
     mask: any ``seqlab.core.masks`` mask (None: ``Causal(window)`` if causal, else ``Bidirectional(window)``);
-    score_mod: see the module docstring; segment_ids: [B, T] int, needed iff the mask has a Document term.
+    score_mod: see the module docstring; segment_ids: [B, T] int, needed iff the mask has a Document term;
+    block_index: a runtime ``masks.BlockIndex``: query block i (of block_index.block tokens, which replaces
+    block_size) reads its S selected key tiles, gathered per batch row and key/value head, under the mask.
     Returns o [B, Hkv, G, T, V] float32 (0 for a query that sees no key).
     """
     mask = masks.resolve(mask, causal, window)
-    plan = _plan(mask, q, block_size)
+    plan = _plan(mask, q, block_size, block_index)
     segments = masks.check_segment_ids(mask, segment_ids, q.shape[0], plan.length)
     mod, consts = _tile_mod(plan, score_mod, q.shape[0])
-    return _blockwise(plan, mod, q, k, v, segments, consts)
+    return _blockwise(plan, mod, q, k, v, segments, consts, None if block_index is None else block_index.tiles)
 
 
 def _tile_mod(plan: BlockPlan, score_mod: ScoreMod | None, batch: int) -> tuple[Callable | None, tuple]:
@@ -270,27 +280,38 @@ def _from_layout(plan: BlockPlan, x: Array, span: bool) -> Array:
     return _untile(x[: plan.count])[:, :, : plan.length]
 
 
+def _tile_index(x: Array, tiles: Array) -> tuple:
+    """The index of a gather layout x [n + 1, B, Hkv | 1, block, F] at tiles [w] (shared by the batch and heads)
+    or [B, Hkv, w] (a BlockIndex row): it selects [w, B, Hkv, block, F]."""
+    if tiles.ndim == 1:
+        return (tiles,)
+    batch, heads = jnp.arange(tiles.shape[0])[:, None], jnp.arange(tiles.shape[1])[None, :]
+    heads = heads if x.shape[2] > 1 else jnp.zeros_like(heads)  # segment ids: one row for every head
+    return (jnp.moveaxis(tiles, -1, 0), batch, heads)
+
+
 def _read(plan: BlockPlan, x: Array, tiles: Array, span: bool) -> Array:
-    """A row's keys (values, segment ids) [B, Hkv, w*block, F] at tiles [w] out of a layout of its kind."""
+    """A row's keys (values, segment ids) [B, Hkv, w*block, F] at tiles [w] (or [B, Hkv, w]) out of a layout of
+    its kind."""
     if span:
         start = (tiles[0] + plan.front_pad) * plan.block
         return jax.lax.dynamic_slice_in_dim(x, start, tiles.shape[0] * plan.block, axis=2)
-    return _untile(x[tiles])
+    return _untile(x[_tile_index(x, tiles)])
 
 
 def _add(plan: BlockPlan, acc: Array, grad: Array, tiles: Array, span: bool) -> Array:
-    """acc (a layout of its kind) plus a row's gradient [B, Hkv, w*block, F] at tiles [w]."""
+    """acc (a layout of its kind) plus a row's gradient [B, Hkv, w*block, F] at tiles [w] (or [B, Hkv, w])."""
     if span:
         start = (tiles[0] + plan.front_pad) * plan.block
         return jax.lax.dynamic_update_slice_in_dim(acc, _read(plan, acc, tiles, span) + grad, start, axis=2)
-    grad = grad.reshape(*grad.shape[:2], tiles.shape[0], plan.block, grad.shape[-1])
-    return acc.at[tiles].add(jnp.moveaxis(grad, 2, 0))
+    grad = grad.reshape(*grad.shape[:2], tiles.shape[-1], plan.block, grad.shape[-1])
+    return acc.at[_tile_index(acc, tiles)].add(jnp.moveaxis(grad, 2, 0))
 
 
 class _Operands(NamedTuple):
     """A call's inputs as its rows read them: q [n, B, Hkv, G*block, D]; k, v and the key segment ids
     ([B, 1, T, 1]) in the layout of each read kind (dict by span); q_segments [n, B, block] (no Document term:
-    both None); consts, the arrays score_mod closes over."""
+    both None); consts, the arrays score_mod closes over; selected, a BlockIndex's tiles [B, Hkv, n, S] or None."""
 
     q: Array
     k: dict[bool, Array]
@@ -298,9 +319,11 @@ class _Operands(NamedTuple):
     k_segments: dict[bool, Array] | None
     q_segments: Array | None
     consts: tuple
+    selected: Array | None
 
 
-def _operands(plan: BlockPlan, q: Array, k: Array, v: Array, segments: Array | None, consts: tuple) -> _Operands:
+def _operands(plan: BlockPlan, q: Array, k: Array, v: Array, segments: Array | None, consts: tuple,
+              selected: Array | None) -> _Operands:
     kinds = {c.span for c in plan.classes}
 
     def layouts(x: Array) -> dict[bool, Array]:
@@ -309,7 +332,7 @@ def _operands(plan: BlockPlan, q: Array, k: Array, v: Array, segments: Array | N
     k_segments = q_segments = None
     if segments is not None:
         k_segments, q_segments = layouts(segments[:, None, :, None]), split_blocks(segments, 1, plan.block)
-    return _Operands(_query_blocks(q, plan.block), layouts(k), layouts(v), k_segments, q_segments, consts)
+    return _Operands(_query_blocks(q, plan.block), layouts(k), layouts(v), k_segments, q_segments, consts, selected)
 
 
 class _Row(NamedTuple):
@@ -323,15 +346,20 @@ class _Row(NamedTuple):
 
 def _row(plan: BlockPlan, ops: _Operands, span: bool, query_block: Array, tiles: Array) -> _Row:
     q_pos = query_block * plan.block + jnp.arange(plan.block)
-    k_pos = (tiles[:, None] * plan.block + jnp.arange(plan.block)).reshape(-1)
+    k_pos = (tiles[..., None] * plan.block + jnp.arange(plan.block)).reshape(*tiles.shape[:-1], -1)
     segments = None
     if ops.q_segments is not None:
-        segments = (ops.q_segments[query_block], _read(plan, ops.k_segments[span], tiles, span)[:, 0, :, 0])
+        q_segments, k_segments = ops.q_segments[query_block], _read(plan, ops.k_segments[span], tiles, span)
+        segments = (q_segments, k_segments[:, 0, :, 0]) if tiles.ndim == 1 else (q_segments[:, None],
+                                                                                  k_segments[..., 0])
     return _Row(q_pos, k_pos, _row_visible(plan, q_pos, k_pos, segments))
 
 
-def _row_inputs(row_class: RowClass) -> tuple[Array, Array]:
-    """The scan's xs over a class: query block [R] and key tiles [R, width] of each row."""
+def _row_inputs(plan: BlockPlan, ops: _Operands, row_class: RowClass) -> tuple[Array, Array]:
+    """The scan's xs over a class: query block [R] and key tiles [R, width] of each row ([n, B, Hkv, S] from a
+    BlockIndex)."""
+    if plan.selected:
+        return jnp.arange(plan.count), jnp.moveaxis(ops.selected, 2, 0)
     return jnp.asarray(row_class.rows), jnp.asarray(row_class.tiles, jnp.int32)
 
 
@@ -342,8 +370,8 @@ def _in_block_order(plan: BlockPlan, per_class: list[Array]) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _blockwise(plan: BlockPlan, mod: Callable | None, q: Array, k: Array, v: Array, segments: Array | None,
-               consts: tuple) -> Array:
-    return _blockwise_forward(plan, mod, q, k, v, segments, consts)[0]
+               consts: tuple, selected: Array | None) -> Array:
+    return _blockwise_forward(plan, mod, q, k, v, segments, consts, selected)[0]
 
 
 def _forward_row(plan: BlockPlan, mod: Callable | None, ops: _Operands, span: bool, query_block: Array,
@@ -365,19 +393,19 @@ def _forward_row(plan: BlockPlan, mod: Callable | None, ops: _Operands, span: bo
 
 
 def _blockwise_forward(plan: BlockPlan, mod: Callable | None, q: Array, k: Array, v: Array,
-                       segments: Array | None, consts: tuple) -> tuple[Array, tuple]:
-    ops = _operands(plan, q, k, v, segments, consts)
+                       segments: Array | None, consts: tuple, selected: Array | None) -> tuple[Array, tuple]:
+    ops = _operands(plan, q, k, v, segments, consts, selected)
     outputs, normalisers = [], []
     for row_class in plan.classes:
 
         def step(_, xs, span=row_class.span):
             return None, _forward_row(plan, mod, ops, span, *xs)
 
-        _, (o, lse) = jax.lax.scan(step, None, _row_inputs(row_class))
+        _, (o, lse) = jax.lax.scan(step, None, _row_inputs(plan, ops, row_class))
         outputs.append(o)
         normalisers.append(lse)
     ob, lse = _in_block_order(plan, outputs), _in_block_order(plan, normalisers)  # [n, B, Hkv, G*block, (V)]
-    return _from_query_blocks(ob, plan.group, plan.length), (q, k, v, segments, consts, ob, lse)
+    return _from_query_blocks(ob, plan.group, plan.length), (q, k, v, segments, consts, selected, ob, lse)
 
 
 class _Cotangents(NamedTuple):
@@ -420,8 +448,8 @@ def _backward_row(plan: BlockPlan, mod: Callable | None, ops: _Operands, cot: _C
 def _blockwise_backward(plan: BlockPlan, mod: Callable | None, residuals: tuple, do: Array) -> tuple:
     """Flash-attention backward, row by row (``_backward_row``); dK and dV accumulate in the scan carry, in the
     layout of each read kind."""
-    q, k, v, segments, consts, ob, lse = residuals
-    ops = _operands(plan, q, k, v, segments, consts)
+    q, k, v, segments, consts, selected, ob, lse = residuals
+    ops = _operands(plan, q, k, v, segments, consts, selected)
     dob = _query_blocks(do, plan.block)
     cot = _Cotangents(dob, jnp.sum(dob * ob, axis=-1), lse)
     carry = (jax.tree.map(jnp.zeros_like, ops.k), jax.tree.map(jnp.zeros_like, ops.v),
@@ -432,12 +460,12 @@ def _blockwise_backward(plan: BlockPlan, mod: Callable | None, residuals: tuple,
         def step(carry, xs, span=row_class.span):
             return _backward_row(plan, mod, ops, cot, span, carry, *xs)
 
-        carry, dq = jax.lax.scan(step, carry, _row_inputs(row_class))
+        carry, dq = jax.lax.scan(step, carry, _row_inputs(plan, ops, row_class))
         dq_rows.append(dq)
     dq = _from_query_blocks(_in_block_order(plan, dq_rows), plan.group, plan.length)
     dk, dv = (functools.reduce(jnp.add, [_from_layout(plan, x, span) for span, x in acc.items()])
               for acc in carry[:2])
-    return dq, dk, dv, None, carry[2]
+    return dq, dk, dv, None, carry[2], None
 
 
 _blockwise.defvjp(_blockwise_forward, _blockwise_backward)
@@ -445,19 +473,24 @@ _blockwise.defvjp(_blockwise_forward, _blockwise_backward)
 
 def dense_attention(
     q: Array, k: Array, v: Array, *, mask: Mask | None = None, causal: bool = True, window: int | None = None,
-    score_mod: ScoreMod | None = None, segment_ids: Array | None = None,
+    score_mod: ScoreMod | None = None, segment_ids: Array | None = None, block_index: masks.BlockIndex | None = None,
 ) -> Array:
     """Parallel form: the full masked score matrix (differentiated by JAX). Arguments and shapes as
     ``blockwise_attention``; score_mod gets the whole [B, H, T, T] scores."""
     mask = masks.resolve(mask, causal, window)
     batch, kv_heads, group, length, _ = q.shape
     plan = _plan(mask, q, length)
+    if block_index is not None:
+        block_index.check(batch, kv_heads, length)
     segments = masks.check_segment_ids(mask, segment_ids, batch, length)
     pos = jnp.arange(length, dtype=jnp.int32)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q.reshape(batch, kv_heads, group * length, -1), k)
     if score_mod is not None:
         scores = _modified(plan, score_mod, (), scores, pos, pos)
     visible = _row_visible(plan, pos, pos, None if segments is None else (segments, segments))
+    if block_index is not None:  # [B, Hkv, T, T], the same for a key/value head's G query heads
+        selected = jnp.broadcast_to(block_index.visible(pos, pos)[:, :, None], (batch, kv_heads, group, length, length))
+        visible = visible & selected.reshape(batch, kv_heads, group * length, length)
     o = finalize(partial_from_scores(scores, visible, v))
     return o.reshape(batch, kv_heads, group, length, -1)
 
@@ -479,17 +512,22 @@ def modified_scores(score_mod: ScoreMod | None, scores: Array, q_pos: Array, k_p
 
 def cache_attention(q: Array, k_cache: Array, v_cache: Array, key_positions: Array, query_position: Array,
                     *, mask: Mask, segments: Segments | None = None, score_mod: ScoreMod | None = None,
-                    length: int | None = None) -> Array:
+                    length: int | None = None, block_index: masks.BlockIndex | None = None,
+                    first_row: Array | int = 0) -> Array:
     """One query step against a KV cache (the decode path): the keys ``mask`` shows the query (any mask, per
     head with ``PerHead``; a decode cache holds only keys at or before the query).
 
     q: [B, Hkv, G, D] (scaled); k_cache: [B, Hkv, L, D]; v_cache: [B, Hkv, L, V]; key_positions: [L] (-1 = empty);
     segments: (the query's document id [B, 1], the keys' [B, L]) for a mask with a Document term, or None.
     score_mod: as in ``blockwise_attention``, at the query's and the slots' positions (empty slots, at -1, are
-    clipped to 0 and masked; with ``length``, positions are clipped below it). Returns [B, Hkv, G, V] float32.
+    clipped to 0 and masked; with ``length``, positions are clipped below it). block_index: a runtime
+    ``masks.BlockIndex`` whose rows are query tiles first_row, ... (the query's row is read). Returns
+    [B, Hkv, G, V] float32.
     """
     scores = jnp.einsum("bhgd,bhld->bhgl", q, k_cache)
     query = jnp.reshape(query_position, (1,))
     scores = modified_scores(score_mod, scores[..., None, :], query, key_positions, length)[..., 0, :]
     visible = masks.head_pairwise(mask, q.shape[1], q.shape[2], query, key_positions, segments=segments)
+    if block_index is not None:
+        visible = visible & block_index.visible(query, key_positions, first_row)[:, :, None]
     return finalize(partial_from_scores(scores, visible[..., 0, :], v_cache))  # visible: [(B,) Hkv|1, G|1, L]

@@ -9,6 +9,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     RecurrentCache  linear-state families: the op's state [B, H, K, V] (+ the short conv's last inputs)
     KVCache         softmax attention: keys/values of the last L positions (L = max_len, or the window's ring)
     HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
+    SelectionCache  HiP, SEA: a full KVCache plus the query that opened the current tile
     HiLoCache       HiLo: a KVCache ring of the current block (Hi-Fi) and a full KVCache (Lo-Fi, pooled per block)
     ConvCache       BaseConv: the short conv's last inputs
     BlockCache      TransNormer DiagAttention: keys/values of the current block
@@ -132,6 +133,25 @@ class HybridCache(KVCache):
             (self.k, self.v, self.phi_k), (k, v, phi_k), self.key_positions, self.pos
         )
         return self.replace(k=k_new, v=v_new, phi_k=phi_new, key_positions=key_positions, pos=self.pos + k.shape[1])
+
+
+@struct.dataclass
+class SelectionCache(KVCache):
+    """Decode cache of tile-selecting attention (HiP, SEA): a full `KVCache` (slot p holds position p) and the
+    query that opened the current tile of ``block`` positions, with which the tile's key tiles are selected.
+
+    k, v, key_positions, pos: as `KVCache`. opening_query: [B, H, d] the query at position ⌊(pos − 1) / block⌋ ·
+    block (zeros before the first token).
+    """
+
+    opening_query: jax.Array | None = None
+
+    @classmethod
+    def empty(cls, kv_shape: tuple[int, ...], query_shape: tuple[int, ...], dtype: Any) -> SelectionCache:
+        """Empty slots of keys and values kv_shape [B, L, H_kv, d], a zero opening query [B, H, d], position 0."""
+        kv = KVCache.empty(kv_shape, dtype)
+        return cls(k=kv.k, v=kv.v, key_positions=kv.key_positions, pos=kv.pos,
+                   opening_query=jnp.zeros(query_shape, dtype))
 
 
 @struct.dataclass

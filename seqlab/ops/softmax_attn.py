@@ -121,6 +121,7 @@ def softmax_attn(
     block_size: int | None = None,
     sequence_axis: str | None = None,
     sequence_parallel: str = "allgather",
+    block_index: masks.BlockIndex | None = None,
 ) -> Array:
     """q: [B, T, H, D]; k: [B, T, Hkv, D]; v: [B, T, Hkv, V] with Hkv dividing H. Returns o [B, T, H, V].
 
@@ -137,15 +138,20 @@ def softmax_attn(
     ``FlashBlocks()``; interpreted on CPU); "auto" is "pallas" on a GPU or TPU without ``sequence_axis`` for
     T > 1, else "chunked". The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
     nested) works, forward mode (``jax.jvp``) does not; use impl="parallel" for that.
+    block_index: a runtime ``masks.BlockIndex`` ([B, Hkv, ceil(T / block), S] key tiles per query tile, chosen
+    from the data), intersected with the mask: the chunked form reads only those tiles (in tiles of
+    block_index.block, which replaces block_size), the dense and recurrent forms mask by it; not with
+    impl="pallas", sequence_axis or score_mod.
     """
     _check(q, k, v, impl, block_size)
     mask = masks.resolve(mask, causal, window)
     _check_sequence(impl, sequence_axis, sequence_parallel)
+    _check_block_index(block_index, impl, sequence_axis, score_mod, *q.shape[:2], k.shape[2])
     segment_ids = _document_ids(mask, segment_ids, cu_seqlens, *q.shape[:2])
     base_mask = mask  # the sequence-parallel form takes the ids beside it
     if segment_ids is not None and not masks.needs_segments(mask):
         mask = mask & masks.Document()
-    kernel = score_mod is None or impl == "pallas"  # an explicit impl="pallas" with score_mod: the kernel's error
+    kernel = block_index is None and (score_mod is None or impl == "pallas")  # impl="pallas" + score_mod: its error
     impl = _common.resolve_impl(impl, has_kernel=kernel, sequence_axis=sequence_axis, length=q.shape[1])
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
@@ -154,7 +160,7 @@ def softmax_attn(
         return pallas_flash.flash_attention(q, k, v, mask=mask, scale=scale, blocks=blocks, score_mod=score_mod,
                                             segment_ids=segment_ids)
     block_size = block_size or default_block_size(_mask_window(base_mask))
-    if impl == "chunked" and sequence_axis is None and _splits_heads(mask, h, t, block_size):
+    if impl == "chunked" and sequence_axis is None and block_index is None and _splits_heads(mask, h, t, block_size):
         return _by_head_mask(q, k, v, mask, scale=scale, score_mod=score_mod, segment_ids=segment_ids,
                              block_size=block_size)
     qg = _group_heads(q, k.shape[2], scale)
@@ -166,9 +172,10 @@ def softmax_attn(
         )
     elif impl == "chunked":
         o = online_softmax.blockwise_attention(qg, kt, vt, mask=mask, block_size=block_size, score_mod=score_mod,
-                                               segment_ids=segment_ids)
+                                               segment_ids=segment_ids, block_index=block_index)
     elif impl == "parallel":
-        o = online_softmax.dense_attention(qg, kt, vt, mask=mask, score_mod=score_mod, segment_ids=segment_ids)
+        o = online_softmax.dense_attention(qg, kt, vt, mask=mask, score_mod=score_mod, segment_ids=segment_ids,
+                                           block_index=block_index)
     else:
         positions = jnp.arange(t)
         step_ids = None if segment_ids is None else jnp.moveaxis(segment_ids, 1, 0)  # [T, B]
@@ -177,12 +184,27 @@ def softmax_attn(
             q_t, pos, ids = xs
             segments = None if ids is None else (ids[:, None], segment_ids)  # the query's document, the keys'
             o_t = online_softmax.cache_attention(q_t, kt, vt, positions, pos, mask=mask, segments=segments,
-                                                 score_mod=score_mod, length=t)
+                                                 score_mod=score_mod, length=t, block_index=block_index)
             return None, o_t
 
         _, o = jax.lax.scan(step, None, (jnp.moveaxis(qg, 3, 0), positions, step_ids))
         o = jnp.moveaxis(o, 0, 3)
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]).astype(v.dtype)
+
+
+def _check_block_index(block_index: masks.BlockIndex | None, impl: str, sequence_axis: str | None, score_mod,
+                       batch: int, length: int, kv_heads: int) -> None:
+    if block_index is None:
+        return
+    if not isinstance(block_index, masks.BlockIndex):
+        raise ValueError("block_index must be a seqlab.core.masks.BlockIndex or None, got "
+                         f"{type(block_index).__name__}")
+    if impl == "pallas" or sequence_axis is not None:
+        raise ValueError("block_index: a runtime block index runs impl 'chunked', 'parallel' or 'recurrent' without "
+                         f"sequence_axis, got impl={impl!r}, sequence_axis={sequence_axis!r}")
+    if score_mod is not None:  # its k_idx [1, Tk] is shared by the batch and heads; gathered tiles are not
+        raise ValueError("score_mod: not with block_index (each batch row and key/value head reads its own tiles)")
+    block_index.check(batch, kv_heads, length)
 
 
 SPLIT_GAIN = 0.75  # heads split by mask when their mean visited tiles are below this share of the union's
@@ -232,13 +254,15 @@ def softmax_decode_step(
     window: int | None = None,
     mask: masks.Mask | None = None,
     score_mod: masks.ScoreMod | None = None,
+    block_index: masks.BlockIndex | None = None,
 ) -> Array:
     """One decode step against a KV cache (a full cache or a ring buffer; slot order does not matter).
 
     q: [B, H, D]; k_cache: [B, L, Hkv, D]; v_cache: [B, L, Hkv, V]; key_positions: [L] int (-1 = empty slot);
     a key is visible iff 0 <= pos and ``mask`` shows it to query_position; mask None: ``Causal(window)``
     (pos <= query_position and, with a window, query_position - pos < window). score_mod: as in ``softmax_attn``,
-    at the query's and the slots' absolute positions (head [H, 1, 1]). Returns [B, H, V].
+    at the query's and the slots' absolute positions (head [H, 1, 1]). block_index: the query's own row of a
+    runtime ``masks.BlockIndex`` (tiles [B, Hkv, 1, S]): only keys in those tiles are visible. Returns [B, H, V].
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
@@ -256,5 +280,10 @@ def softmax_decode_step(
     scale = d**-0.5 if scale is None else scale
     qg = _group_heads(q[:, None], k_cache.shape[2], scale)[:, :, :, 0]
     kt, vt = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k_cache, v_cache))
-    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, mask=mask, score_mod=score_mod)
+    if block_index is not None and block_index.tiles.shape[:3] != (b, k_cache.shape[2], 1):
+        raise ValueError(f"block_index: tiles must be [{b}, {k_cache.shape[2]}, 1, S] (the query's row), got "
+                         f"{block_index.tiles.shape}")
+    first_row = jnp.asarray(query_position) // (1 if block_index is None else block_index.block)
+    o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, mask=mask, score_mod=score_mod,
+                                       block_index=block_index, first_row=first_row)
     return o.reshape(b, h, v_cache.shape[-1]).astype(v_cache.dtype)

@@ -23,28 +23,12 @@ from hypothesis import strategies as st
 
 from pallas_kernels import _common
 from pallas_kernels import flash_attention as fa
+from reference import attention_inputs as make_inputs
+from reference import attention_value_and_grads as value_and_grads
 from reference import dense_reference, nonempty_tiles, reference_mask, rel_err
 from seqlab import ops
 
 TOL = 1e-5
-
-
-def make_inputs(seed, *, B=2, T=37, H=4, H_kv=2, D=16, V=24):
-    """q, k, v and the output weights W of the loss sum(o * W), float32."""
-    rng = np.random.default_rng(seed)
-    n = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    return n(B, T, H, D), n(B, T, H_kv, D), n(B, T, H_kv, V), n(B, T, H, V)
-
-
-def value_and_grads(attention, q, k, v, W):
-    """attention(q, k, v) and the gradients of sum(o * W) in q, k, v, from one jitted function."""
-
-    def loss(q, k, v):
-        o = attention(q, k, v)
-        return jnp.sum(o.astype(jnp.float32) * W), o
-
-    (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return np.asarray(o.astype(jnp.float32)), [np.asarray(g.astype(jnp.float32)) for g in grads]
 
 
 def flash(mask, blocks, scale=None):

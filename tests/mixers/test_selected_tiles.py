@@ -1,0 +1,131 @@
+"""HiP and SEA (softmax attention over data-selected key tiles) against their definitions written here with the
+layer's own parameters: the tiles each query tile reads chosen in Python loops — HiP's hierarchical pruning (spans
+halved round by round, each half scored by its first tile's mean key against the tile's first query, the best
+top_k halves kept), SEA's one-shot top_k of the linear-attention estimate φ(q̂)·Σ φ(k) (φ = elu + 1) — plus the
+local tiles, then a dense softmax over the visible keys of those tiles. The selection is a discrete choice (no
+gradient), so the reference gradients differentiate the attention under the mask chosen in float64. Forward in
+float64 (1e-5) and the gradients of the input and the projections (1e-4), T = 37 in tiles of 4 (a partial last
+tile), GQA (4 query heads over 2), causal and non-causal; the blockwise form reads (top_k + local) tiles per row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mixer_references import assert_layer_matches, heads, linear, merge, raises_naming
+from seqlab import mixers
+
+B, T, D = 2, 37, 32
+
+
+def elu1(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def hip_tiles(q_rep: list[np.ndarray], means: list[np.ndarray], row: int, top_k: int, local: int) -> set[int]:
+    """HiP's pruning of row ``row``'s candidates [0, row - local + 1) in plain Python."""
+    count = max(row - local + 1, 0)
+    spans = [(s * count // top_k, (s + 1) * count // top_k) for s in range(top_k)]
+    spans = [span for span in spans if span[1] > span[0]]
+    while any(hi - lo > 1 for lo, hi in spans):
+        halves = []
+        for lo, hi in spans:
+            mid = (lo + hi + 1) // 2
+            halves += [h for h in ((lo, mid), (mid, hi)) if h[1] > h[0]]
+        halves.sort(key=lambda h: -max(float(r @ means[h[0]]) for r in q_rep))
+        spans = halves[:top_k]
+    return {lo for lo, _ in spans}
+
+
+def sea_tiles(q_rep: list[np.ndarray], features: list[np.ndarray], row: int, top_k: int, local: int,
+              causal: bool) -> set[int]:
+    """SEA's top_k of the estimate among row ``row``'s candidates in plain Python."""
+    allowed = [j for j in range(len(features)) if (row - j >= local if causal else abs(row - j) >= local)]
+    estimate = {j: sum(float(elu1(r) @ features[j]) for r in q_rep) for j in allowed}
+    return set(sorted(allowed, key=lambda j: -estimate[j])[:top_k])
+
+
+def selection(name: str, q: np.ndarray, k: np.ndarray, *, block: int, top_k: int, local: int,
+              causal: bool) -> np.ndarray:
+    """[B, H, T, T] bool: query t sees key s iff s's tile is local to or selected for t's tile (and s <= t when
+    causal). q [B, T, H, d], k [B, T, Hkv, d] float64."""
+    H, Hkv = q.shape[2], k.shape[2]
+    G, n = H // Hkv, -(-T // block)
+    visible = np.zeros((B, H, T, T), bool)
+    for b in range(B):
+        for h_kv in range(Hkv):
+            tiles = [range(j * block, min(T, (j + 1) * block)) for j in range(n)]
+            means = [k[b, list(r), h_kv].sum(0) / block for r in tiles]
+            features = [elu1(k[b, list(r), h_kv]).sum(0) for r in tiles]
+            for i in range(n):
+                heads_of = [h_kv * G + g for g in range(G)]
+                q_rep = [q[b, i * block, h] if causal else q[b, list(tiles[i]), h].mean(0) for h in heads_of]
+                chosen = (hip_tiles(q_rep, means, i, top_k, local) if name == "hip"
+                          else sea_tiles(q_rep, features, i, top_k, local, causal))
+                near = {j for j in range(n) if (0 <= i - j < local if causal else abs(i - j) < local)}
+                for t in tiles[i]:
+                    for s in range(T):
+                        seen = s // block in chosen | near and (s <= t or not causal)
+                        visible[b, heads_of, t, s] = seen
+    return visible
+
+
+def formula(name: str, *, num_heads: int, num_kv_heads: int, block: int, top_k: int, local: int, causal: bool):
+    """The layer as a function (xp, params, x); the mask is chosen on the float64 (numpy) call and reused."""
+    chosen = {}
+
+    def layer(xp, params, x):
+        q = heads(linear(x, params["q_proj"]), num_heads)
+        k, v = (heads(linear(x, params[p]), num_kv_heads) for p in ("k_proj", "v_proj"))
+        if xp is np:
+            chosen["visible"] = selection(name, q, k, block=block, top_k=top_k, local=local, causal=causal)
+        group = num_heads // num_kv_heads
+        k, v = xp.repeat(k, group, axis=2), xp.repeat(v, group, axis=2)
+        scores = xp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+        visible = chosen["visible"]
+        scores = xp.where(visible, scores, -1e30)
+        p = xp.exp(scores - scores.max(axis=-1, keepdims=True)) * visible
+        o = xp.einsum("bhts,bshd->bthd", p / p.sum(axis=-1, keepdims=True), v)
+        return linear(merge(o), params["o_proj"])
+
+    return layer
+
+
+CASES = [  # name, top_k, local, causal
+    ("hip", 2, 1, True),
+    ("hip", 3, 2, True),
+    ("sea", 2, 1, True),
+    ("sea", 2, 2, False),
+]
+
+
+@pytest.mark.parametrize("name, top_k, local, causal", CASES)
+def test_layer_matches_its_definition(name, top_k, local, causal):
+    kwargs = dict(num_heads=4, num_kv_heads=2, block_size=4, top_k=top_k, local=local)
+    if not causal:
+        kwargs["causal"] = False
+    mixer = mixers.create(name, d_model=D, rngs=nnx.Rngs(0), **kwargs)
+    reference = formula(name, num_heads=4, num_kv_heads=2, block=4, top_k=top_k, local=local, causal=causal)
+    assert_layer_matches(mixer, reference, (B, T, D), param_grads=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def test_the_blockwise_form_reads_the_selected_and_local_tiles_only():
+    mixer = mixers.create("hip", d_model=D, num_heads=4, num_kv_heads=2, block_size=4, top_k=2, local=2,
+                          rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (B, T, D))
+    q, k = mixer.queries_keys(x, jnp.arange(T))
+    keys = k.transpose(0, 2, 1, 3)
+    index = mixer.tile_index(mixer.representatives(q), keys, jnp.arange(10), 10)
+    assert index.tiles.shape == (B, 2, 10, 4)  # top_k + local tiles per row, not the 10 tiles of the row
+
+
+def test_arguments_are_checked():
+    raises_naming(lambda: mixers.create("hip", d_model=D, num_heads=2, causal=False), "causal")
+    raises_naming(lambda: mixers.create("sea", d_model=D, num_heads=2, top_k=0), "top_k")
+    raises_naming(lambda: mixers.create("sea", d_model=D, num_heads=2, local=0), "local")

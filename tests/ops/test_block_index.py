@@ -1,0 +1,134 @@
+"""The runtime block mask (``seqlab.core.masks.BlockIndex``) through ``ops.softmax_attn``'s chunked, parallel and
+recurrent forms and the decode step, forward and gradients in q, k, v, against a dense masked softmax whose mask is
+built here pair by pair: the static mask's predicate (``reference_visible``) and the selected tiles as Python sets
+of the raw index (repeats, negative and out-of-range entries included, which select nothing more).
+
+Shapes: B = 2, odd T (37, 70), tiles of 16 and 32, GQA (4 query heads over 2 or 1 key/value heads). Tolerance
+1e-5 relative (float32 on both sides), bf16 inputs 1e-2 against float32 on the same rounded inputs. A
+score_mod is refused with a block index (its key positions are shared by the batch and heads; gathered tiles are
+not).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reference import attention_inputs, attention_value_and_grads, dense_reference, reference_mask, rel_err
+from reference import segment_ids as reference_segment_ids
+from seqlab import ops
+from seqlab.core import masks as M
+
+B, D, V = 2, 16, 8
+TOL = 1e-5
+
+
+def raw_tiles(seed: int, T: int, H_kv: int, block: int, S: int) -> np.ndarray:
+    """[B, H_kv, nq, S] int32 drawn from [-2, nq + 2) (negatives and entries past the last tile), the last entry of
+    every row a repeat of its first."""
+    n = -(-T // block)
+    tiles = np.random.default_rng(seed).integers(-2, n + 2, (B, H_kv, n, S)).astype(np.int32)
+    tiles[..., -1] = tiles[..., 0]
+    return tiles
+
+
+def selection_mask(tiles: np.ndarray, T: int, H: int, block: int) -> np.ndarray:
+    """[B, H, T, T] bool, in Python loops: key s is selected for query t iff s's tile is in the set of t's row."""
+    group = H // tiles.shape[1]
+    out = np.zeros((tiles.shape[0], H, T, T), bool)
+    for b in range(tiles.shape[0]):
+        for h in range(H):
+            for t in range(T):
+                chosen = {int(j) for j in tiles[b, h // group, t // block]}
+                for s in range(T):
+                    out[b, h, t, s] = s // block in chosen
+    return out
+
+
+def inputs(seed: int, T: int, H: int, H_kv: int):
+    return attention_inputs(seed, B=B, T=T, H=H, H_kv=H_kv, D=D, V=V)
+
+
+def value_and_grads(attention, q, k, v, W) -> list[np.ndarray]:
+    """[o, dq, dk, dv]."""
+    o, grads = attention_value_and_grads(attention, q, k, v, W)
+    return [o, *grads]
+
+
+# (id, static mask, T, H, H_kv, block, S)
+CASES = [
+    ("causal", M.Causal(), 37, 4, 2, 16, 2),
+    ("window-gqa1", M.Causal(window=20), 70, 4, 1, 16, 3),
+    ("bidirectional", M.Bidirectional(), 70, 4, 2, 32, 2),
+    ("per-head", M.PerHead((M.Causal(), M.Bidirectional(), M.Causal(window=5), M.Strided(3))), 37, 4, 2, 16, 2),
+    ("document", M.Causal() & M.Document(), 70, 4, 2, 16, 4),
+]
+IMPLS = ("chunked", "parallel", "recurrent")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_block_index_matches_the_pairwise_reference(case, impl):
+    _, mask, T, H, H_kv, block, S = case
+    q, k, v, W = inputs(T + S, T, H, H_kv)
+    tiles = raw_tiles(T * S + H_kv, T, H_kv, block, S)
+    index = M.BlockIndex.of(jnp.asarray(tiles), block, -(-T // block))
+    segment_ids = reference_segment_ids(T) if M.needs_segments(mask) else None
+    visible = reference_mask(mask, T, H) & selection_mask(tiles, T, H, block)
+    want = value_and_grads(dense_reference(visible), q, k, v, W)
+    got = value_and_grads(lambda q, k, v: ops.softmax_attn(q, k, v, mask=mask, impl=impl, block_index=index,
+                                                           segment_ids=segment_ids), q, k, v, W)
+    errors = {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
+    assert all(e <= TOL for e in errors.values()), errors
+
+
+def test_block_index_bf16():
+    T, H, H_kv, block, S = 37, 4, 2, 16, 2
+    q, k, v, W = inputs(3, T, H, H_kv)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    tiles = raw_tiles(5, T, H_kv, block, S)
+    index = M.BlockIndex.of(jnp.asarray(tiles), block, 3)
+    visible = reference_mask(M.Causal(), T, H) & selection_mask(tiles, T, H, block)
+    want = value_and_grads(dense_reference(visible), *[jnp.asarray(x, jnp.float32) for x in (q, k, v)], W)
+    got = value_and_grads(lambda q, k, v: ops.softmax_attn(q, k, v, impl="chunked", block_index=index), q, k, v, W)
+    errors = [rel_err(a, b) for a, b in zip(got, want)]
+    assert max(errors) <= 1e-2, errors
+
+
+def test_decode_step_reads_the_query_row_only():
+    T, H, H_kv, block, S = 37, 4, 2, 16, 2
+    q, k, v, _ = inputs(7, T, H, H_kv)
+    tiles = raw_tiles(9, T, H_kv, block, S)
+    visible = reference_mask(M.Causal(), T, H) & selection_mask(tiles, T, H, block)
+    want = dense_reference(visible)(q, k, v)
+    index = M.BlockIndex.of(jnp.asarray(tiles), block, 3)
+    for t in (0, 15, 16, 36):
+        row = M.BlockIndex(index.tiles[:, :, t // block][:, :, None], block)
+        got = ops.softmax_decode_step(q[:, t], k, v, jnp.arange(T), t, block_index=row)
+        if np.any(want[:, t]):
+            assert rel_err(got, want[:, t]) <= TOL
+        else:  # no selected tile holds a key at or before t
+            assert not np.any(got)
+
+
+def test_of_marks_repeats_and_out_of_range_entries_unused():
+    index = M.BlockIndex.of(jnp.asarray([[[[3, 1, 1, -1, 7, 0]]]]), 16, 4)
+    assert index.tiles.tolist() == [[[[0, 1, 4, 3, 4, 4]]]]  # sorted; the repeat, -1 and 7 become the sentinel 4
+
+
+def test_block_index_errors_name_the_argument():
+    q = jnp.zeros((B, 37, 4, D))
+    kv = jnp.zeros((B, 37, 2, D))
+    good = M.BlockIndex.of(jnp.zeros((B, 2, 3, 2), jnp.int32), 16, 3)
+    with pytest.raises(ValueError, match=r"block_index: tiles must be \[2, 2, 3, S\]"):
+        ops.softmax_attn(q, kv, kv, block_index=M.BlockIndex.of(jnp.zeros((B, 2, 4, 2), jnp.int32), 16, 3))
+    with pytest.raises(ValueError, match="block_index: a runtime block index runs impl"):
+        ops.softmax_attn(q, kv, kv, block_index=good, impl="pallas")
+    with pytest.raises(ValueError, match="score_mod: not with block_index"):
+        ops.softmax_attn(q, kv, kv, block_index=good, score_mod=lambda s, *_: s)
+    with pytest.raises(ValueError, match="BlockIndex.tiles must be integers"):
+        M.BlockIndex.of(jnp.zeros((B, 2, 3)), 16, 3)
+    with pytest.raises(ValueError, match="block_index must be a seqlab.core.masks.BlockIndex"):
+        ops.softmax_attn(q, kv, kv, block_index=np.zeros((B, 2, 3, 2), np.int32))
