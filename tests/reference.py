@@ -415,6 +415,13 @@ def reference_visible(mask, t: int, s: int, segments) -> bool:
         if mask.causal:
             return s <= t and (I - J < mask.local_blocks or (J + mask.residue) % mask.stride == 0)
         return abs(I - J) < mask.local_blocks or (I - J + mask.residue) % mask.stride == 0
+    if isinstance(mask, M.SpanSummaries):  # tokens [0, tokens), then the summary of span j at tokens + j
+        if t >= mask.tokens:
+            return False
+        if s < mask.tokens:
+            return s // mask.span == t // mask.span and (s <= t or not mask.causal)
+        j = s - mask.tokens
+        return j < t // mask.span if mask.causal else j != t // mask.span
     if isinstance(mask, (M.Neighborhood, M.Halo, M.CircularWindow)):
         return grid_visible(mask, t, s)
     if isinstance(mask, M.And):

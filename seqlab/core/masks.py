@@ -5,7 +5,8 @@ kernels (``pallas_kernels.flash_attention``).
 A mask is a frozen, hashable dataclass (it is static: it keys compilation caches and custom_vjp plans). The basic
 masks are ``Causal(window)``, ``Lagged(lag)``, ``Bidirectional(window)``, ``BlockDiagonal(size, causal)``,
 ``Strided(stride, causal)``, ``BlockSparse(layout, block, causal)``, ``Terraced(window)`` (LoLCATs' "tk" window),
-``VerticalStride`` (S2-Attention's per-head stripes; ``s2_heads``), the token-grid masks ``Neighborhood`` (NATTEN,
+``VerticalStride`` (S2-Attention's per-head stripes; ``s2_heads``), ``SpanSummaries`` (Combiner: tokens, then one
+summary slot per span), the token-grid masks ``Neighborhood`` (NATTEN,
 1-3 d with dilation), ``Halo`` (HaloNet) and ``CircularWindow`` (CLEAR), on raster-order positions of a grid,
 ``Document()`` (segment ids) and ``InDocument(mask)`` (a mask on positions within each document); ``And(a, b,
 ...)`` / ``a & b`` and ``Or(a, b, ...)`` / ``a | b`` compose them, and ``PerHead(masks)``
@@ -403,6 +404,56 @@ def s2_heads(num_heads: int, block: int, local_blocks: int, stride: int, *, head
 
 
 DENSE_TILE_MAP_LIMIT = 8192  # grid masks evaluate their tile map pair by pair up to this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanSummaries(ElementMask):
+    """Combiner's layout ("Combiner: Full Attention Transformer with Sparse Computation Cost"): positions
+    [0, tokens) are tokens, cut into spans of ``span``; position tokens + j is the summary slot of span j (its
+    abstraction key and local expectation), one per span. A token query t sees the tokens of its own span (s <= t
+    if ``causal``) and the summaries of the other spans (causal: those of the spans completed before its own,
+    j < t // span); a summary slot's query sees nothing."""
+
+    span: int
+    tokens: int
+    causal: bool = True
+
+    def __post_init__(self):
+        _check_positive("SpanSummaries", "span", self.span)
+        _check_positive("SpanSummaries", "tokens", self.tokens)
+
+    @property
+    def length(self) -> int:
+        """tokens + ⌈tokens / span⌉: the tokens and their spans' summary slots."""
+        return self.tokens + -(-self.tokens // self.span)
+
+    def check(self, length: int) -> None:
+        if length != self.length:
+            raise ValueError(f"SpanSummaries: a sequence of {self.tokens} tokens in spans of {self.span} takes "
+                             f"length {self.length} (tokens, then one summary slot per span), got {length}")
+
+    def visible(self, q_pos, k_pos, *, segments=None, cells=None):
+        q_span, k_span = _floor_div(q_pos, self.span), k_pos - self.tokens  # k_span: the summary's span
+        is_token = k_pos < self.tokens
+        local = is_token & (q_span == _floor_div(k_pos, self.span))
+        remote = ~is_token & ((k_span < q_span) if self.causal else (k_span != q_span))
+        if self.causal:
+            local = local & (k_pos <= q_pos)
+        return (q_pos < self.tokens) & (local | remote)
+
+    def any_visible(self, q_first, q_last, k_first, k_last):
+        q_last = np.minimum(q_last, self.tokens - 1)  # token queries only
+        local = BlockDiagonal(self.span, self.causal).any_visible(q_first, q_last, k_first,
+                                                                   np.minimum(k_last, self.tokens - 1))
+        local &= k_first < self.tokens
+        first_summary = np.maximum(k_first, self.tokens) - self.tokens
+        last_summary = k_last - self.tokens
+        q_spans = (q_first // self.span, q_last // self.span)
+        if self.causal:
+            remote = first_summary < q_spans[1]
+        else:  # some summary j and some query span differ, unless both are one and the same span
+            remote = ~((first_summary == last_summary) & (q_spans[0] == q_spans[1]) & (q_spans[0] == first_summary))
+        return (q_first <= q_last) & (local | ((first_summary <= last_summary) & remote))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
     SelectionCache  HiP, SEA: a full KVCache plus the query that opened the current tile
     HiLoCache       HiLo: a KVCache ring of the current block (Hi-Fi) and a full KVCache (Lo-Fi, pooled per block)
+    CombinerCache   Combiner: a KVCache ring of the current span, every completed span's abstraction, a query max
     ConvCache       BaseConv: the short conv's last inputs
     BlockCache      TransNormer DiagAttention: keys/values of the current block
     FlowCache       Flowformer: the flow's prefix sums
@@ -169,6 +170,26 @@ class HiLoCache:
     @property
     def pos(self) -> jax.Array:
         return self.hi.pos
+
+
+@struct.dataclass
+class CombinerCache:
+    """Decode cache of Combiner (spans of ``span`` positions, span j = [j·span, (j+1)·span)).
+
+    local: a `KVCache` ring of span slots, the keys/values of the current span (position p in slot p % span).
+    summary_k, summary_v: [B, n, H_kv, d], slot j: span j's abstraction key and local expectation, written when the
+        span completes (n = ⌈max_len / span⌉). span_query: [B, H_kv, d] float32, the running max of the current
+        span's queries (over each key/value head's query group). pos: [] int32, number of tokens consumed so far.
+    """
+
+    local: KVCache
+    summary_k: jax.Array
+    summary_v: jax.Array
+    span_query: jax.Array
+
+    @property
+    def pos(self) -> jax.Array:
+        return self.local.pos
 
 
 @struct.dataclass

@@ -27,6 +27,7 @@ from reference import attention_inputs as make_inputs
 from reference import attention_value_and_grads as value_and_grads
 from reference import dense_reference, nonempty_tiles, reference_mask, rel_err
 from seqlab import ops
+from seqlab.core.masks import SpanSummaries
 
 TOL = 1e-5
 
@@ -77,6 +78,7 @@ DENSE_CASES = [
     (fa.PerHead((fa.Causal(window=8), fa.Strided(8), fa.BlockDiagonal(12, causal=False), fa.Bidirectional())),
      70, 4, 2, fa.FlashBlocks(16, 32, 32, 16)),
     (fa.PerHead((fa.BlockDiagonal(20), fa.Strided(4, causal=False))), 70, 2, 1, fa.FlashBlocks(32, 32, 16, 16)),
+    (SpanSummaries(4, 29), 37, 4, 2, fa.FlashBlocks(16, 16, 16, 16)),  # Combiner: 29 tokens, then 8 summaries
 ]
 
 

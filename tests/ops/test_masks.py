@@ -98,6 +98,7 @@ CASES = [
                                   M.Causal(window=3))) & M.Document(), 70, 4, 2, 16),  # one call per head mask
     ("halo-2d", M.Halo(block=(4, 3), halo=(1, 2), grid=(7, 10)), 70, 4, 2, 32),
     ("circular-2d", M.CircularWindow(radius=2.5, grid=(7, 10)), 70, 4, 1, 16),
+    ("span-summaries", M.SpanSummaries(4, 29), 37, 4, 2, 16),  # Combiner: 29 tokens, 8 summary slots
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -116,7 +117,7 @@ def reference_result(case_id: str):
 
 
 # the recurrent form (a scan of decode steps through masks.head_pairwise) on a few cases: per-head, documents, grids
-RECURRENT_CASES = ("per-head-gather", "document-causal", "s2-heads", "natten-3d-causal", "halo-2d")
+RECURRENT_CASES = ("per-head-gather", "document-causal", "s2-heads", "natten-3d-causal", "halo-2d", "span-summaries")
 FORM_CASES = [(case, impl) for case in CASES for impl in IMPLS if impl != "recurrent" or case[0] in RECURRENT_CASES]
 
 
@@ -168,6 +169,7 @@ TILE_MASKS = [
     (M.Neighborhood(kernel=4, stride=3, causal=True), True), (M.Halo(block=8, halo=3, causal=True), True),
     (M.Halo(block=(4, 3), halo=(1, 2), grid=(7, 10)), True), (M.CircularWindow(radius=2.5, grid=(7, 10)), True),
     (M.Neighborhood(kernel=(3, 3), grid=(7, 10)) & M.Document(), False),
+    (M.SpanSummaries(9, 63), True), (M.SpanSummaries(9, 63, causal=False), True), (M.SpanSummaries(1, 35), True),
 ]
 
 
@@ -302,6 +304,8 @@ def test_operators_build_flat_hashable_compositions():
 
 @pytest.mark.parametrize("make,match", [
     (lambda: M.Terraced(0), "Terraced.window"),
+    (lambda: M.SpanSummaries(0, 8), "SpanSummaries.span"),
+    (lambda: M.SpanSummaries(4, 29).check(36), r"SpanSummaries: .* takes length 37 .*, got 36"),
     (lambda: M.And(), "And.masks"),
     (lambda: M.Or(M.Causal(), M.PerHead((M.Causal(),))), "Or.masks"),
     (lambda: M.PerHead((M.Causal(),)) & M.PerHead((M.Causal(), M.Strided(2))), "PerHead.masks"),

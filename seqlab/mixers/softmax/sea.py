@@ -19,13 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from seqlab.core import block_select
+from seqlab.layers.feature_maps import Elu1
 from seqlab.mixers.registry import register
 from seqlab.mixers.softmax.selected_tiles import TileSelectingAttention
-
-
-def elu_feature(x: jax.Array) -> jax.Array:
-    """φ(x) = elu(x) + 1 > 0."""
-    return jax.nn.elu(x) + 1.0
 
 
 @register(
@@ -38,8 +34,12 @@ def elu_feature(x: jax.Array) -> jax.Array:
 class SEAAttention(TileSelectingAttention):
     """Softmax attention over the local tiles and the top_k tiles of a linear-attention estimate."""
 
+    def __init__(self, d_model: int, num_heads: int, **kwargs):
+        super().__init__(d_model, num_heads, **kwargs)
+        self.feature_map = Elu1(self.head_dim)
+
     def select(self, q_rep: jax.Array, k: jax.Array, rows: jax.Array) -> jax.Array:
-        features = block_select.tile_sums(elu_feature(k), self.block_size)  # [B, Hkv, n, d]
-        estimate = jnp.einsum("bhrgd,bhnd->bhrn", elu_feature(q_rep), features)
+        features = block_select.tile_sums(self.feature_map(k), self.block_size)  # [B, Hkv, n, d]
+        estimate = jnp.einsum("bhrgd,bhnd->bhrn", self.feature_map(q_rep), features)
         allowed = block_select.candidates(rows, features.shape[2], self.local, self.causal)
         return block_select.top_tiles(estimate, allowed, self.top_k)
