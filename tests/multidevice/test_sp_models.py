@@ -110,11 +110,12 @@ def test_sharded_model_equals_single_device(pattern, num_devices):
 PACKED_ROWS = ((5, 14, 1, 44), (64,))
 
 
-# as above, the single-mixer models of SLOW_MIXERS run under `pytest -m slow` (all pass; 50 s here)
+# as above, the single-mixer models of SLOW_MIXERS, and of the mixers in the two hybrids, run under `pytest -m slow`
+PACKED_HYBRIDS = [("baseconv", "deltanet", "softmax"), ("mamba2", "gla", "sliding_window")]
 PACKED_CASES = [
-    pytest.param((m,), marks=pytest.mark.slow) if m in SLOW_MIXERS else (m,)
+    pytest.param((m,), marks=pytest.mark.slow) if m in SLOW_MIXERS or any(m in h for h in PACKED_HYBRIDS) else (m,)
     for m in mixers.available() if mixers.get(m).takes_documents
-] + [("baseconv", "deltanet", "softmax"), ("mamba2", "gla", "sliding_window")]
+] + PACKED_HYBRIDS
 
 
 @pytest.mark.parametrize("pattern", PACKED_CASES, ids="+".join)
