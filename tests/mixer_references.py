@@ -230,13 +230,30 @@ def causal_conv(xp, x, weight, bias=None):
     return over_tokens(xp, step, xp.zeros_like(x[:, : size - 1]), x)
 
 
-def np_rope(x, base=10000.0):
-    """Half-split rotary embedding of [B, T, H, d] at positions 0..T-1 (numpy)."""
+def depthwise_same(xp, v, conv, grid):
+    """Zero-padded centred depthwise convolution of v [B, N, C] (kernel [K, 1, C] or [K, K, 1, C], bias [C])."""
+    kernel = conv["kernel"]
+    size, half = kernel.shape[0], kernel.shape[0] // 2
+    if grid is None:
+        padded = xp.pad(v, ((0, 0), (half, half), (0, 0)))
+        return sum(padded[:, i : i + v.shape[1]] * kernel[i, 0] for i in range(size)) + conv["bias"]
+    image = xp.pad(v.reshape(v.shape[0], *grid, -1), ((0, 0), (half, half), (half, half), (0, 0)))
+    taps = sum(image[:, i : i + grid[0], j : j + grid[1]] * kernel[i, j, 0] for i in range(size) for j in range(size))
+    return (taps + conv["bias"]).reshape(v.shape)
+
+
+def rope(xp, x, positions, base=10000.0):
+    """Half-split rotary embedding of [B, T, H, d] at the positions [T] (numpy ints)."""
     d = x.shape[-1]
-    angle = np.arange(x.shape[1])[:, None] * base ** (-np.arange(d // 2) * 2.0 / d)  # [T, d/2]
+    angle = np.asarray(positions)[:, None] * base ** (-np.arange(d // 2) * 2.0 / d)  # [T, d/2]
     cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+    return xp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def np_rope(x, base=10000.0):
+    """Half-split rotary embedding of [B, T, H, d] at positions 0..T-1 (numpy)."""
+    return rope(np, x, np.arange(x.shape[1]), base)
 
 
 # --------------------------------------------------------------------------------------------------------------

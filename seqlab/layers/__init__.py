@@ -1,12 +1,13 @@
 """Building blocks shared by the token mixers (and usable by new ones):
 
     norms         RMSNorm (per head, optionally swish-gated), srms_norm (SimpleRMSNorm), l2_normalize
-    conv          ShortConv, the depthwise causal short convolution
+    conv          ShortConv, the depthwise causal short convolution; head_shared_conv (one conv for every head)
+    grid_conv     CentredConv, the centred depthwise convolution over 1-D tokens or a 2-D grid (RALA, LiT)
     positional    positions (absolute positions of a call's tokens), RoPE, rotate_pairs
     lrpe          URPE (TransNormer), LRPE (TransNormerLLM)
     md_lrpe       MD-LRPE (LightNet): md_lrpe, grid_positions
     feature_maps  linear-attention feature maps: identity, elu1, relu, taylor, hedgehog (make_feature_map)
-    global_means  the global means of non-causal layers (InLine, SLAB, LinFusion)
+    global_means  the global means of non-causal layers (InLine, SLAB, LinFusion, RALA, LiT), normalized_readout
     ssm           Mamba2's decay parameterisation (init_mamba_decay, mamba_decay)
     heads         repeat_kv_columns (grouped key/value heads repeated per query head)
 """

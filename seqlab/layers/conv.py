@@ -1,4 +1,5 @@
-"""The depthwise causal short convolution over time (DeltaNet, Mamba2, BaseConv, InLine, SLAB)."""
+"""The depthwise causal short convolution over time (DeltaNet, Mamba2, BaseConv, InLine, SLAB, LiT), and one
+convolution shared by the heads (each head run as a sequence of its own)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,25 @@ class ShortConv(nnx.Module):
         else:
             before = jnp.full((segment_ids.shape[0], K - 1), -1, segment_ids.dtype)
         return jnp.concatenate([before.astype(segment_ids.dtype), segment_ids], axis=1)
+
+
+def fold_heads(v: jax.Array) -> jax.Array:
+    """[B, T, H, d] -> [B·H, T, d] (row b·H + h: head h of sequence b), each head a sequence of its own."""
+    b, t, h, d = v.shape
+    return jnp.swapaxes(v, 1, 2).reshape(b * h, t, d)
+
+
+def unfold_heads(y: jax.Array, num_heads: int) -> jax.Array:
+    """[B·H, T, d] -> [B, T, H, d] (the inverse of `fold_heads`)."""
+    return jnp.swapaxes(y.reshape(-1, num_heads, *y.shape[1:]), 1, 2)
+
+
+def head_shared_conv(conv: ShortConv, v: jax.Array, state: jax.Array | None,
+                     documents: Documents | None) -> tuple[jax.Array, jax.Array]:
+    """One d-channel conv shared by the heads: v [B, T, H, d], state [B·H, K − 1, d] or None -> (y [B, T, H, d],
+    new state [B·H, K − 1, d]); the heads run as extra sequences (restarting at the documents of their row)."""
+    heads = v.shape[2]
+    if documents is not None:
+        documents = Documents(*(jnp.repeat(a, heads, axis=0) for a in documents))
+    y, state = conv(fold_heads(v), state, documents)
+    return unfold_heads(y, heads), state

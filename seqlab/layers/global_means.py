@@ -39,3 +39,11 @@ def global_means(
         sequence_axis=sequence_axis,
     )  # fmt: skip
     return GlobalMeans(state[..., :-1, :-1], state[..., :-1, -1], state[..., -1, :-1], length)
+
+
+def normalized_readout(q: jax.Array, means: GlobalMeans, eps: float) -> jax.Array:
+    """Normalised global linear attention from the means: q [B, T, H, K] -> o [B, T, H, V] float32 =
+    q·(Σ k vᵀ / N) / (q·(Σ k / N) + eps)."""
+    q32 = q.astype(jnp.float32)
+    numerator = jnp.einsum("bthk,bhkv->bthv", q32, means.kv)
+    return numerator / (jnp.einsum("bthk,bhk->bth", q32, means.k)[..., None] + eps)

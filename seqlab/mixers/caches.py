@@ -12,6 +12,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     SelectionCache  HiP, SEA: a full KVCache plus the query that opened the current tile
     HiLoCache       HiLo: a KVCache ring of the current block (Hi-Fi) and a full KVCache (Lo-Fi, pooled per block)
     CombinerCache   Combiner: a KVCache ring of the current span, every completed span's abstraction, a query max
+    BlockTransformerCache  Block Transformer: the block decoder's KVCache, a ring of the current block and its prefix
     ConvCache       BaseConv: the short conv's last inputs
     BlockCache      TransNormer DiagAttention: keys/values of the current block
     FlowCache       Flowformer: the flow's prefix sums
@@ -190,6 +191,24 @@ class CombinerCache:
     @property
     def pos(self) -> jax.Array:
         return self.local.pos
+
+
+@struct.dataclass
+class BlockTransformerCache:
+    """Decode cache of the Block Transformer (blocks of L positions).
+
+    blocks: the block decoder's `KVCache` over block embeddings (one slot per block, ⌈max_len / L⌉).
+    local: the token decoder's `KVCache` ring of L + 1 slots over the extended sequence (each block's context
+        prefix, then its tokens; extended position i·(L + 1) + 1 + r for token r of block i).
+    block_inputs: [B, L, D], the inputs of the current block so far (zeros after them). context: [B, D], the block
+        decoder's output for the last completed block (the next block's context). pos: [] int32, tokens so far.
+    """
+
+    blocks: KVCache
+    local: KVCache
+    block_inputs: jax.Array
+    context: jax.Array
+    pos: jax.Array
 
 
 @struct.dataclass

@@ -38,9 +38,9 @@ from flax import nnx
 from seqlab import ops
 from seqlab.checks import check_positive, check_positive_int, resolve_dim
 from seqlab.core.documents import Documents
-from seqlab.layers.conv import ShortConv
+from seqlab.layers.conv import ShortConv, head_shared_conv
 from seqlab.layers.feature_maps import make_feature_map
-from seqlab.layers.global_means import global_means
+from seqlab.layers.global_means import global_means, normalized_readout
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RecurrentCache
 from seqlab.mixers.registry import register
@@ -111,7 +111,7 @@ class SLAB(Mixer):
             )  # fmt: skip
         else:
             o, state = self._global(q, k, v), None
-        local, conv_state = self._shared_conv(v, None if cache is None else cache.conv, documents)
+        local, conv_state = head_shared_conv(self.conv, v, None if cache is None else cache.conv, documents)
         y = self._merge_heads(o.astype(x.dtype) + local)
         if cache is not None:
             cache = cache.replace(state=state, conv=conv_state, pos=cache.pos + T)
@@ -130,24 +130,8 @@ class SLAB(Mixer):
         table = self.pos_embedding[...].astype(jnp.float32)
         return jnp.take(table, pos, axis=0, mode="fill", fill_value=jnp.nan).astype(dtype)
 
-    def _shared_conv(
-        self, v: jax.Array, state: jax.Array | None, documents: Documents | None
-    ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-        """The depthwise conv shared by the heads: v [B, T, H, d], state [B·H, K − 1, d] or None -> (y [B, T, H, d],
-        new state [B·H, K − 1, d]); the heads run as extra sequences of one d-channel conv (restarting at the
-        documents of their row)."""
-        B, T, H, d = v.shape
-        per_head = jnp.swapaxes(v, 1, 2).reshape(B * H, T, d)
-        if documents is not None:
-            documents = Documents(*(jnp.repeat(a, H, axis=0) for a in documents))
-        y, state = self.conv(per_head, state, documents)
-        return jnp.swapaxes(y.reshape(B, H, T, d), 1, 2), state
-
     def _global(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """Non-causal: q, k, v [B, T, H, d] -> o [B, T, H, d] float32 = q̃ᵀ(Σ k̃ vᵀ) / (q̃·Σ k̃ + eps), written with means
         (both sums divided by N, eps by N)."""
         means = global_means(k, v, **self._op_kwargs(None))
-        q32 = q.astype(jnp.float32)
-        numerator = jnp.einsum("bthk,bhkv->bthv", q32, means.kv)
-        denominator = jnp.einsum("bthk,bhk->bth", q32, means.k)[..., None] + self.eps / means.length
-        return numerator / denominator
+        return normalized_readout(q, means, self.eps / means.length)

@@ -1,0 +1,44 @@
+"""The centred (non-causal) depthwise convolution over the tokens of a 1-D sequence or of a 2-D token grid read in
+raster order (RALA's LePE, LiT's value convolution), and the check of a ``grid`` argument."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqlab.checks import check_positive_int
+
+
+def check_grid(grid: Any) -> tuple[int, int] | None:
+    """grid as a tuple, or None (a 1-D sequence); ValueError unless it is None or (rows, cols) positive ints."""
+    if grid is None:
+        return None
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+        raise ValueError(f"grid must be None or (rows, cols) positive ints, got {grid!r}")
+    return tuple(grid)
+
+
+class CentredConv(nnx.Module):
+    """y = DWConv(x) with bias, zero "same" padding: x [B, T, C] -> [B, T, C], kernel K over time (grid None) or
+    K × K over the grid (T = rows·cols, raster order); one filter per channel. K must be odd."""
+
+    def __init__(self, channels: int, kernel_size: int, grid: tuple[int, int] | None, *, rngs: nnx.Rngs,
+                 dtype: Any = None, param_dtype: Any = jnp.float32):
+        check_positive_int("conv_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"conv_size must be odd (a centred convolution), got {kernel_size}")
+        self.grid = grid
+        kernel = (kernel_size,) * (1 if grid is None else 2)
+        self.conv = nnx.Conv(channels, channels, kernel, feature_group_count=channels, padding="SAME", dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.grid is None:
+            return self.conv(x)
+        if x.shape[1] != self.grid[0] * self.grid[1]:
+            raise ValueError(f"x: the grid {self.grid} takes {self.grid[0] * self.grid[1]} tokens, got {x.shape[1]}")
+        return self.conv(x.reshape(x.shape[0], *self.grid, -1)).reshape(x.shape)
