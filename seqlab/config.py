@@ -354,6 +354,11 @@ def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDic
     if model.norm == "prepbn" and mesh.data * mesh.seq > 1:
         raise ValueError("model.norm: 'prepbn' (BatchNorm statistics) runs on one device; set mesh.data = mesh.seq = 1 "
                          "or use layernorm / rmsnorm")
+    stateful = [name for name in dict.fromkeys(model.mixers) if mixers.get(name).single_device_state]
+    if stateful and mesh.data * mesh.seq > 1:
+        name = stateful[0]
+        raise ValueError(f"model.mixers: {name!r} carries {mixers.get(name).single_device_state} as training state, "
+                         f"which the launcher updates on one device; set mesh.data = mesh.seq = 1")
     for key, value in (("train.batch_size", train.batch_size), ("train.eval_batch_size", train.eval_batch_size),
                        (f"data.{task.name}.num_eval", task.num_eval)):
         if value % mesh.data:

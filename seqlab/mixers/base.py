@@ -64,6 +64,7 @@ class Mixer(nnx.Module):
     causal: bool = True
     takes_documents: bool = False
     documents_refused: str = ""  # why a causal built-in mixer does not take packed documents
+    single_device_state: str = ""  # what nnx.BatchStat state the mixer updates in training (the launcher: one device)
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     KVCache         softmax attention: keys/values of the last L positions (L = max_len, or the window's ring)
     HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
     SelectionCache  HiP, SEA: a full KVCache plus the query that opened the current tile
+    RoutingCache    Routing Transformer: a full KVCache plus each slot's cluster per routing head
     HiLoCache       HiLo: a KVCache ring of the current block (Hi-Fi) and a full KVCache (Lo-Fi, pooled per block)
     CombinerCache   Combiner: a KVCache ring of the current span, every completed span's abstraction, a query max
     BlockTransformerCache  Block Transformer: the block decoder's KVCache, a ring of the current block and its prefix
@@ -154,6 +155,23 @@ class SelectionCache(KVCache):
         kv = KVCache.empty(kv_shape, dtype)
         return cls(k=kv.k, v=kv.v, key_positions=kv.key_positions, pos=kv.pos,
                    opening_query=jnp.zeros(query_shape, dtype))
+
+
+@struct.dataclass
+class RoutingCache(KVCache):
+    """Decode cache of the Routing Transformer: a full `KVCache` (slot p holds position p) and the cluster of each
+    slot's key for every routing head.
+
+    k, v, key_positions, pos: as `KVCache`. clusters: [B, L, H_r] int32 (0 in empty slots, which are masked).
+    """
+
+    clusters: jax.Array | None = None
+
+    def write_routed(self, k: jax.Array, v: jax.Array, clusters: jax.Array) -> RoutingCache:
+        """The cache after the next T tokens: k, v [B, T, H, d] and their clusters [B, T, H_r]."""
+        (k_new, v_new, c_new), key_positions = ring_write((self.k, self.v, self.clusters), (k, v, clusters),
+                                                          self.key_positions, self.pos)
+        return self.replace(k=k_new, v=v_new, clusters=c_new, key_positions=key_positions, pos=self.pos + k.shape[1])
 
 
 @struct.dataclass

@@ -255,6 +255,7 @@ def softmax_decode_step(
     mask: masks.Mask | None = None,
     score_mod: masks.ScoreMod | None = None,
     block_index: masks.BlockIndex | None = None,
+    segment_ids: tuple[Array, Array] | None = None,
 ) -> Array:
     """One decode step against a KV cache (a full cache or a ring buffer; slot order does not matter).
 
@@ -262,7 +263,8 @@ def softmax_decode_step(
     a key is visible iff 0 <= pos and ``mask`` shows it to query_position; mask None: ``Causal(window)``
     (pos <= query_position and, with a window, query_position - pos < window). score_mod: as in ``softmax_attn``,
     at the query's and the slots' absolute positions (head [H, 1, 1]). block_index: the query's own row of a
-    runtime ``masks.BlockIndex`` (tiles [B, Hkv, 1, S]): only keys in those tiles are visible. Returns [B, H, V].
+    runtime ``masks.BlockIndex`` (tiles [B, Hkv, 1, S]): only keys in those tiles are visible. segment_ids: (the
+    query's [B], the slots' [B, L]) int ids for a mask with a ``Document`` term. Returns [B, H, V].
     """
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, heads, head_dim], got shape {q.shape}")
@@ -284,6 +286,10 @@ def softmax_decode_step(
         raise ValueError(f"block_index: tiles must be [{b}, {k_cache.shape[2]}, 1, S] (the query's row), got "
                          f"{block_index.tiles.shape}")
     first_row = jnp.asarray(query_position) // (1 if block_index is None else block_index.block)
+    if masks.needs_segments(mask) != (segment_ids is not None):
+        raise ValueError(f"segment_ids: the query's [B] and the slots' [B, L] ids are needed iff the mask has a "
+                         f"Document term; mask {mask}, got {'none' if segment_ids is None else 'ids'}")
+    segments = None if segment_ids is None else (segment_ids[0][:, None], segment_ids[1])
     o = online_softmax.cache_attention(qg, kt, vt, key_positions, query_position, mask=mask, score_mod=score_mod,
-                                       block_index=block_index, first_row=first_row)
+                                       block_index=block_index, first_row=first_row, segments=segments)
     return o.reshape(b, h, v_cache.shape[-1]).astype(v_cache.dtype)

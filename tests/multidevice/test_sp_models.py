@@ -164,6 +164,28 @@ def test_ring_attention_model_equals_single_device():
     assert rel(jax.jit(sharded_loss(ring, 4))(nnx.state(ring), tokens), expected) < 1e-5
 
 
+def test_routing_k_means_step_on_a_split_sequence_is_the_single_device_step():
+    """Routing's training-path centroid update sums its members over every device: the sharded step moves the
+    centroids exactly as the step over the whole sequence."""
+    mixer = mixers.create("routing", d_model=32, num_heads=2, local_heads=0, num_clusters=3, centroid_decay=0.5,
+                          use_running_average=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (B, T, 32))
+    sharded = copy.deepcopy(mixer)
+    shard_sequence(sharded, "seq")
+    graphdef, state = nnx.split(sharded)
+
+    def local(state, x):
+        layer = nnx.merge(graphdef, state)
+        layer(x)
+        return layer.centroids[...]
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
+    got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "seq")), out_specs=P()))(state, x)
+    before = mixer.centroids[...]
+    mixer(x)
+    assert rel(got, mixer.centroids[...]) < 1e-6 and rel(got, before) > 1e-2
+
+
 def run_losses(tmp_path, name: str, spec: str, **mesh) -> list[float]:
     config = config_lib.load_config(os.path.join(ROOT, spec))
     config.train.update(steps=6, log_every=1, eval_every=3, checkpoint_every=3)

@@ -331,6 +331,26 @@ def test_decode_ring_buffer(window, H_kv, rng):
     assert rel_err(np.stack(outs, axis=1), full) <= FWD_TOL
 
 
+def test_decode_with_segment_ids_sees_only_its_segment(rng):
+    """A Document term: the query's id against each slot's; every step equals the per-query loop over the earlier
+    tokens of the query's segment (segments interleaved, not contiguous), and the ids are refused without one."""
+    B, T, H, D = 2, 13, 2, 8
+    q, k, v = make_qkv(rng, B=B, T=T, H=H, H_kv=H, K=D, V=D)
+    ids = rng.integers(0, 3, (B, T)).astype(np.int32)
+    mask = masks.Causal() & masks.Document()
+    for t in range(T):
+        got = ops.softmax_decode_step(q[:, t], k, v, np.arange(T, dtype=np.int32), t, mask=mask,
+                                      segment_ids=(ids[:, t], ids))
+        for b in range(B):
+            seen = [s for s in range(t + 1) if ids[b, s] == ids[b, t]]
+            scores = np.einsum("hd,shd->hs", q[b, t], k[b, seen]) / np.sqrt(D)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            want = np.einsum("hs,shd->hd", weights / weights.sum(-1, keepdims=True), v[b, seen])
+            assert rel_err(got[b], want) <= FWD_TOL
+    with pytest.raises(ValueError, match="segment_ids: the query's"):
+        ops.softmax_decode_step(q[:, 0], k, v, np.arange(T, dtype=np.int32), 0, mask=mask)
+
+
 def test_decode_masks_future_and_stale_slots(rng):
     """Positions in the cache beyond query_position, and positions that fell
     out of the window, are invisible; the cache order is arbitrary."""

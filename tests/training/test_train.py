@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from seqlab import config as config_lib, data
+from seqlab import config as config_lib, data, models
 from seqlab.train import NonFiniteLossError, train_and_evaluate
 from seqlab.training import checkpoints, load_metrics, restore_model, steps
 
@@ -291,4 +291,19 @@ def test_prepbn_models_carry_batch_statistics_and_set_lambda_from_the_step(tmp_p
     assert float(first["loss_sum"]) != float(last["loss_sum"])
     config.mesh.seq = 2
     with pytest.raises(ValueError, match=r"^model.norm: 'prepbn'"):
+        config_lib.validate(config)
+
+
+def test_routing_centroids_train_with_the_model_and_stay_on_one_device(tmp_path):
+    """A training-mode Routing layer's k-means centroids are carried from step to step and checkpointed."""
+    config = load_config("configs/mqar.py:softmax,tiny")
+    config.model.mixers = ("baseconv", "routing")
+    config.model.mixer_args.routing.update(use_running_average=False, centroid_decay=0.9, window=8)
+    config.train.update(steps=4, eval_every=4, checkpoint_every=4, log_every=2)
+    train_and_evaluate(config, str(tmp_path))
+    model, _, task = restore_model(str(tmp_path))
+    initial = models.build_model(config, task, nnx.Rngs(config.seed)).backbone.blocks[1].mixer.centroids[...]
+    assert float(jnp.max(jnp.abs(model.backbone.blocks[1].mixer.centroids[...] - initial))) > 1e-3
+    config.mesh.seq = 2
+    with pytest.raises(ValueError, match=r"^model.mixers: 'routing' carries its k-means centroids"):
         config_lib.validate(config)
