@@ -13,11 +13,13 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     RoutingCache    Routing Transformer: a full KVCache plus each slot's cluster per routing head
     HiLoCache       HiLo: a KVCache ring of the current block (Hi-Fi) and a full KVCache (Lo-Fi, pooled per block)
     CombinerCache   Combiner: a KVCache ring of the current span, every completed span's abstraction, a query max
+    MossFormerCache MossFormer: a KVCache ring of the current chunk, the completed chunks' linear state, the conv
     BlockTransformerCache  Block Transformer: the block decoder's KVCache, a ring of the current block and its prefix
     ConvCache       BaseConv: the short conv's last inputs
     BlockCache      TransNormer DiagAttention: keys/values of the current block
     FlowCache       Flowformer: the flow's prefix sums
     LightNetCache   LightNet: the GLA state and the running logsumexp of the keys
+    MultiQueryCache MQSA: a KVCache plus the last inputs of the window-pooled queries
 """
 
 from __future__ import annotations
@@ -212,6 +214,25 @@ class CombinerCache:
 
 
 @struct.dataclass
+class MossFormerCache:
+    """Decode cache of MossFormer (chunks of g positions, chunk c = [c·g, (c+1)·g)).
+
+    local: a `KVCache` ring of g slots, the current chunk's keys k = [k_quad | k_lin] [B, g, 1, 2S] and values
+        [v | u] [B, g, 1, 2E] (position p in slot p % g; a slot holding an earlier chunk's position is masked).
+    state: [B, 1, S, 2E] float32, Σ k_lin [v | u]ᵀ over the completed chunks (the global attention's state).
+    conv: [B, K − 1, 2E + S], the depthwise conv's last inputs. pos: [] int32, number of tokens consumed so far.
+    """
+
+    local: KVCache
+    state: jax.Array
+    conv: jax.Array
+
+    @property
+    def pos(self) -> jax.Array:
+        return self.local.pos
+
+
+@struct.dataclass
 class BlockTransformerCache:
     """Decode cache of the Block Transformer (blocks of L positions).
 
@@ -270,3 +291,14 @@ class LightNetCache:
     state: jax.Array
     z: jax.Array
     pos: jax.Array
+
+
+@struct.dataclass
+class MultiQueryCache(KVCache):
+    """Decode cache of multi-query self-attention (MQSA): a `KVCache` and the query pool's state.
+
+    k, v, key_positions, pos: as `KVCache`. window: [B, L_long − 1, C], the pooling convolution's inputs (the
+    queries and a count channel) at positions pos − L_long + 1 .. pos − 1 (zeros before position 0).
+    """
+
+    window: jax.Array | None = None
