@@ -1,6 +1,9 @@
 """Every mask family of the mask algebra at one length: the XLA blockwise form's and the Pallas kernel's forward
 and forward+backward time, against dense causal / bidirectional attention, and the fraction of (query tile, key
-tile) pairs the mask's tile map visits.
+tile) pairs the mask's tile map visits. Besides the static masks: Combiner's span summaries (the tokens and one
+summary slot per span, so a longer op sequence), a runtime ``BlockIndex`` as HiP and SEA select it (top-k key tiles
+of each query tile plus its own; random here, the same cost), and Routing's clusters as segment ids under
+``Causal() & Document()`` (runtime ids: every causal tile is visited).
 
     python experiments/bench_masks.py                                     # T = 4096, H = 8, D = 64, CPU
     python experiments/bench_masks.py --length=1024 --impls=chunked --repeats=2
@@ -15,6 +18,7 @@ best of `repeats` calls after a warm-up call (which also compiles), jit-compiled
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -39,7 +43,7 @@ def families(length: int, heads: int) -> dict[str, masks.Mask]:
         "bidirectional (dense)": masks.Bidirectional(),
         "sliding window 256": masks.Causal(window=256),
         "block diagonal 256": masks.BlockDiagonal(256),
-        "strided 64 | window 64 (Sparse Transformer)": masks.PerHead(
+        "strided 64 and window 64 (Sparse Transformer)": masks.PerHead(
             (masks.Causal(window=64), masks.Strided(64)) * (heads // 2)),
         "S2-Attention (B 64, local 4, stride 8)": masks.s2_heads(heads, 64, 4, 8),
         "NATTEN 1-d causal k=255, dilation 2": masks.Neighborhood(kernel=255, dilation=2, causal=True),
@@ -50,15 +54,70 @@ def families(length: int, heads: int) -> dict[str, masks.Mask]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeCase:
+    """A family whose visited tiles are data: the op's static mask, the sequence length the op sees, and how to
+    make its runtime arguments (block_index / segment_ids) from a numpy Generator."""
+
+    mask: masks.Mask
+    length: int
+    arguments: object  # (rng, heads) -> dict of ops.softmax_attn keyword arguments
+    block: int | None = None  # the runtime BlockIndex's tile, which is the op's block
+
+
+def random_block_index(length: int, block: int, selected: int):
+    """(rng, heads) -> {"block_index"}: each query tile's own tile and `selected` random earlier ones (causal)."""
+    n = -(-length // block)
+
+    def make(rng, heads):
+        rows = np.arange(n)[:, None]
+        earlier = np.floor(rng.random((1, heads, n, selected)) * np.maximum(rows, 1)).astype(np.int32)
+        tiles = np.concatenate([np.broadcast_to(rows, (1, heads, n, 1)), np.where(rows > 0, earlier, n)], -1)
+        return {"block_index": masks.BlockIndex.of(jnp.asarray(tiles), block, n)}
+
+    return make
+
+
+def runtime_cases(length: int) -> dict[str, RuntimeCase]:
+    """name -> RuntimeCase at T = length tokens."""
+    span = 64
+    combiner = masks.SpanSummaries(span, length)
+    return {
+        f"Combiner span {span} (tokens + {length // span} summary slots)": RuntimeCase(combiner, combiner.length,
+                                                                                   lambda rng, heads: {}),
+        "HiP / SEA BlockIndex: own + 4 tiles of 128 (causal)": RuntimeCase(
+            masks.Causal(), length, random_block_index(length, 128, 4), block=128),
+        "Routing: 8 clusters as segment ids (causal)": RuntimeCase(
+            masks.Causal() & masks.Document(), length,
+            lambda rng, heads: {"segment_ids": jnp.asarray(rng.integers(0, 8, (1, length)), jnp.int32)}),
+    }
+
+
+def runtime_visited(case: RuntimeCase, arguments: dict, block: int) -> float:
+    """The fraction of tile pairs visited: the BlockIndex's causal tiles, else the static mask's tile map."""
+    if "block_index" not in arguments:
+        return visited_fraction(case.mask, case.length, block)
+    tiles = np.asarray(arguments["block_index"].tiles)
+    n = -(-case.length // case.block)
+    rows = np.arange(n)[None, None, :, None]
+    return float(np.mean(np.sum((tiles < n) & (tiles <= rows), -1)) / n)
+
+
 def visited_fraction(mask: masks.Mask, length: int, block: int) -> float:
     tiles = mask.tile_map(length, block, block)
     return float(np.mean(tiles))
 
 
-def time_impl(mask: masks.Mask, impl: str, args: tuple, repeats: int, block: int | None) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ops.softmax_attn under mask (block: the XLA form's block size)."""
+def time_impl(mask: masks.Mask, impl: str, args: tuple, repeats: int, block: int | None,
+              runtime: dict | None = None) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ops.softmax_attn under mask (block: the XLA form's block size;
+    runtime: block_index / segment_ids)."""
+    runtime = runtime or {}
+    block = None if "block_index" in runtime else block
+
     def attention(q, k, v):
-        return ops.softmax_attn(q, k, v, mask=mask, impl=impl, block_size=block if impl == "chunked" else None)
+        return ops.softmax_attn(q, k, v, mask=mask, impl=impl, block_size=block if impl == "chunked" else None,
+                                **runtime)
 
     forward = jax.jit(attention)
     backward = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * v), argnums=(0, 1, 2)))
@@ -76,7 +135,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=None, help="the XLA form's block (default: the op's)")
     a = parser.parse_args()
     rng = np.random.default_rng(0)
-    args = tuple(jnp.asarray(rng.normal(size=(1, a.length, a.heads, a.dim)), jnp.float32) for _ in range(3))
+    inputs = lambda length: tuple(jnp.asarray(rng.normal(size=(1, length, a.heads, a.dim)), jnp.float32)  # noqa: E731
+                                  for _ in range(3))
+    args = inputs(a.length)
     impls = a.impls.split(",")
     header = ["mask", "visited", "kernel tiles"] + [f"{i} {p} ms" for i in impls for p in ("fwd", "fwd+bwd")]
     print(f"T={a.length}, H={a.heads}, D={a.dim}, device={jax.devices()[0].device_kind}")
@@ -91,6 +152,17 @@ def main() -> None:
         row = [name, f"{visited:.3f}", f"{visited_fraction(mask, a.length, KERNEL_TILE):.3f}"]
         for impl in impls:
             row += [f"{ms:.0f}" for ms in time_impl(mask, impl, args, a.repeats, a.block)]
+        print("| " + " | ".join(row) + " |", flush=True)
+    for name, case in runtime_cases(a.length).items():
+        if a.only and not any(part in name for part in a.only.split(",")):
+            continue
+        runtime = case.arguments(rng, a.heads)
+        block = case.block or a.block or default_block_size(None)
+        visited = runtime_visited(case, runtime, block)
+        kernel = visited if "block_index" in runtime else visited_fraction(case.mask, case.length, KERNEL_TILE)
+        row = [name, f"{visited:.3f}", f"{kernel:.3f}"]  # the kernel's tiles: the index's block
+        for impl in impls:
+            row += [f"{ms:.0f}" for ms in time_impl(case.mask, impl, inputs(case.length), a.repeats, a.block, runtime)]
         print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -32,12 +32,19 @@ Kernels run in the layout [B, H, T, D] (``_common.to_kernel_layout``), T padded 
   tiles that see the key tile; dV = Σ Pᵀ dO, dK = scale · Σ dSᵀ Q.
 
 The visit tables are flat int32 arrays: in SMEM on TPU, ordinary inputs on GPU and CPU.
+
+A runtime ``masks.BlockIndex`` (``block_index=``: per batch row, kv head and query tile the key tiles chosen from
+the data) makes the tables runtime arrays, built in jnp inside the call: one row per (batch row, kv head), shared
+by its G query heads (per query head for ``PerHead``). A query tile visits its selected key tiles that the static
+tile map keeps, ascending (flags gathered from the static cells); the by-key table (dK, dV) is the transpose, per
+key tile the query tiles that selected it. Every kernel tile is then the index's block.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Callable, NamedTuple
 
 import jax
@@ -66,7 +73,8 @@ class FlashBlocks:
     """Tile sizes (tokens) of the forward kernel and of the two backward kernels, and GPU launch parameters.
 
     Every size is clamped to the sequence (at least 16 tokens) and, for a ``BlockSparse`` mask, to the layout's
-    tile, so that a kernel tile never straddles two layout tiles.
+    tile, so that a kernel tile never straddles two layout tiles. With a runtime ``block_index`` every size is its
+    block (num_warps and num_stages still apply).
     """
 
     block_q: int = 128
@@ -94,13 +102,22 @@ class _Plan:
     padded: int  # T rounded up to every block size
     group: int  # G = H / Hkv
     scale: float
-    blocks: FlashBlocks  # clamped to the sequence and the masks
+    blocks: FlashBlocks  # clamped to the sequence and the masks; with a runtime BlockIndex, all its block
     backend: str
     segments: bool  # some mask has a Document term: the kernels read the segment ids
+    selection_rows: int = 0  # a runtime BlockIndex: table rows per batch row (Hkv, or H for PerHead); 0: static
 
     def mask_row(self, head: Array | int) -> Array | int:
-        """The table row of a query head."""
+        """The mask row (index into head_masks) of a query head."""
         return head if len(self.head_masks) > 1 else 0
+
+    def table_row(self, batch: Array | int, head: Array | int) -> Array | int:
+        """The visit-table row of query head ``head`` of batch row ``batch``: its mask row, or with a runtime
+        BlockIndex its (batch row, kv head) row (per query head for PerHead)."""
+        if not self.selection_rows:
+            return self.mask_row(head)
+        head_row = head if len(self.head_masks) > 1 else jax.lax.div(head, self.group)
+        return batch * self.selection_rows + head_row
 
 
 def _fitted_blocks(blocks: FlashBlocks, length: int, head_masks: tuple[ElementMask, ...]) -> FlashBlocks:
@@ -117,22 +134,24 @@ def _fitted_blocks(blocks: FlashBlocks, length: int, head_masks: tuple[ElementMa
 
 @dataclasses.dataclass(frozen=True)
 class _VisitTable:
-    """Per table row (mask head) and tile: the tiles it visits, flat for scalar memory.
+    """Per table row (mask head; with a runtime BlockIndex, ``_Plan.table_row``) and tile: the tiles it visits,
+    flat for scalar memory (numpy for a static table, jax arrays for a runtime one).
 
     ``tiles[(row * num_tiles + i) * width + n]`` for n < ``counts[row * num_tiles + i]``; ``flags`` (like
     ``tiles``): bit b set iff the row mask's b-th BlockSparse term (``masks.cell_terms``) holds a visible pair in
     that visited tile. All three arrays are padded to a power of two in length."""
 
-    tiles: np.ndarray
-    counts: np.ndarray
-    flags: np.ndarray
+    tiles: np.ndarray | Array
+    counts: np.ndarray | Array
+    flags: np.ndarray | Array
     num_tiles: int
     width: int
 
 
-def _pad_to_power_of_two(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.int32).ravel()
-    return np.pad(x, (0, pl.next_power_of_2(x.size) - x.size))
+def _pad_to_power_of_two(x: np.ndarray | Array, xp: types.ModuleType = np) -> np.ndarray | Array:
+    """x flat int32, zero-padded to a power of two in length (xp: numpy for static tables, jax.numpy at run time)."""
+    x = xp.ravel(x).astype(np.int32)
+    return xp.pad(x, (0, pl.next_power_of_2(x.size) - x.size))
 
 
 def _cell_flags(mask: ElementMask, length: int, sizes: tuple[int, int], by_key: bool) -> np.ndarray:
@@ -165,7 +184,39 @@ def _visit_table(head_masks: tuple[ElementMask, ...], length: int, padded: int, 
     return _VisitTable(*map(_pad_to_power_of_two, (tiles, counts, flags)), num_rows, width)
 
 
-def _visits(plan: _Plan, block_rows: int, block_cols: int, by_key: bool = False) -> _VisitTable:
+def _selected_visits(plan: _Plan, selection: Array) -> Array:
+    """[B, R, n, n] bool: query tile i visits key tile j iff the BlockIndex row selects j and the static tile map
+    allows (i, j); selection [B, Hkv, n, S] (entries outside [0, n) select nothing); R: plan.selection_rows."""
+    block, num_tiles = plan.blocks.block_q, plan.padded // plan.blocks.block_q
+    chosen = jnp.any(selection[..., None] == jnp.arange(num_tiles), axis=-2)  # [B, Hkv, n, n]
+    if len(plan.head_masks) > 1:  # PerHead: one row per query head, its kv head's selection
+        chosen = jnp.repeat(chosen, plan.group, axis=1)
+    static = np.stack([mask.tile_map(plan.length, block, block) for mask in plan.head_masks])  # [1 | H, n, n]
+    return chosen & static
+
+
+def _selected_table(plan: _Plan, selection: Array, by_key: bool) -> _VisitTable:
+    """The runtime visit table of a BlockIndex's tiles selection [B, Hkv, n, S] (one row per ``table_row``): per
+    query tile its selected key tiles under the static tile map, ascending (``by_key``: per key tile the query
+    tiles that selected it), flags gathered from the static cells."""
+    block = plan.blocks.block_q
+    visits = _selected_visits(plan, selection)
+    flags = np.stack([_cell_flags(mask, plan.length, (block, block), False) for mask in plan.head_masks])
+    if by_key:
+        visits, flags = jnp.swapaxes(visits, -1, -2), np.swapaxes(flags, -1, -2)
+    num_tiles = visits.shape[-1]
+    width = num_tiles if by_key else min(selection.shape[-1], num_tiles)
+    tiles = jnp.argsort(~visits, axis=-1, stable=True)[..., :width]  # visited tiles first, ascending
+    flags = jnp.take_along_axis(jnp.broadcast_to(flags, visits.shape), tiles, axis=-1)
+    counts = jnp.sum(visits, axis=-1)
+    return _VisitTable(*(_pad_to_power_of_two(x, jnp) for x in (tiles, counts, flags)), num_tiles, width)
+
+
+def _visits(plan: _Plan, block_rows: int, block_cols: int, selection: tuple[Array, ...],
+            by_key: bool = False) -> _VisitTable:
+    """The static table of the mask, or with selection (a BlockIndex's tiles) its runtime table."""
+    if selection:
+        return _selected_table(plan, *selection, by_key)
     return _visit_table(plan.head_masks, plan.length, plan.padded, block_rows, block_cols, by_key)
 
 
@@ -258,7 +309,7 @@ def _forward_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags
     init = (jnp.full((block_q, 1), masks.MASKED, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
             jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32))
     tables = _Tables(tiles_ref, counts_ref, flags_ref)
-    m, l, acc = _visit_loop(tables, meta, plan.mask_row(head), tile, visit, init)
+    m, l, acc = _visit_loop(tables, meta, plan.table_row(pl.program_id(0), head), tile, visit, init)
     seen = l > 0  # a row that saw a key has l >= 1 (its maximum contributes exp(0))
     o_ref[...] = jnp.where(seen, acc / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), masks.MASKED)
@@ -287,7 +338,8 @@ def _dq_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags_ref,
         return dq + _common.matmul(ds.astype(k.dtype), k)
 
     tables = _Tables(tiles_ref, counts_ref, flags_ref)
-    dq = _visit_loop(tables, meta, plan.mask_row(head), tile, visit, jnp.zeros(dq_ref.shape, jnp.float32))
+    row = plan.table_row(pl.program_id(0), head)
+    dq = _visit_loop(tables, meta, row, tile, visit, jnp.zeros(dq_ref.shape, jnp.float32))
     dq_ref[...] = dq * plan.scale
 
 
@@ -297,7 +349,7 @@ def _dkv_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags_ref
     lse and δ [G, T', 1]) and the query tiles that see it: dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO (refs: the segment
     ids when read, dK, dV)."""
     segment_refs, (dk_ref, dv_ref) = _split_refs(plan, refs)
-    kv_head, tile = pl.program_id(1), pl.program_id(2)
+    batch, kv_head, tile = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     block_q, block_k = plan.blocks.block_q_bwd, plan.blocks.block_k_bwd
     k, v = k_ref[...], v_ref[...]
     tables = _Tables(tiles_ref, counts_ref, flags_ref)
@@ -316,7 +368,7 @@ def _dkv_kernel(plan: _Plan, meta: _VisitTable, tiles_ref, counts_ref, flags_ref
             return (dk + _common.matmul_tn(ds.astype(q.dtype), q),
                     dv + _common.matmul_tn(p.astype(do.dtype), do))
 
-        return _visit_loop(tables, meta, plan.mask_row(head), tile, visit, carry)
+        return _visit_loop(tables, meta, plan.table_row(batch, head), tile, visit, carry)
 
     init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     dk, dv = jax.lax.fori_loop(0, plan.group, head_in_group, init)
@@ -372,12 +424,13 @@ def _table_args(meta: _VisitTable) -> tuple[Array, Array, Array]:
     return jnp.asarray(meta.tiles), jnp.asarray(meta.counts), jnp.asarray(meta.flags)
 
 
-def _forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...]) -> tuple[Array, Array]:
-    """q [B, H, T', D], k [B, Hkv, T', D], v [B, Hkv, T', V], segments (column, row) -> o [B, H, T', V]
-    (v.dtype), lse [B, H, T', 1]."""
+def _forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...],
+             selection: tuple[Array, ...]) -> tuple[Array, Array]:
+    """q [B, H, T', D], k [B, Hkv, T', D], v [B, Hkv, T', V], segments (column, row), selection (a BlockIndex's
+    tiles [B, Hkv, n, S], or none) -> o [B, H, T', V] (v.dtype), lse [B, H, T', 1]."""
     batch, heads, _, dim = q.shape
     value_dim, block_q = v.shape[-1], plan.blocks.block_q
-    meta = _visits(plan, block_q, plan.blocks.block_k)
+    meta = _visits(plan, block_q, plan.blocks.block_k, selection)
     call = _call(
         plan, _forward_kernel, meta, (batch, heads, meta.num_tiles),
         [_tile_spec(block_q, dim), _sequence_spec(plan, dim, plan.group), _sequence_spec(plan, value_dim, plan.group)],
@@ -389,11 +442,11 @@ def _forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, .
     return call(*_table_args(meta), q, k, v, *segments)
 
 
-def _dq(plan: _Plan, q, k, v, do, lse, delta, segments) -> Array:
+def _dq(plan: _Plan, q, k, v, do, lse, delta, segments, selection) -> Array:
     """dQ [B, H, T', D] float32."""
     batch, heads, _, dim = q.shape
     block_q = plan.blocks.block_q_bwd
-    meta = _visits(plan, block_q, plan.blocks.block_k_bwd)
+    meta = _visits(plan, block_q, plan.blocks.block_k_bwd, selection)
     call = _call(
         plan, _dq_kernel, meta, (batch, heads, meta.num_tiles),
         [_tile_spec(block_q, dim), _sequence_spec(plan, dim, plan.group),
@@ -404,11 +457,11 @@ def _dq(plan: _Plan, q, k, v, do, lse, delta, segments) -> Array:
     return call(*_table_args(meta), q, k, v, do, lse, delta, *segments)
 
 
-def _dkv(plan: _Plan, q, k, v, do, lse, delta, segments) -> tuple[Array, Array]:
+def _dkv(plan: _Plan, q, k, v, do, lse, delta, segments, selection) -> tuple[Array, Array]:
     """dK [B, Hkv, T', D] and dV [B, Hkv, T', V] float32, summed over each kv head's G query heads."""
     batch, kv_heads, _, dim = k.shape
     value_dim, block_k = v.shape[-1], plan.blocks.block_k_bwd
-    meta = _visits(plan, block_k, plan.blocks.block_q_bwd, by_key=True)
+    meta = _visits(plan, block_k, plan.blocks.block_q_bwd, selection, by_key=True)
 
     def grouped(x: Array) -> Array:  # [B, H, T', F] -> [B, Hkv, G, T', F]
         return x.reshape(batch, kv_heads, plan.group, *x.shape[2:])
@@ -425,21 +478,23 @@ def _dkv(plan: _Plan, q, k, v, do, lse, delta, segments) -> tuple[Array, Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...]) -> Array:
-    return _forward(plan, q, k, v, segments)[0]
+def _attention(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...],
+               selection: tuple[Array, ...]) -> Array:
+    return _forward(plan, q, k, v, segments, selection)[0]
 
 
-def _attention_forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...]) -> tuple[Array, tuple]:
-    o, lse = _forward(plan, q, k, v, segments)
-    return o, (q, k, v, segments, o, lse)
+def _attention_forward(plan: _Plan, q: Array, k: Array, v: Array, segments: tuple[Array, ...],
+                       selection: tuple[Array, ...]) -> tuple[Array, tuple]:
+    o, lse = _forward(plan, q, k, v, segments, selection)
+    return o, (q, k, v, segments, selection, o, lse)
 
 
-def _attention_backward(plan: _Plan, residuals: tuple, do: Array) -> tuple[Array, Array, Array, None]:
-    q, k, v, segments, o, lse = residuals
+def _attention_backward(plan: _Plan, residuals: tuple, do: Array) -> tuple[Array, Array, Array, None, None]:
+    q, k, v, segments, selection, o, lse = residuals
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, T', 1]
-    dq = _dq(plan, q, k, v, do, lse, delta, segments)
-    dk, dv = _dkv(plan, q, k, v, do, lse, delta, segments)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    dq = _dq(plan, q, k, v, do, lse, delta, segments, selection)
+    dk, dv = _dkv(plan, q, k, v, do, lse, delta, segments, selection)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
@@ -464,8 +519,27 @@ def _check_arrays(q: Array, k: Array, v: Array) -> None:
         raise ValueError(f"the kv heads of k ({k.shape[2]}) must divide the query heads of q ({q.shape[2]})")
 
 
+def _selected_blocks(blocks: FlashBlocks, block_index: masks.BlockIndex, head_masks: tuple[ElementMask, ...],
+                     shape: tuple[int, int, int]) -> FlashBlocks:
+    """Every tile size the BlockIndex's block; ValueError naming block_index unless it is a BlockIndex of shape
+    (B, Hkv, T) whose block is a kernel block size that fits every BlockSparse layout's tile."""
+    if not isinstance(block_index, masks.BlockIndex):
+        raise ValueError(f"block_index must be a seqlab.core.masks.BlockIndex or None, got "
+                         f"{type(block_index).__name__}")
+    block_index.check(*shape)
+    block = block_index.block
+    if not _common.is_block_size(block):
+        raise ValueError(f"block_index: block must be a power of two >= {_common.MIN_FEATURE} (the kernels' "
+                         f"tile), got {block!r}")
+    for term in dict.fromkeys(t for mask in head_masks for t in masks.cell_terms(mask)):
+        if term.aligned_block < block:
+            raise ValueError(f"block_index: block {block} straddles the tiles of the mask's BlockSparse(block="
+                             f"{term.block}); use a block dividing it")
+    return dataclasses.replace(blocks, block_q=block, block_k=block, block_q_bwd=block, block_k_bwd=block)
+
+
 def _make_plan(q: Array, k: Array, v: Array, mask: Mask, scale: float | None, blocks: FlashBlocks,
-               backend: str | None) -> _Plan:
+               backend: str | None, block_index: masks.BlockIndex | None) -> _Plan:
     """Checks every argument (ValueError naming it) and fixes the static plan of the call."""
     _check_arrays(q, k, v)
     mask = masks.resolve(mask)
@@ -474,14 +548,18 @@ def _make_plan(q: Array, k: Array, v: Array, mask: Mask, scale: float | None, bl
     if not isinstance(blocks, FlashBlocks):
         raise ValueError(f"blocks must be a FlashBlocks, got {blocks!r}")
     backend = _common.resolve_backend(backend)
-    _, length, heads, dim = q.shape
+    batch, length, heads, dim = q.shape
     head_masks = mask.head_masks(heads)
     mask.check(length)
-    fitted = _fitted_blocks(blocks, length, head_masks)
+    if block_index is None:
+        fitted, selection_rows = _fitted_blocks(blocks, length, head_masks), 0
+    else:
+        fitted = _selected_blocks(blocks, block_index, head_masks, (batch, k.shape[2], length))
+        selection_rows = heads if len(head_masks) > 1 else k.shape[2]
     padded = _common.padded_length(length, max(fitted.block_q, fitted.block_k, fitted.block_q_bwd,
                                                fitted.block_k_bwd))
     return _Plan(head_masks, length, padded, heads // k.shape[2], float(dim**-0.5 if scale is None else scale),
-                 fitted, backend, masks.needs_segments(mask))
+                 fitted, backend, masks.needs_segments(mask), selection_rows)
 
 
 def _segment_layouts(plan: _Plan, segment_ids: Array | None) -> tuple[Array, ...]:
@@ -494,21 +572,26 @@ def _segment_layouts(plan: _Plan, segment_ids: Array | None) -> tuple[Array, ...
 
 def flash_attention(q: Array, k: Array, v: Array, *, mask: Mask, scale: float | None = None,
                     blocks: FlashBlocks = FlashBlocks(), backend: str | None = None,
-                    segment_ids: Array | None = None, score_mod: masks.ScoreMod | None = None) -> Array:
+                    segment_ids: Array | None = None, score_mod: masks.ScoreMod | None = None,
+                    block_index: masks.BlockIndex | None = None) -> Array:
     """Softmax attention of q over the keys ``mask`` leaves visible, as Pallas kernels (forward and backward).
 
     q [B, T, H, D]; k [B, T, Hkv, D]; v [B, T, Hkv, V] with Hkv dividing H (query head h reads kv head
     h // (H / Hkv)). mask: any ``seqlab.core.masks`` mask; segment_ids [B, T] int, needed iff it has a Document
     term. scale defaults to D**-0.5; backend None is ``jax.default_backend()``. score_mod is not supported
-    (ValueError; use the XLA forms of ``seqlab.ops.softmax_attn``).
+    (ValueError; use the XLA forms of ``seqlab.ops.softmax_attn``). block_index: a runtime ``masks.BlockIndex``
+    (tiles [B, Hkv, ceil(T / block), S]); every kernel tile is then its block (a power of two >= 16, ignoring
+    blocks' sizes) and a query tile visits only the key tiles its row selects among those the mask's tile map
+    keeps, under the mask's predicate.
     Returns o [B, T, H, V] in v.dtype (0 for a query that sees no key). Differentiable in q, k, v (reverse mode).
     """
     if score_mod is not None:
         raise ValueError("score_mod is not supported by the Pallas flash_attention kernels; use "
                          "seqlab.ops.softmax_attn with impl='chunked' or 'parallel'")
-    plan = _make_plan(q, k, v, mask, scale, blocks, backend)
+    plan = _make_plan(q, k, v, mask, scale, blocks, backend, block_index)
     segment_ids = masks.check_segment_ids(mask, segment_ids, q.shape[0], plan.length)
     dim, value_dim = _common.padded_feature(q.shape[3]), _common.padded_feature(v.shape[3])
+    selection = () if block_index is None else (block_index.tiles,)
     o = _attention(plan, _common.to_kernel_layout(q, plan.padded, dim), _common.to_kernel_layout(k, plan.padded, dim),
-                   _common.to_kernel_layout(v, plan.padded, value_dim), _segment_layouts(plan, segment_ids))
+                   _common.to_kernel_layout(v, plan.padded, value_dim), _segment_layouts(plan, segment_ids), selection)
     return _common.from_kernel_layout(o, plan.length, v.shape[3])

@@ -541,3 +541,17 @@ def nonempty_tiles(visible: np.ndarray, block_q: int, block_k: int, padded: int)
     grid = np.zeros((padded, padded), bool)
     grid[: visible.shape[0], : visible.shape[1]] = visible
     return grid.reshape(padded // block_q, block_q, padded // block_k, block_k).any(axis=(1, 3))
+
+
+def selection_mask(tiles: np.ndarray, T: int, H: int, block: int) -> np.ndarray:
+    """[B, H, T, T] bool, in Python loops: key s is selected for query t of head h iff s's tile is among the
+    entries of a runtime block index's tiles [B, H_kv, nq, S] for t's tile, batch row and kv head h // (H / H_kv)."""
+    group = H // tiles.shape[1]
+    out = np.zeros((tiles.shape[0], H, T, T), bool)
+    for b in range(tiles.shape[0]):
+        for h in range(H):
+            for t in range(T):
+                chosen = {int(j) for j in tiles[b, h // group, t // block]}
+                for s in range(T):
+                    out[b, h, t, s] = s // block in chosen
+    return out

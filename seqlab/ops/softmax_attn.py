@@ -139,26 +139,27 @@ def softmax_attn(
     T > 1, else "chunked". The chunked form's gradient is a flash-attention ``jax.custom_vjp``: reverse mode (also
     nested) works, forward mode (``jax.jvp``) does not; use impl="parallel" for that.
     block_index: a runtime ``masks.BlockIndex`` ([B, Hkv, ceil(T / block), S] key tiles per query tile, chosen
-    from the data), intersected with the mask: the chunked form reads only those tiles (in tiles of
-    block_index.block, which replaces block_size), the dense and recurrent forms mask by it; not with
-    impl="pallas", sequence_axis or score_mod.
+    from the data), intersected with the mask: the chunked and pallas forms read only those tiles (in tiles of
+    block_index.block, which replaces block_size; pallas needs a power of two >= 16), the dense and recurrent
+    forms mask by it; not with sequence_axis or score_mod; impl="auto" runs "chunked" with it.
     """
     _check(q, k, v, impl, block_size)
     mask = masks.resolve(mask, causal, window)
     _check_sequence(impl, sequence_axis, sequence_parallel)
-    _check_block_index(block_index, impl, sequence_axis, score_mod, *q.shape[:2], k.shape[2])
+    _check_block_index(block_index, sequence_axis, score_mod, *q.shape[:2], k.shape[2])
     segment_ids = _document_ids(mask, segment_ids, cu_seqlens, *q.shape[:2])
     base_mask = mask  # the sequence-parallel form takes the ids beside it
     if segment_ids is not None and not masks.needs_segments(mask):
         mask = mask & masks.Document()
-    kernel = block_index is None and (score_mod is None or impl == "pallas")  # impl="pallas" + score_mod: its error
+    # impl="pallas" always runs the kernels (score_mod: their error); "auto" without score_mod and block_index
+    kernel = impl == "pallas" or (score_mod is None and block_index is None)
     impl = _common.resolve_impl(impl, has_kernel=kernel, sequence_axis=sequence_axis, length=q.shape[1])
     b, t, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if impl == "pallas":
         blocks = pallas_flash.FlashBlocks() if block_size is None else pallas_flash.FlashBlocks(*(block_size,) * 4)
         return pallas_flash.flash_attention(q, k, v, mask=mask, scale=scale, blocks=blocks, score_mod=score_mod,
-                                            segment_ids=segment_ids)
+                                            segment_ids=segment_ids, block_index=block_index)
     block_size = block_size or default_block_size(_mask_window(base_mask))
     if impl == "chunked" and sequence_axis is None and block_index is None and _splits_heads(mask, h, t, block_size):
         return _by_head_mask(q, k, v, mask, scale=scale, score_mod=score_mod, segment_ids=segment_ids,
@@ -192,16 +193,15 @@ def softmax_attn(
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]).astype(v.dtype)
 
 
-def _check_block_index(block_index: masks.BlockIndex | None, impl: str, sequence_axis: str | None, score_mod,
-                       batch: int, length: int, kv_heads: int) -> None:
+def _check_block_index(block_index: masks.BlockIndex | None, sequence_axis: str | None, score_mod, batch: int,
+                       length: int, kv_heads: int) -> None:
     if block_index is None:
         return
     if not isinstance(block_index, masks.BlockIndex):
         raise ValueError("block_index must be a seqlab.core.masks.BlockIndex or None, got "
                          f"{type(block_index).__name__}")
-    if impl == "pallas" or sequence_axis is not None:
-        raise ValueError("block_index: a runtime block index runs impl 'chunked', 'parallel' or 'recurrent' without "
-                         f"sequence_axis, got impl={impl!r}, sequence_axis={sequence_axis!r}")
+    if sequence_axis is not None:
+        raise ValueError(f"block_index: a runtime block index runs without sequence_axis, got {sequence_axis!r}")
     if score_mod is not None:  # its k_idx [1, Tk] is shared by the batch and heads; gathered tiles are not
         raise ValueError("score_mod: not with block_index (each batch row and key/value head reads its own tiles)")
     block_index.check(batch, kv_heads, length)

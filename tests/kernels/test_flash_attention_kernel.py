@@ -2,8 +2,9 @@
 (``seqlab.ops.softmax_attn(impl="chunked")``) for causal / bidirectional masks, and against a dense masked softmax
 whose mask is built pair by pair from each mask's definition (``test_masks.reference_mask``, no code shared with
 the kernels) for the block-diagonal, strided, block-sparse and per-head masks (every other mask kind and
-composition: tests/test_masks.py); the visit tables; lowering for GPU (Triton) and TPU
-(Mosaic); argument errors.
+composition: tests/test_masks.py); a runtime ``BlockIndex`` (random selections with repeats, unused entries and
+tiles above the diagonal, different per batch row) against a dense reference built pair by pair and against the
+chunked path; the static and runtime visit tables; lowering for GPU (Triton) and TPU (Mosaic); argument errors.
 
 Tolerances (relative error ||a - b|| / ||b|| over the whole tensor): 1e-5 for float32 outputs and gradients (both
 sides are float32 with full-precision matmuls, summing at most 80 keys in different orders); bf16 see BF16_TOL.
@@ -25,9 +26,9 @@ from pallas_kernels import _common
 from pallas_kernels import flash_attention as fa
 from reference import attention_inputs as make_inputs
 from reference import attention_value_and_grads as value_and_grads
-from reference import dense_reference, nonempty_tiles, reference_mask, rel_err
+from reference import dense_reference, nonempty_tiles, reference_mask, rel_err, selection_mask
 from seqlab import ops
-from seqlab.core.masks import SpanSummaries
+from seqlab.core.masks import BlockIndex, SpanSummaries
 
 TOL = 1e-5
 
@@ -195,6 +196,100 @@ def test_visit_tables_list_exactly_the_nonempty_tiles(mask, block_q, block_k):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# runtime block index
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def random_tiles(seed: int, T: int, block: int, S: int, H_kv: int = 2) -> np.ndarray:
+    """[2, H_kv, nq, S] int32 from [-1, nq + 1): unused entries (-1, nq, nq + 1), tiles on both sides of the
+    diagonal, the last entry of a row repeating its first, different per batch row; row (0, 0, 1) selects only
+    tiles after itself (under a causal mask its queries see nothing)."""
+    n = -(-T // block)
+    tiles = np.random.default_rng(seed).integers(-1, n + 1, (2, H_kv, n, S)).astype(np.int32)
+    tiles[..., -1] = tiles[..., 0]
+    tiles[0, 0, 1] = np.minimum(np.arange(S) + 2, n)
+    return tiles
+
+
+def selected_pairs(tiles: np.ndarray, T: int, H: int, block: int, causal: bool) -> np.ndarray:
+    """[B, H, T, T] bool: key s is visible to query t iff the static mask shows it (s <= t when causal) and the
+    block index selects it (reference.selection_mask)."""
+    static = np.tril(np.ones((T, T), bool)) if causal else np.ones((T, T), bool)
+    return selection_mask(tiles, T, H, block) & static
+
+
+def flash_selected(mask, index: BlockIndex):
+    return lambda q, k, v: fa.flash_attention(q, k, v, mask=mask, block_index=index, backend="cpu")
+
+
+# (mask, T, block, S): T = 80 fills five 16-token tiles; 100 leaves a partial last tile
+SELECTED_CASES = [
+    (fa.Causal(), 80, 16, 3),
+    (fa.Causal(), 100, 32, 2),
+    (fa.Bidirectional(), 100, 16, 4),
+    (fa.Bidirectional(), 80, 16, 1),
+]
+
+
+@pytest.mark.parametrize("mask,T,block,S", SELECTED_CASES, ids=[f"{c[0]}-T{c[1]}-b{c[2]}-S{c[3]}" for c in
+                                                                 SELECTED_CASES])
+def test_block_index_matches_pairwise_reference_and_chunked_path(mask, T, block, S):
+    """Forward, dq, dk, dv against the dense reference of the pairs and against impl="chunked" with the same
+    index; under the causal mask the queries of row (0, 0, 1) see nothing: output 0, no gradient."""
+    q, k, v, W = make_inputs(T + S, T=T, H=4, H_kv=2)
+    tiles = random_tiles(T * S + block, T, block, S)
+    index = BlockIndex.of(jnp.asarray(tiles), block, -(-T // block))
+    got = value_and_grads(flash_selected(mask, index), q, k, v, W)
+    visible = selected_pairs(tiles, T, 4, block, isinstance(mask, fa.Causal))
+    assert_close(got, value_and_grads(dense_reference(visible), q, k, v, W))
+
+    def chunked(q, k, v):
+        return ops.softmax_attn(q, k, v, mask=mask, impl="chunked", block_index=index)
+
+    assert_close(got, value_and_grads(chunked, q, k, v, W))
+    if isinstance(mask, fa.Causal):
+        blind = (0, slice(block, 2 * block), slice(0, 2))  # batch row 0, query tile 1, the query heads of kv head 0
+        assert not visible[0, :2, block : 2 * block].any()
+        assert not got[0][blind].any() and not got[1][0][blind].any()
+
+
+def test_block_index_bf16_matches_float32():
+    T, block, S = 80, 16, 3
+    q, k, v, W = make_inputs(5, T=T, H=4, H_kv=2, D=32, V=16)
+    tiles = random_tiles(6, T, block, S)
+    index = BlockIndex.of(jnp.asarray(tiles), block, T // block)
+    bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    float32 = [x.astype(jnp.float32) for x in bf16]
+    reference = dense_reference(selected_pairs(tiles, T, 4, block, causal=True))
+    assert_close(value_and_grads(flash_selected(fa.Causal(), index), *bf16, W),
+                 value_and_grads(reference, *float32, W), BF16_TOL)
+
+
+@pytest.mark.parametrize("mask", [fa.Causal(), fa.Bidirectional()], ids=str)
+def test_runtime_tables_list_the_selected_tiles_the_mask_keeps(mask):
+    """Per (batch row, kv head) row: each query tile lists its selected tiles that the tile map keeps (for the
+    causal mask none after the diagonal), ascending and once; the by-key table lists, per key tile, the query tiles
+    that list it."""
+    T, block, S, n = 100, 16, 4, 7
+    tiles = random_tiles(8, T, block, S)
+    q, kv = jnp.zeros((2, T, 4, 16)), jnp.zeros((2, T, 2, 16))
+    index = BlockIndex.of(jnp.asarray(tiles), block, n)
+    plan = fa._make_plan(q, kv, kv, mask, None, fa.FlashBlocks(), "cpu", index)
+    by_query, by_key = (fa._selected_table(plan, index.tiles, by_key) for by_key in (False, True))
+    causal = isinstance(mask, fa.Causal)
+    for b in range(2):
+        for h in range(2):
+            want = [sorted({int(j) for j in tiles[b, h, i] if 0 <= j < n and (j <= i or not causal)})
+                    for i in range(n)]
+            want_by_key = [[i for i in range(n) if j in want[i]] for j in range(n)]
+            for table, rows in ((by_query, want), (by_key, want_by_key)):
+                for i, listed in enumerate(rows):
+                    entry = plan.table_row(b, h * plan.group) * n + i
+                    assert int(table.counts[entry]) == len(listed)
+                    np.testing.assert_array_equal(table.tiles[entry * table.width :][: len(listed)], listed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # lowering
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -209,14 +304,17 @@ def mosaic_bodies(text: str) -> list[bytes]:
     return [base64.b64decode(b) for b in re.findall(r'\\22body\\22: \\22([A-Za-z0-9+/=]+)\\22', text)]
 
 
+@pytest.mark.parametrize("selected", [False, True], ids=["static", "block-index"])
 @pytest.mark.parametrize("backend,dtype", [("gpu", jnp.float32), ("tpu", jnp.bfloat16)], ids=["gpu", "tpu"])
-def test_lowers_for_gpu_and_tpu(backend, dtype):
-    """Forward and gradient lower through Triton (GPU) and Mosaic (TPU); on TPU every kernel keeps its visit
-    tables in SMEM."""
+def test_lowers_for_gpu_and_tpu(backend, dtype, selected):
+    """Forward and gradient lower through Triton (GPU) and Mosaic (TPU), with static or runtime (BlockIndex)
+    visit tables; on TPU every kernel keeps its visit tables in SMEM."""
     q, k, v = (jnp.zeros((1, 40, heads, dim), dtype) for heads, dim in ((6, 16), (2, 16), (2, 24)))
+    index = BlockIndex.of(jnp.asarray(random_tiles(0, 40, 16, 2)[:1]), 16, 3) if selected else None
 
     def forward(q, k, v):
-        return fa.flash_attention(q, k, v, mask=LOWERING_MASK, blocks=fa.FlashBlocks(16, 16, 16, 16), backend=backend)
+        return fa.flash_attention(q, k, v, mask=LOWERING_MASK, blocks=fa.FlashBlocks(16, 16, 16, 16), backend=backend,
+                                  block_index=index)
 
     gradient = jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     for fn, kernels in ((forward, 1), (gradient, 3)):
@@ -277,6 +375,25 @@ def test_bad_arguments(shapes, kwargs, match):
     kwargs = {"mask": fa.Causal(), **kwargs}
     with pytest.raises(ValueError, match=match):
         fa.flash_attention(q, k, v, **kwargs)
+
+
+def zero_index(block: int, rows: int, kv_heads: int = 2) -> BlockIndex:
+    return BlockIndex.of(jnp.zeros((1, kv_heads, rows, 2), jnp.int32), block, rows)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_index": zero_index(8, 3)}, "block_index: block must be a power of two >= 16"),
+    ({"block_index": zero_index(24, 1)}, "block_index: block must be a power of two >= 16"),
+    ({"block_index": zero_index(16, 3, kv_heads=1)}, r"block_index: tiles must be \[1, 2, 2, S\]"),
+    ({"block_index": zero_index(32, 1), "mask": fa.BlockSparse(((True, False), (True, True)), 16)},
+     "block_index: block 32 straddles"),
+    ({"block_index": np.zeros((1, 2, 2, 2), np.int32)}, "block_index must be a seqlab.core.masks.BlockIndex"),
+    ({"block_index": zero_index(16, 2), "score_mod": lambda s, *_: s}, "score_mod"),
+])
+def test_bad_block_index(kwargs, match):
+    q, k, v = jnp.zeros((1, 20, 4, 16)), jnp.zeros((1, 20, 2, 16)), jnp.zeros((1, 20, 2, 8))
+    with pytest.raises(ValueError, match=match):
+        fa.flash_attention(q, k, v, **{"mask": fa.Causal(), "backend": "cpu", **kwargs})
 
 
 @pytest.mark.parametrize("causal, window", [(True, None), (False, 24)])

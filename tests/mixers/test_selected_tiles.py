@@ -5,7 +5,8 @@ top_k halves kept), SEA's one-shot top_k of the linear-attention estimate φ(q̂
 local tiles, then a dense softmax over the visible keys of those tiles. The selection is a discrete choice (no
 gradient), so the reference gradients differentiate the attention under the mask chosen in float64. Forward in
 float64 (1e-5) and the gradients of the input and the projections (1e-4), T = 37 in tiles of 4 (a partial last
-tile), GQA (4 query heads over 2), causal and non-causal; the blockwise form reads (top_k + local) tiles per row.
+tile), GQA (4 query heads over 2), causal and non-causal; the blockwise form reads (top_k + local) tiles per row;
+impl="pallas" (the flash-attention kernels over the same BlockIndex, interpreted on CPU) equals impl="chunked".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 from flax import nnx
 
 from mixer_references import assert_layer_matches, heads, linear, merge, raises_naming
+from reference import rel_err
 from seqlab import mixers
 
 B, T, D = 2, 37, 32
@@ -113,6 +115,31 @@ def test_layer_matches_its_definition(name, top_k, local, causal):
     mixer = mixers.create(name, d_model=D, rngs=nnx.Rngs(0), **kwargs)
     reference = formula(name, num_heads=4, num_kv_heads=2, block=4, top_k=top_k, local=local, causal=causal)
     assert_layer_matches(mixer, reference, (B, T, D), param_grads=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+@pytest.mark.parametrize("name, causal", [("hip", True), ("sea", True), ("sea", False)])
+def test_pallas_form_matches_the_chunked_form(name, causal):
+    """T = 100 in 16-token tiles (a kernel tile; a partial last tile): output and the gradients in x and in every
+    parameter of sum(y²), impl="pallas" against impl="chunked" (1e-5)."""
+    kwargs = dict(d_model=D, num_heads=4, num_kv_heads=2, block_size=16, top_k=2, local=1)
+    if not causal:
+        kwargs["causal"] = False
+    pallas, chunked = (mixers.create(name, impl=impl, rngs=nnx.Rngs(0), **kwargs) for impl in ("pallas", "chunked"))
+    x = jax.random.normal(jax.random.key(1), (B, 100, D))
+    assert "pallas_call" in str(jax.make_jaxpr(lambda a: pallas(a))(x))
+
+    def loss(mixer, a):
+        y = mixer(a)
+        return jnp.sum(y**2), y
+
+    def output_and_grads(mixer):
+        (_, y), grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(mixer, x)
+        return y, grads
+
+    (y, (dparams, dx)), (y_ref, (dparams_ref, dx_ref)) = output_and_grads(pallas), output_and_grads(chunked)
+    assert rel_err(y, y_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-5
+    pairs = zip(jax.tree.leaves(nnx.to_pure_dict(dparams)), jax.tree.leaves(nnx.to_pure_dict(dparams_ref)))
+    assert all(rel_err(a, b) <= 1e-5 for a, b in pairs)
 
 
 def test_the_blockwise_form_reads_the_selected_and_local_tiles_only():

@@ -1,12 +1,13 @@
-"""The runtime block mask (``seqlab.core.masks.BlockIndex``) through ``ops.softmax_attn``'s chunked, parallel and
-recurrent forms and the decode step, forward and gradients in q, k, v, against a dense masked softmax whose mask is
-built here pair by pair: the static mask's predicate (``reference_visible``) and the selected tiles as Python sets
-of the raw index (repeats, negative and out-of-range entries included, which select nothing more).
+"""The runtime block mask (``seqlab.core.masks.BlockIndex``) through ``ops.softmax_attn``'s chunked, parallel,
+recurrent and pallas (interpreted on CPU) forms and the decode step, forward and gradients in q, k, v, against a
+dense masked softmax whose mask is built here pair by pair: the static mask's predicate (``reference_visible``) and
+the selected tiles as Python sets of the raw index (repeats, negative and out-of-range entries included, which
+select nothing more).
 
 Shapes: B = 2, odd T (37, 70), tiles of 16 and 32, GQA (4 query heads over 2 or 1 key/value heads). Tolerance
 1e-5 relative (float32 on both sides), bf16 inputs 1e-2 against float32 on the same rounded inputs. A
 score_mod is refused with a block index (its key positions are shared by the batch and heads; gathered tiles are
-not).
+not), and so are sequence_axis and, with impl="pallas", a block that is not a kernel tile.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reference import attention_inputs, attention_value_and_grads, dense_reference, reference_mask, rel_err
+from reference import (attention_inputs, attention_value_and_grads, dense_reference, reference_mask, rel_err,
+                       selection_mask)
 from reference import segment_ids as reference_segment_ids
 from seqlab import ops
 from seqlab.core import masks as M
@@ -31,19 +33,6 @@ def raw_tiles(seed: int, T: int, H_kv: int, block: int, S: int) -> np.ndarray:
     tiles = np.random.default_rng(seed).integers(-2, n + 2, (B, H_kv, n, S)).astype(np.int32)
     tiles[..., -1] = tiles[..., 0]
     return tiles
-
-
-def selection_mask(tiles: np.ndarray, T: int, H: int, block: int) -> np.ndarray:
-    """[B, H, T, T] bool, in Python loops: key s is selected for query t iff s's tile is in the set of t's row."""
-    group = H // tiles.shape[1]
-    out = np.zeros((tiles.shape[0], H, T, T), bool)
-    for b in range(tiles.shape[0]):
-        for h in range(H):
-            for t in range(T):
-                chosen = {int(j) for j in tiles[b, h // group, t // block]}
-                for s in range(T):
-                    out[b, h, t, s] = s // block in chosen
-    return out
 
 
 def inputs(seed: int, T: int, H: int, H_kv: int):
@@ -64,7 +53,7 @@ CASES = [
     ("per-head", M.PerHead((M.Causal(), M.Bidirectional(), M.Causal(window=5), M.Strided(3))), 37, 4, 2, 16, 2),
     ("document", M.Causal() & M.Document(), 70, 4, 2, 16, 4),
 ]
-IMPLS = ("chunked", "parallel", "recurrent")
+IMPLS = ("chunked", "parallel", "recurrent", "pallas")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -123,10 +112,14 @@ def test_block_index_errors_name_the_argument():
     good = M.BlockIndex.of(jnp.zeros((B, 2, 3, 2), jnp.int32), 16, 3)
     with pytest.raises(ValueError, match=r"block_index: tiles must be \[2, 2, 3, S\]"):
         ops.softmax_attn(q, kv, kv, block_index=M.BlockIndex.of(jnp.zeros((B, 2, 4, 2), jnp.int32), 16, 3))
-    with pytest.raises(ValueError, match="block_index: a runtime block index runs impl"):
-        ops.softmax_attn(q, kv, kv, block_index=good, impl="pallas")
-    with pytest.raises(ValueError, match="score_mod: not with block_index"):
-        ops.softmax_attn(q, kv, kv, block_index=good, score_mod=lambda s, *_: s)
+    with pytest.raises(ValueError, match="block_index: a runtime block index runs without sequence_axis"):
+        ops.softmax_attn(q, kv, kv, block_index=good, sequence_axis="x")
+    for impl in ("auto", "pallas"):
+        with pytest.raises(ValueError, match="score_mod: not with block_index"):
+            ops.softmax_attn(q, kv, kv, block_index=good, score_mod=lambda s, *_: s, impl=impl)
+    with pytest.raises(ValueError, match="block_index: block must be a power of two >= 16"):
+        ops.softmax_attn(q, kv, kv, block_index=M.BlockIndex.of(jnp.zeros((B, 2, 5, 2), jnp.int32), 8, 5),
+                         impl="pallas")
     with pytest.raises(ValueError, match="BlockIndex.tiles must be integers"):
         M.BlockIndex.of(jnp.zeros((B, 2, 3)), 16, 3)
     with pytest.raises(ValueError, match="block_index must be a seqlab.core.masks.BlockIndex"):
