@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import f64, heads, linear, merge, perturbed_params
+from mixer_references import assert_layer_matches, f64, heads, linear, merge, perturbed_params
 from reference import rel_err
 from seqlab import mixers
 
@@ -84,3 +84,53 @@ def test_bad_arguments_are_named():
         mixers.create("selective", d_model=D, num_heads=H, temperature="softmax")
     with pytest.raises(ValueError, match="beta_init must be a number"):
         mixers.create("selective", d_model=D, num_heads=H, beta_init="1.5")
+
+
+def token_and_value_layer(xp, params, x, *, num_heads: int, num_kv_heads: int):
+    """The layer with the token-aware temperatures (module docstring of `selective`, our reading of the paper):
+    s_ij = τ_i q_i·k_j / √d, τ_i = (1 + e^{-e^β} log(i + 1))(1 + tanh(x_i w^q_h)), values (1 + tanh(x_j w^v_h)) v_j,
+    query head h reading key/value head h // (H / H_kv); a loop over query positions."""
+    group = num_heads // num_kv_heads
+    q = heads(linear(x, params["q_proj"]), num_heads)
+    k, v = (xp.repeat(heads(linear(x, params[n]), num_kv_heads), group, axis=2) for n in ("k_proj", "v_proj"))
+    query_tau = 1.0 + xp.tanh(x @ params["query_gate"]["kernel"])  # [B, T, H]
+    value_tau = xp.repeat(1.0 + xp.tanh(x @ params["value_gate"]["kernel"]), group, axis=2)  # [B, T, H]
+    strength = xp.exp(-xp.exp(params["beta"]))
+    d = q.shape[-1]
+    rows = []
+    for i in range(x.shape[1]):
+        tau = (1.0 + strength * math.log(i + 1)) * query_tau[:, i]  # [B, H]
+        scores = xp.einsum("bhd,bjhd->bhj", q[:, i], k[:, : i + 1]) * tau[..., None] / math.sqrt(d)
+        weights = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+        rows.append(xp.einsum("bhj,bjhd->bhd", weights, value_tau[:, : i + 1, :, None] * v[:, : i + 1]))
+    return linear(merge(xp.stack(rows, axis=1)), params["o_proj"])
+
+
+def test_token_and_value_temperatures_match_their_formula():
+    """Forward and the gradients of x and of every projection and gate (assert_layer_matches perturbs the gates
+    away from their zero initialisation, so both temperatures are active)."""
+    mixer = mixers.create("selective", d_model=D, num_heads=4, num_kv_heads=2, rope=False, token_temperature=True,
+                          value_temperature=True, rngs=nnx.Rngs(0))
+    assert mixer.query_gate.kernel.shape == (D, 4) and mixer.value_gate.kernel.shape == (D, 2)
+
+    def formula(xp, params, x):
+        return token_and_value_layer(xp, params, x, num_heads=4, num_kv_heads=2)
+
+    assert_layer_matches(mixer, formula, (B, 13, D),
+                         param_grads=("q_proj", "k_proj", "v_proj", "o_proj", "query_gate", "value_gate", "beta"))
+
+
+def test_the_gates_start_as_the_position_temperature_alone():
+    """At initialisation (zero gate weights) τ^q = τ^v = 1: the same output as without the gates."""
+    x = jax.random.normal(jax.random.key(3), (B, 11, D), jnp.float32)
+    gated = mixers.create("selective", d_model=D, num_heads=H, token_temperature=True, value_temperature=True,
+                          rngs=nnx.Rngs(0))
+    plain = mixers.create("selective", d_model=D, num_heads=H, rngs=nnx.Rngs(0))
+    assert rel_err(gated(x), plain(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["token_temperature", "value_temperature"])
+def test_a_gate_flag_must_be_a_bool(name):
+    with pytest.raises(ValueError, match=f"^{name} must be a bool"):
+        mixers.create("selective", d_model=D, num_heads=H, **{name: 1})

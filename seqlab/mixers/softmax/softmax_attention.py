@@ -123,8 +123,12 @@ class SoftmaxAttention(Mixer):
         """q [B, T, H, d], k, v [B, T, H_kv, d] of x [B, T, d_model] at this call's positions, and the cache with
         k, v written (None stays None)."""
         q, k = self.queries_keys(x, self._positions(cache, x.shape[1], documents))
-        v = self._heads(self.v_proj(x), self.head_dim)
+        v = self.values(x)
         return q, k, v, (None if cache is None else self._write(cache, k, v))
+
+    def values(self, x: jax.Array) -> jax.Array:
+        """v [B, T, H_kv, d] of x [B, T, d_model]."""
+        return self._heads(self.v_proj(x), self.head_dim)
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache | None, documents: Documents | None,
                 score_mod: masks.ScoreMod | None) -> jax.Array:
