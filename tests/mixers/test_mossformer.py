@@ -42,8 +42,8 @@ def layer(xp, params, x, *, chunk: int, causal: bool, rotary_dim: int = S):
     for i in range(T):
         c = i // chunk
         local = [j for j in range(c * chunk, min((c + 1) * chunk, T)) if j <= i or not causal]
-        pair = xp.stack([xp.maximum((q_quad[:, i] * k_quad[:, j]).sum(-1) / chunk, 0.0) ** 2 for j in local], 1)
-        row = (pair[..., None] * w[:, local]).sum(axis=1)
+        pair = xp.maximum(xp.einsum("bs,bjs->bj", q_quad[:, i], k_quad[:, local]) / chunk, 0.0) ** 2  # each pair
+        row = xp.einsum("bj,bje->be", pair, w[:, local])
         keys, scale = (list(range(c * chunk)), chunk) if causal else (list(range(T)), T)
         if keys:  # Σ_j (q_lin_i·k_lin_j / scale) w_j over the global keys
             pair = xp.einsum("bs,bjs->bj", q_lin[:, i], k_lin[:, keys]) / scale

@@ -32,39 +32,35 @@ def clusters_of(xp, k, centroids, local_heads: int):
     return xp.einsum("bthd,hcd->bthc", k[:, :, local_heads:], centroids).argmax(axis=-1)
 
 
-def visible_keys(t: int, head: int, clusters, *, local_heads: int, window: int) -> list[int]:
-    """The keys query t of `head` attends to (one batch row): earlier tokens in its cluster or window, else itself."""
-    if head < local_heads:
-        earlier = [s for s in range(max(0, t - window + 1), t)]
-    else:
-        earlier = [s for s in range(t) if clusters[s, head - local_heads] == clusters[t, head - local_heads]]
-    return earlier or [t]
+def visible_keys(t: int, clusters, *, num_heads: int, local_heads: int, window: int):
+    """[B, H, t + 1] bools: the keys query t of each row and head attends to — the earlier tokens of its window
+    (local heads) or of its cluster (routing heads, clusters [B, T, H_r]), and itself only when there is none."""
+    s = np.arange(t + 1)
+    earlier = np.empty((clusters.shape[0], num_heads, t + 1), bool)
+    earlier[:, :local_heads] = (s < t) & (s > t - window)
+    earlier[:, local_heads:] = (s < t) & (np.swapaxes(clusters[:, : t + 1], 1, 2) == clusters[:, t, :, None])
+    earlier[..., t] = ~earlier.any(axis=-1)
+    return earlier
+
+
+def layer(xp, params, x, c, *, num_heads: int, local_heads: int, window: int):
+    """The layer's output given the routing heads' clusters c [B, T, H_r]: softmax over each query's visible keys."""
+    q = heads(linear(x, params["q_proj"]), num_heads)  # [B, T, H, d]
+    k, v = unit(xp, q), heads(linear(x, params["v_proj"]), num_heads)
+    rows = []
+    for t in range(x.shape[1]):
+        seen = visible_keys(t, c, num_heads=num_heads, local_heads=local_heads, window=window)
+        scores = xp.einsum("bhd,bshd->bhs", q[:, t], k[:, : t + 1]) / math.sqrt(q.shape[-1])
+        scores = xp.where(seen, scores, -xp.inf)
+        e = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+        rows.append(xp.einsum("bhs,bshd->bhd", e / e.sum(axis=-1, keepdims=True), v[:, : t + 1]))
+    return linear(merge(xp.stack(rows, axis=1)), params["o_proj"])
 
 
 def routed_clusters(params, x, centroids, *, num_heads: int, local_heads: int):
     """The clusters [B, T, H_r] of the routing heads in float64 numpy (constant under differentiation)."""
     q = heads(linear(np.asarray(x, np.float64), f64(params)["q_proj"]), num_heads)
     return clusters_of(np, unit(np, q), np.asarray(centroids, np.float64), local_heads)
-
-
-def layer(xp, params, x, c, *, num_heads: int, local_heads: int, window: int):
-    """The layer's output given the routing heads' clusters c [B, T, H_r]."""
-    T = x.shape[1]
-    q = heads(linear(x, params["q_proj"]), num_heads)  # [B, T, H, d]
-    k, v = unit(xp, q), heads(linear(x, params["v_proj"]), num_heads)
-    rows = []
-    for b in range(x.shape[0]):
-        row = []
-        for t in range(T):
-            out = []
-            for h in range(num_heads):
-                seen = visible_keys(t, h, c[b], local_heads=local_heads, window=window)
-                scores = k[b, seen, h] @ q[b, t, h] / math.sqrt(q.shape[-1])
-                e = xp.exp(scores - scores.max())
-                out.append((e / e.sum()) @ v[b, seen, h])
-            row.append(xp.stack(out))
-        rows.append(xp.stack(row))
-    return linear(merge(xp.stack(rows)), params["o_proj"])
 
 
 CASES = [  # num_heads, local_heads, num_clusters, window, T
