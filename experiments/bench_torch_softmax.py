@@ -1,0 +1,87 @@
+"""Causal softmax attention on CPU, side by side in one process: seqlab's XLA blockwise form
+(``ops.softmax_attn(impl="chunked")``, which skips the tiles above the diagonal) against PyTorch's
+``scaled_dot_product_attention(is_causal=True)``, forward and forward+backward.
+
+    python experiments/bench_torch_softmax.py                       # T = 1k, 2k, 4k, 8k; H = 8, D = 64, B = 1
+    python experiments/bench_torch_softmax.py --lengths=4096 --blocks=256,512,1024
+
+PyTorch is an optional dependency of this script only (``pip install -e ".[bench]"``). Both run float32 on every
+core (torch's intra-op threads = the machine's cores) with seqlab's host allocator policy (`seqlab.host_memory`),
+set before either library runs. Times are the best of ``--repeats`` calls after a warm-up call (which also
+compiles); the backward is the gradient of sum(o · w) with respect to q, k and v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench_ops import best_seconds
+from seqlab import host_memory, ops
+
+
+def jax_times(q, k, v, w, block: int | None, repeats: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of the XLA blockwise causal form at `block` (None: the op's default)."""
+    def attention(q, k, v):
+        return ops.softmax_attn(q, k, v, causal=True, impl="chunked", block_size=block)
+
+    forward = jax.jit(attention)
+    backward = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * w), argnums=(0, 1, 2)))
+    return tuple(1e3 * best_seconds(lambda f=f: jax.block_until_ready(f(q, k, v)), repeats)
+                 for f in (forward, backward))
+
+
+def torch_times(arrays: tuple[np.ndarray, ...], repeats: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of torch's causal scaled_dot_product_attention, inputs [B, T, H, D]."""
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v, w = (torch.tensor(np.swapaxes(a, 1, 2)) for a in arrays)  # [B, H, T, D]
+
+    def forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def backward():
+        leaves = [a.clone().requires_grad_() for a in (q, k, v)]
+        (F.scaled_dot_product_attention(*leaves, is_causal=True) * w).sum().backward()
+
+    return tuple(1e3 * best_seconds(f, repeats) for f in (forward, backward))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="1024,2048,4096,8192")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--blocks", default="default", help="XLA blocks to time: comma-separated ints or 'default'")
+    parser.add_argument("--repeats", type=int, default=5)
+    a = parser.parse_args()
+    host_memory.retain_freed_memory()  # before either library runs anything
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("bench_torch_softmax.py needs PyTorch: pip install -e '.[bench]'")
+    torch.set_num_threads(os.cpu_count() or 1)
+    blocks = [None if b == "default" else int(b) for b in a.blocks.split(",")]
+    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"H={a.heads}, D={a.dim}, B=1, float32, device={jax.devices()[0].device_kind}")
+    print("| T | implementation | fwd ms | fwd+bwd ms |\n|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for length in map(int, a.lengths.split(",")):
+        arrays = tuple(rng.normal(size=(1, length, a.heads, a.dim)).astype(np.float32) for _ in range(4))
+        tf, tb = torch_times(arrays, a.repeats)
+        print(f"| {length} | torch scaled_dot_product_attention | {tf:.1f} | {tb:.1f} |", flush=True)
+        q, k, v, w = (jnp.asarray(x) for x in arrays)
+        for block in blocks:
+            jf, jb = jax_times(q, k, v, w, block, a.repeats)
+            name = f"seqlab chunked, block {block or 'default'}"
+            print(f"| {length} | {name} | {jf:.1f} | {jb:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
