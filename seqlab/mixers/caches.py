@@ -20,6 +20,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     FlowCache       Flowformer: the flow's prefix sums
     LightNetCache   LightNet: the GLA state and the running logsumexp of the keys
     MultiQueryCache MQSA: a KVCache plus the last inputs of the window-pooled queries
+    VQCache         LongVQ: the EMA's state, a KVCache ring of the last 2L quantised keys, per-code value sums
 """
 
 from __future__ import annotations
@@ -302,3 +303,24 @@ class MultiQueryCache(KVCache):
     """
 
     window: jax.Array | None = None
+
+
+@struct.dataclass
+class VQCache:
+    """Decode cache of LongVQ (blocks of L positions; n = the block of the last token read).
+
+    ring: a `KVCache` ring of 2L slots, the quantised keys k̂ [B, 2L, H, d] and values [B, 2L, H, d] float32 of the
+        last 2L positions (blocks n − 1 and n among them). ema: [B, D, n_ema, 1] float32, the EMA's `ops.gla` state.
+    before, previous, current: [B, H, S, d + 1] float32, `ops.code_sums` (per-code value sums and counts) of the
+        blocks before n − 1, of block n − 1 and of block n. pos: [] int32, number of tokens consumed so far.
+    """
+
+    ring: KVCache
+    ema: jax.Array
+    before: jax.Array
+    previous: jax.Array
+    current: jax.Array
+
+    @property
+    def pos(self) -> jax.Array:
+        return self.ring.pos

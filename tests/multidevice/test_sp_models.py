@@ -164,11 +164,14 @@ def test_ring_attention_model_equals_single_device():
     assert rel(jax.jit(sharded_loss(ring, 4))(nnx.state(ring), tokens), expected) < 1e-5
 
 
-def test_routing_k_means_step_on_a_split_sequence_is_the_single_device_step():
-    """Routing's training-path centroid update sums its members over every device: the sharded step moves the
-    centroids exactly as the step over the whole sequence."""
-    mixer = mixers.create("routing", d_model=32, num_heads=2, local_heads=0, num_clusters=3, centroid_decay=0.5,
-                          use_running_average=False, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("name, kwargs", [
+    ("routing", dict(local_heads=0, num_clusters=3, centroid_decay=0.5)),
+    ("longvq", dict(num_codes=6, block_size=4, codebook_decay=0.5)),
+])
+def test_k_means_step_on_a_split_sequence_is_the_single_device_step(name, kwargs):
+    """A training-path k-means update (Routing's centroids, LongVQ's codebook) sums over every device: the sharded
+    step moves the BatchStats exactly as the step over the whole sequence."""
+    mixer = mixers.create(name, d_model=32, num_heads=2, use_running_average=False, rngs=nnx.Rngs(0), **kwargs)
     x = jax.random.normal(jax.random.key(3), (B, T, 32))
     sharded = copy.deepcopy(mixer)
     shard_sequence(sharded, "seq")
@@ -177,13 +180,15 @@ def test_routing_k_means_step_on_a_split_sequence_is_the_single_device_step():
     def local(state, x):
         layer = nnx.merge(graphdef, state)
         layer(x)
-        return layer.centroids[...]
+        return nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat))
 
     mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
     got = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(None, "seq")), out_specs=P()))(state, x)
-    before = mixer.centroids[...]
+    before = nnx.to_pure_dict(nnx.state(mixer, nnx.BatchStat))
     mixer(x)
-    assert rel(got, mixer.centroids[...]) < 1e-6 and rel(got, before) > 1e-2
+    after = nnx.to_pure_dict(nnx.state(mixer, nnx.BatchStat))
+    for g, a, b in zip(jax.tree.leaves(got), jax.tree.leaves(after), jax.tree.leaves(before)):
+        assert rel(g, a) < 1e-6 and rel(g, b) > 1e-2
 
 
 def run_losses(tmp_path, name: str, spec: str, **mesh) -> list[float]:

@@ -294,16 +294,21 @@ def test_prepbn_models_carry_batch_statistics_and_set_lambda_from_the_step(tmp_p
         config_lib.validate(config)
 
 
-def test_routing_centroids_train_with_the_model_and_stay_on_one_device(tmp_path):
-    """A training-mode Routing layer's k-means centroids are carried from step to step and checkpointed."""
+@pytest.mark.parametrize("name, kwargs, stat, carries", [
+    ("routing", dict(centroid_decay=0.9, window=8), "centroids", "its k-means centroids"),
+    ("longvq", dict(codebook_decay=0.9, block_size=8, num_codes=8), "codebook_sums", "its codebook's moving averages"),
+])
+def test_k_means_state_trains_with_the_model_and_stays_on_one_device(tmp_path, name, kwargs, stat, carries):
+    """A training-mode Routing layer's centroids (LongVQ's codebook) are carried from step to step and
+    checkpointed; a mesh is refused."""
     config = load_config("configs/mqar.py:softmax,tiny")
-    config.model.mixers = ("baseconv", "routing")
-    config.model.mixer_args.routing.update(use_running_average=False, centroid_decay=0.9, window=8)
+    config.model.mixers = ("baseconv", name)
+    config.model.mixer_args[name].update(use_running_average=False, **kwargs)
     config.train.update(steps=4, eval_every=4, checkpoint_every=4, log_every=2)
     train_and_evaluate(config, str(tmp_path))
     model, _, task = restore_model(str(tmp_path))
-    initial = models.build_model(config, task, nnx.Rngs(config.seed)).backbone.blocks[1].mixer.centroids[...]
-    assert float(jnp.max(jnp.abs(model.backbone.blocks[1].mixer.centroids[...] - initial))) > 1e-3
+    initial = getattr(models.build_model(config, task, nnx.Rngs(config.seed)).backbone.blocks[1].mixer, stat)[...]
+    assert float(jnp.max(jnp.abs(getattr(model.backbone.blocks[1].mixer, stat)[...] - initial))) > 1e-3
     config.mesh.seq = 2
-    with pytest.raises(ValueError, match=r"^model.mixers: 'routing' carries its k-means centroids"):
+    with pytest.raises(ValueError, match=rf"^model.mixers: '{name}' carries {carries}"):
         config_lib.validate(config)
