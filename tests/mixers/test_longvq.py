@@ -2,8 +2,8 @@
 vector-quantised keys (`ops.vq_attn`, Transformer-VQ's linear-time form).
 
 The op against the quadratic form written here: every key replaced by its nearest code (found here in float64),
-causal softmax pair by pair; q and v get the quadratic form's gradients, and a key the straight-through gradient
-from the queries of its own and the next block only (the op's stated estimator). Odd lengths, several block sizes
+causal softmax pair by pair (a dense [T, T] formula); q and v get the quadratic form's gradients, and a key the
+straight-through gradient from the queries of its own and the next block only (the op's stated estimator). Odd lengths, several block sizes
 and codebook sizes (codes no key picks among them), large logits, bf16, one token. The layer against its formula (a
 per-token damped EMA, Mega's gates, the dense quantised attention), forward and gradients; the codebook's k-means
 step against its formula; a prompt longer than two blocks decoded; bad arguments.
@@ -11,6 +11,7 @@ step against its formula; a prompt longer than two blocks decoded; bad arguments
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -38,22 +39,20 @@ def nearest(k, codebook):
 
 
 def quantised_attention(xp, q, k, v, codebook, codes, block: int):
-    """o [B, T, H, V]: softmax over j <= t of q_t·k̂_j / √d, k̂_j = e_{z_j}; k̂_j = k_j + sg(e_{z_j} − k_j) carries
-    a gradient to k_j only from the queries t with block(j) >= block(t) − 1."""
+    """o [B, T, H, V], pair by pair: softmax over j <= t of q_t·k̂_j / √d, k̂_j = e_{z_j}; k̂_j = k_j + sg(e_{z_j} −
+    k_j) carries a gradient to k_j only from the queries t with block(j) >= block(t) − 1."""
     e = xp.asarray(codebook)
     chosen = xp.stack([e[h][codes[:, :, h]] for h in range(e.shape[0])], axis=2)  # [B, T, H, d]
     k_hat = k + sg(xp, chosen - k)
-    rows = []
-    for t in range(q.shape[1]):
-        j = np.arange(t + 1)
-        near = (j // block >= t // block - 1)[None, :, None, None]
-        keys = xp.where(near, k_hat[:, : t + 1], sg(xp, k_hat[:, : t + 1]))
-        scores = xp.einsum("bhd,bjhd->bhj", q[:, t], keys) / math.sqrt(q.shape[-1])
-        p = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-        rows.append(xp.einsum("bhj,bjhv->bhv", p / p.sum(axis=-1, keepdims=True), v[:, : t + 1]))
-    return xp.stack(rows, axis=1)
+    t, j = np.arange(q.shape[1])[:, None], np.arange(q.shape[1])[None, :]
+    near = j // block >= t // block - 1  # [T, T]: pairs whose score differentiates the key
+    scores = xp.where(near, xp.einsum("bthd,bjhd->bhtj", q, k_hat), xp.einsum("bthd,bjhd->bhtj", q, sg(xp, k_hat)))
+    scores = xp.where(j <= t, scores / math.sqrt(q.shape[-1]), -xp.inf)
+    p = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    return xp.einsum("bhtj,bjhv->bthv", p / p.sum(axis=-1, keepdims=True), v)
 
 
+@functools.partial(jax.jit, static_argnums=4)
 def op(q, k, v, codebook, block: int):
     codes = ops.nearest_codes(k, codebook)
     return ops.vq_attn(q, ops.quantize(k, codebook, codes), codes, v, codebook, block_size=block)
@@ -75,7 +74,7 @@ def test_op_is_the_quadratic_form_over_quantised_keys(T, block, num_codes, q_sca
     np.testing.assert_array_equal(ops.nearest_codes(k, codebook), codes)
     want = quantised_attention(np, *f64((q, k, v, codebook)), codes, block)
     assert rel_err(op(q, k, v, codebook, block), want) <= 1e-5
-    got = jax.grad(lambda *a: jnp.sum(op(*a, codebook, block) * w), argnums=(0, 1, 2))(q, k, v)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(op(*a, codebook, block) * w), argnums=(0, 1, 2)))(q, k, v)
     with jax.default_matmul_precision("highest"):
         ref = jax.jit(jax.grad(lambda *a: jnp.sum(quantised_attention(jnp, *a, codebook, codes, block) * w),
                                argnums=(0, 1, 2)))(q, k, v)
@@ -201,9 +200,15 @@ def test_decode_from_a_prompt_longer_than_two_blocks_matches_the_forward():
     mixer = mixers.create("longvq", d_model=D, num_heads=2, num_codes=4, block_size=3, ema_dim=2, rngs=nnx.Rngs(0))
     nnx.update(mixer, perturbed_params(mixer))
     x, _ = inputs(2, (B, T, D))
-    y_prompt, cache = mixer.prefill(x[:, :prompt], mixer.init_cache(B, T))
-    y_rest, cache = steps(mixer, x[:, prompt:], cache)
-    assert rel_err(jnp.concatenate([y_prompt, y_rest], axis=1), mixer(x)) <= 1e-5
+
+    @nnx.jit
+    def paths(m, x):
+        y_prompt, cache = m.prefill(x[:, :prompt], m.init_cache(B, T))
+        y_rest, cache = steps(m, x[:, prompt:], cache)
+        return jnp.concatenate([y_prompt, y_rest], axis=1), m(x), cache
+
+    y_decoded, y, cache = paths(mixer, x)
+    assert rel_err(y_decoded, y) <= 1e-5
     counts = cache.before[..., -1] + cache.previous[..., -1] + cache.current[..., -1]  # [B, H, S]
     np.testing.assert_array_equal(counts.sum(-1), T)
     np.testing.assert_array_equal(cache.current[..., -1].sum(-1), T - (T - 1) // 3 * 3)
