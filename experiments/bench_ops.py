@@ -5,7 +5,8 @@
 
 FLOPs are counted per the chunked algorithm at C = 64 whatever chunk size an implementation uses, so the figure
 compares implementations: per chunk of C tokens per head 2C²K + 2C²V + 4CKV forward, backward twice the forward;
-causal softmax 2T²(K+V)/2 per head. The machine's matmul GFLOP/s is measured in the same run.
+causal softmax 2T²(K+V)/2 per head; vq_attn (one form, blocks of L = 64, S = 64 codes) 2T(2L + S)(K+V) per head.
+The machine's matmul GFLOP/s is measured in the same run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from seqlab import host_memory, ops
 
 FLOP_CHUNK = 64
 LINEAR_OPS = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
-ALL_OPS = LINEAR_OPS + ("softmax_attn", "xla_dot_product_attention")
+ALL_OPS = LINEAR_OPS + ("softmax_attn", "xla_dot_product_attention", "vq_attn")
+VQ_BLOCK, VQ_CODES = 64, 64  # vq_attn's blocks and codebook (LongVQ's defaults)
 # Forms whose cost or memory grows with T² (or that step token by token) run only up to these lengths.
 MAX_LENGTH = {"parallel": 4096, "recurrent": 16384, "xla": 16384}
 
@@ -57,7 +59,9 @@ def make_inputs(op: str, length: int, heads: int, dim: int, batch: int = 1) -> t
     g = jnp.asarray(-rng.uniform(0.01, 0.5, size=shape[:3]), jnp.float32)
     gk = jnp.asarray(-rng.uniform(0.01, 0.5, size=shape), jnp.float32)
     beta = jnp.asarray(rng.uniform(0.1, 0.9, size=shape[:3]), jnp.float32)
-    extra = {"simple_gla": (g,), "gla": (gk,), "delta_rule": (beta,), "gated_delta_rule": (g, beta)}.get(op, ())
+    codebook = jnp.asarray(rng.normal(size=(heads, VQ_CODES, dim)), jnp.float32) / np.sqrt(dim)
+    extra = {"simple_gla": (g,), "gla": (gk,), "delta_rule": (beta,), "gated_delta_rule": (g, beta),
+             "vq_attn": (codebook,)}.get(op, ())
     return (q, k, v) + extra
 
 
@@ -66,6 +70,12 @@ def op_fn(op: str, impl: str) -> Callable:
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
     if op == "softmax_attn":
         return lambda q, k, v: ops.softmax_attn(q, k, v, impl=impl)
+    if op == "vq_attn":  # its keys quantised in the timed function, with their straight-through gradient
+        def quantised(q, k, v, codebook):
+            codes = ops.nearest_codes(k, codebook)
+            return ops.vq_attn(q, ops.quantize(k, codebook, codes), codes, v, codebook, block_size=VQ_BLOCK)
+
+        return quantised
     fn = getattr(ops, op)
     return lambda *args: fn(*args, impl=impl)[0]
 
@@ -73,6 +83,8 @@ def op_fn(op: str, impl: str) -> Callable:
 def forward_flops(op: str, length: int, heads: int, dim: int) -> float:
     if op in ("softmax_attn", "xla_dot_product_attention"):
         return heads * 2 * length**2 * (2 * dim) / 2
+    if op == "vq_attn":
+        return heads * 2 * length * (2 * VQ_BLOCK + VQ_CODES) * (2 * dim)
     c = FLOP_CHUNK
     return heads * (length / c) * (2 * c * c * dim + 2 * c * c * dim + 4 * c * dim * dim)
 
@@ -109,7 +121,7 @@ def main() -> None:
     print("| op | impl | T | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | GFLOP/s fwd | GFLOP/s fwd+bwd | % of matmul |")
     print("|---|---|---|---|---|---|---|---|---|")
     for op in args.ops.split(","):
-        impls = ["xla"] if op == "xla_dot_product_attention" else args.impls.split(",")
+        impls = {"xla_dot_product_attention": ["xla"], "vq_attn": ["chunked"]}.get(op, args.impls.split(","))
         for impl in impls:
             for length in map(int, args.lengths.split(",")):
                 if length > MAX_LENGTH.get(impl, length):

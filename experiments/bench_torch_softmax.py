@@ -8,7 +8,9 @@
 PyTorch is an optional dependency of this script only (``pip install -e ".[bench]"``). Both run float32 on every
 core (torch's intra-op threads = the machine's cores) with seqlab's host allocator policy (`seqlab.host_memory`),
 set before either library runs. Times are the best of ``--repeats`` calls after a warm-up call (which also
-compiles); the backward is the gradient of sum(o · w) with respect to q, k and v.
+compiles); the backward is the gradient of sum(o · w) with respect to q, k and v. A second table times the two
+matmuls of one attention tile in each library (H of them batched, float32): the scores [block, D] @ [D, block]
+and the output [block, block] @ [block, D], which bound what any XLA formulation of the tiles can reach.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from bench_ops import best_seconds
 from seqlab import host_memory, ops
+from seqlab.ops.softmax_attn import DEFAULT_BLOCK_SIZE
 
 
 def jax_times(q, k, v, w, block: int | None, repeats: int) -> tuple[float, float]:
@@ -53,6 +56,24 @@ def torch_times(arrays: tuple[np.ndarray, ...], repeats: int) -> tuple[float, fl
     return tuple(1e3 * best_seconds(f, repeats) for f in (forward, backward))
 
 
+def tile_matmul_rates(heads: int, dim: int, block: int, repeats: int) -> list[tuple[str, float, float]]:
+    """(matmul, XLA GFLOP/s, torch GFLOP/s) of a tile's two batched matmuls."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for name, (m, k, n) in {"scores": (block, dim, block), "output": (block, block, dim)}.items():
+        a, b = (rng.normal(size=(heads, *shape)).astype(np.float32) for shape in ((m, k), (k, n)))
+        xla = jax.jit(lambda x, y: jnp.einsum("hmk,hkn->hmn", x, y))
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.tensor(a), torch.tensor(b)
+        flops = 2 * heads * m * k * n
+        t_xla = best_seconds(lambda: jax.block_until_ready(xla(ja, jb)), repeats)
+        t_torch = best_seconds(lambda: torch.bmm(ta, tb), repeats)
+        rows.append((f"{name} [{m}, {k}] @ [{k}, {n}] x {heads}", flops / t_xla / 1e9, flops / t_torch / 1e9))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -81,6 +102,10 @@ def main() -> None:
             jf, jb = jax_times(q, k, v, w, block, a.repeats)
             name = f"seqlab chunked, block {block or 'default'}"
             print(f"| {length} | {name} | {jf:.1f} | {jb:.1f} |", flush=True)
+    tile = blocks[0] or DEFAULT_BLOCK_SIZE
+    print(f"\n| one tile's matmul (block {tile}) | XLA GFLOP/s | torch GFLOP/s |\n|---|---|---|")
+    for name, xla, torch_rate in tile_matmul_rates(a.heads, a.dim, tile, 10 * a.repeats):
+        print(f"| {name} | {xla:.0f} | {torch_rate:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
