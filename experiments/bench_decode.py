@@ -4,7 +4,7 @@ The Based paper ("Simple linear attention language models balance the recall-thr
 2024) claims much higher generation throughput than softmax attention because a linear layer's decode state has a
 fixed size while a KV cache grows with the context. This measures it for seqlab's mixers.
 
-    python experiments/bench_decode.py      # the full table: 7 mixers x contexts 1k .. 16k (for BENCHMARKS.md)
+    python experiments/bench_decode.py      # the full table: 8 mixers x contexts 1k .. 16k (for BENCHMARKS.md)
     python experiments/bench_decode.py --contexts=256 --new_tokens=8 --mixers=softmax,gla     # a smoke run (seconds)
 
 For each mixer and context (the prompt length): a bytes DecoderLM (vocab 256, random weights, --layers layers of
@@ -39,6 +39,7 @@ MIXERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "gla": (("gla",), {}),
     "deltanet": (("deltanet",), {}),
     "mamba2": (("mamba2",), {}),
+    "longvq": (("longvq",), {}),
 }
 
 
