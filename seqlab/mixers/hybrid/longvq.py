@@ -64,14 +64,16 @@ def standardise(x: jax.Array, eps: float = 1e-5) -> jax.Array:
 class LongVQ(Mixer):
     """num_codes: S codes per head; block_size: L, the exact-key blocks of the attention; ema_dim: n, the EMA's
     dimensions per channel; codebook_decay: γ of the codebook's moving average; use_running_average: freeze the
-    codebook (True: the default and eval mode; False: train mode updates it); chunk_size: the EMA op's chunk."""
+    codebook (True: the default and eval mode; False: train mode updates it); chunk_size: the EMA op's chunk (8:
+    its heads have one value column each, so a chunk's C × C intra-chunk work is mostly overhead and small chunks
+    run fastest)."""
 
     documents_refused = "its codebook sums and its EMA run over the whole row"
     single_device_state = "its codebook's moving averages"
 
     def __init__(self, d_model: int, num_heads: int, *, num_codes: int = 64, block_size: int = 64, ema_dim: int = 16,
                  codebook_decay: float = 0.99, use_running_average: bool = True, head_dim: int | None = None,
-                 impl: str = "auto", chunk_size: int = 64, rngs: nnx.Rngs | None = None, dtype: Any = None,
+                 impl: str = "auto", chunk_size: int = 8, rngs: nnx.Rngs | None = None, dtype: Any = None,
                  param_dtype: Any = jnp.float32):
         check_positive_int("num_codes", num_codes)
         check_positive_int("block_size", block_size)
