@@ -104,7 +104,7 @@ def test_outputs_see_only_the_past_when_causal():
     mixer = make(chunk=4)
     nnx.update(mixer, perturbed_params(mixer))
     x, _ = inputs(1, (1, T, D))
-    jac = jax.jacobian(lambda a: mixer(a)[0].sum(-1))(x)[:, 0]  # [T_out, T_in, D]
+    jac = jax.jit(jax.jacobian(lambda a: mixer(a)[0].sum(-1)))(x)[:, 0]  # [T_out, T_in, D]
     reach = np.abs(np.asarray(jac)).sum(-1) > 0
     assert not np.any(np.triu(reach, 1))  # no output sees a later token
     assert reach[-1].all()  # the last output sees the earlier chunks (global) and itself (relu² may zero a pair)

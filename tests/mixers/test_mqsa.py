@@ -139,6 +139,6 @@ def test_a_query_sees_its_window_and_its_past_only():
     """Gradient support: y_t depends on x_s iff s <= t (causal), however long the window."""
     mixer = make(2, 2, 4, 1, 0.5, False)
     x, _ = inputs(5, (1, 9, D))
-    jac = jax.jacobian(lambda a: mixer(a)[0].sum(-1))(x)[:, 0]  # [T_out, T_in, D]
+    jac = jax.jit(jax.jacobian(lambda a: mixer(a)[0].sum(-1)))(x)[:, 0]  # [T_out, T_in, D]
     reach = np.abs(np.asarray(jac)).sum(-1) > 0
     np.testing.assert_array_equal(reach, np.tril(np.ones((9, 9), bool)))
