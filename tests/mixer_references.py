@@ -107,6 +107,19 @@ def rel_close(tol: float):
     return close
 
 
+def prompt_then_steps(mixer, x, prompt: int):
+    """Jitted: (prefill(x[:, :prompt]) + token-by-token decode of the rest [B, T, D], the full forward, the cache
+    after all T tokens), from init_cache(B, T)."""
+
+    @nnx.jit
+    def run(m, x):
+        y_prompt, cache = m.prefill(x[:, :prompt], m.init_cache(*x.shape[:2]))
+        y_rest, cache = steps(m, x[:, prompt:], cache)
+        return jnp.concatenate([y_prompt, y_rest], axis=1), m(x), cache
+
+    return run(mixer, x)
+
+
 def decode_paths(mixer, x, prompt: int):
     """The decode paths of a causal mixer over x [B, T, D], jitted: (full forward, token-by-token decode,
     prefill(x[:, :prompt]) + token-by-token decode of the rest, caches) with the caches after stepping all of x

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params, rope, steps
+from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params,
+                              prompt_then_steps, rope)
 from reference import rel_err
 from seqlab import mixers
 
@@ -95,14 +96,7 @@ def test_decode_reads_one_block_of_keys_and_matches_the_forward():
     T, prompt, block = 23, 6, 4
     mixer = mixers.create("block_transformer", d_model=D, num_heads=2, block=block, rngs=nnx.Rngs(0))
     x, _ = inputs(2, (B, T, D))
-
-    @nnx.jit
-    def paths(m, x):
-        y_prompt, cache = m.prefill(x[:, :prompt], m.init_cache(B, T))
-        y_rest, cache = steps(m, x[:, prompt:], cache)
-        return jnp.concatenate([y_prompt, y_rest], axis=1), m(x), cache
-
-    y_decoded, y, cache = paths(mixer, x)
+    y_decoded, y, cache = prompt_then_steps(mixer, x, prompt)
     assert rel_err(y_decoded, y) <= 1e-5
     assert cache.local.k.shape[1] == block + 1 and cache.blocks.k.shape[1] == math.ceil(T / block)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params, steps
+from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params,
+                              prompt_then_steps)
 from reference import rel_err
 from seqlab import mixers
 
@@ -105,14 +106,7 @@ def test_decode_from_a_prompt_that_ends_mid_span():
     T, prompt, span = 17, 6, 4
     mixer = mixers.create("combiner", d_model=D, num_heads=4, num_kv_heads=2, span=span, rngs=nnx.Rngs(0))
     x, _ = inputs(2, (B, T, D))
-
-    @nnx.jit
-    def paths(m, x):
-        y_prompt, cache = m.prefill(x[:, :prompt], m.init_cache(B, T))
-        y_rest, cache = steps(m, x[:, prompt:], cache)
-        return jnp.concatenate([y_prompt, y_rest], axis=1), m(x), cache
-
-    y_decoded, y, cache = paths(mixer, x)
+    y_decoded, y, cache = prompt_then_steps(mixer, x, prompt)
     assert rel_err(y_decoded, y) <= 1e-5
     assert cache.summary_k.shape[1] == math.ceil(T / span) and cache.local.k.shape[1] == span  # O(s + T/s) keys
 

@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, over_tokens, perturbed_params,
-                              sigmoid, silu, steps)
+                              prompt_then_steps, sigmoid, silu)
 from reference import rel_err
 from seqlab import mixers, ops
 
@@ -200,14 +200,7 @@ def test_decode_from_a_prompt_longer_than_two_blocks_matches_the_forward():
     mixer = mixers.create("longvq", d_model=D, num_heads=2, num_codes=4, block_size=3, ema_dim=2, rngs=nnx.Rngs(0))
     nnx.update(mixer, perturbed_params(mixer))
     x, _ = inputs(2, (B, T, D))
-
-    @nnx.jit
-    def paths(m, x):
-        y_prompt, cache = m.prefill(x[:, :prompt], m.init_cache(B, T))
-        y_rest, cache = steps(m, x[:, prompt:], cache)
-        return jnp.concatenate([y_prompt, y_rest], axis=1), m(x), cache
-
-    y_decoded, y, cache = paths(mixer, x)
+    y_decoded, y, cache = prompt_then_steps(mixer, x, prompt)
     assert rel_err(y_decoded, y) <= 1e-5
     counts = cache.before[..., -1] + cache.previous[..., -1] + cache.current[..., -1]  # [B, H, S]
     np.testing.assert_array_equal(counts.sum(-1), T)

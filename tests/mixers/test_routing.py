@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params, steps
+from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params,
+                              prompt_then_steps)
 from reference import rel_err
 from seqlab import mixers
 
@@ -132,14 +133,7 @@ def test_decode_from_a_prompt_matches_the_forward():
     mixer = mixers.create("routing", d_model=D, num_heads=4, local_heads=2, num_clusters=3, window=4,
                           rngs=nnx.Rngs(0))
     x, _ = inputs(2, (B, T, D))
-
-    @nnx.jit
-    def paths(m, x):
-        y_prompt, cache = m.prefill(x[:, :prompt], m.init_cache(B, T))
-        y_rest, cache = steps(m, x[:, prompt:], cache)
-        return jnp.concatenate([y_prompt, y_rest], axis=1), m(x), cache
-
-    y_decoded, y, cache = paths(mixer, x)
+    y_decoded, y, cache = prompt_then_steps(mixer, x, prompt)
     assert rel_err(y_decoded, y) <= 1e-5
     k = unit(jnp, heads(mixer.q_proj(x), 4))
     np.testing.assert_array_equal(cache.clusters, mixer.route(k[:, :, 2:]))
