@@ -17,14 +17,10 @@ if "xla_cpu_experimental_ynn_fusion_type" not in _flags:
     _flags += " --xla_cpu_experimental_ynn_fusion_type="
 # Compile-time budget: these tests compile a few thousand small XLA programs and run each once or twice, so
 # compile time dominates: LLVM optimisation is off, and XLA CPU's classic elemental emitter replaces its newer
-# fusion emitters (about half the compile time on these programs; the suite passes under either). Each program's
-# LLVM module is compiled in one piece: the two xdist workers already keep both cores busy, and splitting it for
-# parallel codegen cost 12 % more time on the registry's decode checks. Set SEQLAB_TEST_XLA_OPT=1 to keep XLA's
-# defaults for all three.
-_COMPILE_BUDGET = (("xla_backend_optimization_level", "0"), ("xla_cpu_use_fusion_emitters", "false"),
-                   ("xla_cpu_parallel_codegen_split_count", "1"))
+# fusion emitters (about half the compile time on these programs; the suite passes under either). Set
+# SEQLAB_TEST_XLA_OPT=1 to keep XLA's defaults for both.
 if os.environ.get("SEQLAB_TEST_XLA_OPT", "0") != "1":
-    for _flag, _value in _COMPILE_BUDGET:
+    for _flag, _value in (("xla_backend_optimization_level", "0"), ("xla_cpu_use_fusion_emitters", "false")):
         if _flag not in _flags:
             _flags += f" --{_flag}={_value}"
 # Must be in the environment before the XLA backend starts.
