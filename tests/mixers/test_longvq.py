@@ -3,10 +3,11 @@ vector-quantised keys (`ops.vq_attn`, Transformer-VQ's linear-time form).
 
 The op against the quadratic form written here: every key replaced by its nearest code (found here in float64),
 causal softmax pair by pair (a dense [T, T] formula); q and v get the quadratic form's gradients, and a key the
-straight-through gradient from the queries of its own and the next block only (the op's stated estimator). Odd lengths, several block sizes
-and codebook sizes (codes no key picks among them), large logits, bf16, one token. The layer against its formula (a
-per-token damped EMA, Mega's gates, the dense quantised attention), forward and gradients; the codebook's k-means
-step against its formula; a prompt longer than two blocks decoded; bad arguments.
+straight-through gradient from the queries of its own and the next block only (the op's stated estimator). Odd
+lengths, several block sizes and codebook sizes (codes no key picks among them), large logits, bf16, one token.
+The layer against its formula (a per-token damped EMA, Mega's gates, the dense quantised attention), forward and
+gradients; the codebook's k-means step against its formula; a prompt longer than two blocks decoded; bad arguments
+(the op's shapes and a sequence shard that is not whole blocks).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, over_tokens, perturbed_params,
                               prompt_then_steps, sigmoid, silu)
@@ -114,6 +116,11 @@ def test_op_bad_arguments_name_the_argument():
         ops.vq_attn(q, q, codes, q, e[:1])
     with pytest.raises(ValueError, match=r"^block_size must be a positive int"):
         ops.vq_attn(q, q, codes, q, e, block_size=0)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+    split = jax.shard_map(lambda *a: ops.vq_attn(*a, block_size=3, sequence_axis="seq"), mesh=mesh,
+                          in_specs=(P(None, "seq"),) * 4 + (P(),), out_specs=P(None, "seq"))
+    with pytest.raises(ValueError, match=r"^block_size: a sequence shard of 8 tokens must be a multiple of block_size"):
+        split(q, q, codes, q, e)
 
 
 def ema_then_gates(xp, params, x, codebook, codes, *, num_heads: int, block: int):
