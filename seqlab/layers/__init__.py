@@ -1,6 +1,7 @@
 """Building blocks shared by the token mixers (and usable by new ones):
 
-    norms         RMSNorm (per head, optionally swish-gated), srms_norm (SimpleRMSNorm), l2_normalize
+    norms         RMSNorm (per head, optionally swish-gated), srms_norm (SimpleRMSNorm), l2_normalize,
+                  plain_layer_norm (no weight or bias)
     conv          ShortConv, the depthwise causal short convolution; head_shared_conv (one conv for every head)
     grid_conv     CentredConv, the centred depthwise convolution over 1-D tokens or a 2-D grid (RALA, LiT)
     positional    positions (absolute positions of a call's tokens), RoPE, rotate_pairs
@@ -18,6 +19,6 @@ from seqlab.layers.global_means import GlobalMeans, global_means
 from seqlab.layers.heads import repeat_kv_columns
 from seqlab.layers.lrpe import LRPE, URPE
 from seqlab.layers.md_lrpe import grid_positions, md_lrpe
-from seqlab.layers.norms import RMSNorm, l2_normalize, srms_norm
+from seqlab.layers.norms import RMSNorm, l2_normalize, plain_layer_norm, srms_norm
 from seqlab.layers.positional import RoPE, positions, rotate_pairs
 from seqlab.layers.ssm import init_mamba_decay, mamba_decay

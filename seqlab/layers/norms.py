@@ -61,3 +61,10 @@ def srms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """
     x32 = x.astype(jnp.float32)
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def plain_layer_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """LayerNorm without weight or bias (Transformer-VQ's and LongVQ's q and k): (x − mean) / sqrt(var + eps) over
+    the last axis, computed in float32 and cast back to x.dtype."""
+    x32 = x.astype(jnp.float32)
+    return srms_norm(x32 - jnp.mean(x32, axis=-1, keepdims=True), eps).astype(x.dtype)

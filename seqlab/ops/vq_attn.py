@@ -129,8 +129,10 @@ def vq_attn(
     k_ext, v_ext = extended(k_hat.astype(jnp.float32), 0.0), extended(v.astype(jnp.float32), 0.0)
     z_ext = extended(codes, num_codes)  # num_codes: no token
     block_sums = code_sums(z_ext.reshape(b, n + 1, lb, h), v_ext.reshape(b, n + 1, lb, h, -1), num_codes)
-    # the segment's block m is extended block m + 1: its blocks <= m − 2 are the extended blocks 1 .. m − 1, and
-    # the halo block (extended 0) is the earlier devices' last one
+    # The segment's block m is extended block m + 1; it reads blocks <= m − 2 through the codebook: the segment's
+    # own ones are extended blocks 1 .. m − 1, the Σ over e < m less the halo (extended 0, zero on one device). On
+    # a split sequence the earlier devices' totals add every block before the segment, the halo included, which
+    # is right for m >= 1; at m = 0 the halo is in the slab, and the subtraction leaves it out.
     before = (jnp.cumsum(block_sums, axis=1) - block_sums)[:, :n] - block_sums[:, :1]  # [B, n, H, S, V + 1]
     if sequence_axis is not None:
         before = before + _earlier_devices(block_sums[:, 1:].sum(axis=1), sequence_axis)[:, None]

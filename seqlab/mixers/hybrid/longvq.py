@@ -42,16 +42,10 @@ from flax import nnx
 
 from seqlab import ops
 from seqlab.checks import check_fraction, check_positive_int, resolve_dim
+from seqlab.layers.norms import plain_layer_norm
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import KVCache, VQCache
 from seqlab.mixers.registry import register
-
-
-def standardise(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Layer norm without parameters over the last axis, in float32."""
-    x = x.astype(jnp.float32)
-    centred = x - jnp.mean(x, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
 
 
 @register(
@@ -95,8 +89,7 @@ class LongVQ(Mixer):
         self.ema_beta = nnx.Param(1.0 + 0.02 * jax.random.normal(rngs.params(), (d_model, ema_dim), param_dtype))
         self.ema_eta, self.ema_omega = normal((d_model, ema_dim), ema_dim**-0.5), normal((d_model,), 1.0)
         self.z_proj = self._linear(d_model, width, rngs, use_bias=True)
-        self.qk_scale = nnx.Param(jnp.ones((2, width), param_dtype) + 0.02 * jax.random.normal(rngs.params(),
-                                                                                             (2, width)))
+        self.qk_scale = nnx.Param(1.0 + 0.02 * jax.random.normal(rngs.params(), (2, width), param_dtype))
         self.qk_offset = nnx.Param(jnp.zeros((2, width), param_dtype))
         self.v_proj = self._linear(d_model, width, rngs, use_bias=True)
         self.reset_proj = self._linear(d_model, width, rngs, use_bias=True)
@@ -124,7 +117,7 @@ class LongVQ(Mixer):
         smoothed, ema = self._ema(x, None if cache is None else cache.ema)
         z = jax.nn.silu(self.z_proj(smoothed)).astype(jnp.float32)
         q_raw, k_raw = (z * self.qk_scale[i] + self.qk_offset[i] for i in range(2))
-        q, k = (standardise(self._heads(a, self.head_dim)) for a in (q_raw, k_raw))
+        q, k = (plain_layer_norm(self._heads(a, self.head_dim)) for a in (q_raw, k_raw))  # float32
         v = self._heads(jax.nn.silu(self.v_proj(x)), self.head_dim)
         codebook = self.codebook
         codes = ops.nearest_codes(k, codebook)
