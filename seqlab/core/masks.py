@@ -46,7 +46,8 @@ A ``ScoreMod`` ``score_mod(scores, q_idx, k_idx, head) -> scores`` rewrites floa
 (bias, temperature, softcap): scores [B, H, Tq, Tk] float32, q_idx [Tq, 1] and k_idx [1, Tk] int32 absolute
 positions (clipped into [0, T)), head [H, 1, 1] int32 query head indices; it returns scores of the same shape. It
 must act on each score independently of the others (no reduction over Tq or Tk): the blockwise form calls it tile
-by tile.
+by tile. Under a runtime ``BlockIndex`` the blockwise form's k_idx is [B, H, 1, Tk] (each batch row and head reads
+its own tiles), so a score_mod should combine its arguments by broadcasting, not by their exact shapes.
 """
 
 from __future__ import annotations

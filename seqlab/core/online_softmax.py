@@ -27,7 +27,9 @@ memory is O(T · block) per row.
 ``score_mod(scores, q_idx, k_idx, head)`` (``masks.ScoreMod``) rewrites the scaled float32 scores before masking.
 The blockwise form calls it once per visited tile (under ``vmap`` over a row's tiles) with scores
 [B, H, block, block], q_idx [block, 1], k_idx [1, block] int32 absolute positions (positions past the sequence
-clipped to T − 1; their scores are masked) and head [H, 1, 1] int32 (query head h reads key/value head h // G);
+clipped to T − 1; their scores are masked; under a runtime ``BlockIndex``, where every batch row and key/value
+head reads its own tiles, k_idx is [B, H, 1, block]) and head [H, 1, 1] int32 (query head h reads key/value head
+h // G);
 ``dense_attention`` calls it once with [B, H, T, T], [T, 1], [1, T], [H, 1, 1]. It must be a pure, elementwise
 function of its arguments and of what it closes over; arrays it closes over that are being differentiated (a learnt
 bias table, per-head temperatures) get their gradients too (``jax.closure_convert`` hoists them into the
@@ -201,20 +203,27 @@ def _tile_mod(plan: BlockPlan, score_mod: ScoreMod | None, batch: int) -> tuple[
     if score_mod is None:
         return None, ()
     tile = jnp.zeros((batch, plan.heads, plan.block, plan.block), jnp.float32)
-    index = jnp.zeros((plan.block, 1), jnp.int32)
-    mod, consts = jax.closure_convert(score_mod, tile, index, index.T, jnp.zeros((plan.heads, 1, 1), jnp.int32))
+    q_idx = jnp.zeros((plan.block, 1), jnp.int32)
+    k_idx = jnp.zeros((batch, plan.heads, 1, plan.block) if plan.selected else (1, plan.block), jnp.int32)
+    mod, consts = jax.closure_convert(score_mod, tile, q_idx, k_idx, jnp.zeros((plan.heads, 1, 1), jnp.int32))
     return mod, tuple(consts)
 
 
 def _modified(plan: BlockPlan, mod: Callable, consts: tuple, scores: Array, q_pos: Array, k_pos: Array) -> Array:
     """mod applied to a row's scores [B, Hkv, G*block, w*block], one [B, H, block, block] tile at a time; q_pos
-    [block], k_pos [w*block] absolute positions."""
+    [block], k_pos [w*block] absolute positions, or [B, Hkv, w*block] for a BlockIndex row (k_idx is then
+    [B, H, 1, block] per tile: query head h = i·G + g reads key/value head i's tiles)."""
     batch, cols = scores.shape[0], scores.shape[-1]
     tiles = scores.reshape(batch, plan.heads, plan.block, cols // plan.block, plan.block)
     q_idx = jnp.clip(q_pos, 0, plan.length - 1)[:, None]
-    k_idx = jnp.clip(k_pos, 0, plan.length - 1).reshape(-1, 1, plan.block)
+    k_idx = jnp.clip(k_pos, 0, plan.length - 1)
+    if k_idx.ndim == 1:
+        k_idx, k_axis = k_idx.reshape(-1, 1, plan.block), 0
+    else:  # [B, Hkv, w*block] -> [B, H, w, 1, block]
+        k_idx = jnp.repeat(k_idx.reshape(batch, -1, cols // plan.block, 1, plan.block), plan.group, axis=1)
+        k_axis = 2
     head = jnp.arange(plan.heads, dtype=jnp.int32)[:, None, None]
-    per_tile = jax.vmap(lambda s, k_tile: mod(s, q_idx, k_tile, head, *consts), in_axes=(3, 0), out_axes=3)
+    per_tile = jax.vmap(lambda s, k_tile: mod(s, q_idx, k_tile, head, *consts), in_axes=(3, k_axis), out_axes=3)
     return per_tile(tiles, k_idx).reshape(scores.shape)
 
 

@@ -141,12 +141,12 @@ def softmax_attn(
     block_index: a runtime ``masks.BlockIndex`` ([B, Hkv, ceil(T / block), S] key tiles per query tile, chosen
     from the data), intersected with the mask: the chunked and pallas forms read only those tiles (in tiles of
     block_index.block, which replaces block_size; pallas needs a power of two >= 16), the dense and recurrent
-    forms mask by it; not with sequence_axis or score_mod; impl="auto" runs "chunked" with it.
+    forms mask by it; not with sequence_axis; impl="auto" runs "chunked" with it.
     """
     _check(q, k, v, impl, block_size)
     mask = masks.resolve(mask, causal, window)
     _check_sequence(impl, sequence_axis, sequence_parallel)
-    _check_block_index(block_index, sequence_axis, score_mod, *q.shape[:2], k.shape[2])
+    _check_block_index(block_index, sequence_axis, *q.shape[:2], k.shape[2])
     segment_ids = _document_ids(mask, segment_ids, cu_seqlens, *q.shape[:2])
     base_mask = mask  # the sequence-parallel form takes the ids beside it
     if segment_ids is not None and not masks.needs_segments(mask):
@@ -193,8 +193,8 @@ def softmax_attn(
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1]).astype(v.dtype)
 
 
-def _check_block_index(block_index: masks.BlockIndex | None, sequence_axis: str | None, score_mod, batch: int,
-                       length: int, kv_heads: int) -> None:
+def _check_block_index(block_index: masks.BlockIndex | None, sequence_axis: str | None, batch: int, length: int,
+                       kv_heads: int) -> None:
     if block_index is None:
         return
     if not isinstance(block_index, masks.BlockIndex):
@@ -202,8 +202,6 @@ def _check_block_index(block_index: masks.BlockIndex | None, sequence_axis: str 
                          f"{type(block_index).__name__}")
     if sequence_axis is not None:
         raise ValueError(f"block_index: a runtime block index runs without sequence_axis, got {sequence_axis!r}")
-    if score_mod is not None:  # its k_idx [1, Tk] is shared by the batch and heads; gathered tiles are not
-        raise ValueError("score_mod: not with block_index (each batch row and key/value head reads its own tiles)")
     block_index.check(batch, kv_heads, length)
 
 

@@ -6,7 +6,8 @@ local tiles, then a dense softmax over the visible keys of those tiles. The sele
 gradient), so the reference gradients differentiate the attention under the mask chosen in float64. Forward in
 float64 (1e-5) and the gradients of the input and the projections (1e-4), T = 37 in tiles of 4 (a partial last
 tile), GQA (4 query heads over 2), causal and non-causal; the blockwise form reads (top_k + local) tiles per row;
-impl="pallas" (the flash-attention kernels over the same BlockIndex, interpreted on CPU) equals impl="chunked".
+impl="pallas" (the flash-attention kernels over the same BlockIndex, interpreted on CPU) equals impl="chunked". A
+subclass's score_mod (ALiBi) is checked against the formula with its term, and its decode against its forward.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import assert_layer_matches, heads, linear, merge, raises_naming
+from mixer_references import assert_layer_matches, heads, linear, merge, prompt_then_steps, raises_naming
 from reference import rel_err
 from seqlab import mixers
+from seqlab.mixers.softmax.hip import HiPAttention
 
 B, T, D = 2, 37, 32
 
@@ -78,8 +80,23 @@ def selection(name: str, q: np.ndarray, k: np.ndarray, *, block: int, top_k: int
     return visible
 
 
-def formula(name: str, *, num_heads: int, num_kv_heads: int, block: int, top_k: int, local: int, causal: bool):
-    """The layer as a function (xp, params, x); the mask is chosen on the float64 (numpy) call and reused."""
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's head slopes 2^(-8 (h + 1) / H)."""
+    return 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
+
+
+class AlibiHiP(HiPAttention):
+    """A researcher's variant defined here: HiP with ALiBi's linear distance penalty as its score_mod."""
+
+    def score_mod(self):
+        slopes = jnp.asarray(alibi_slopes(self.num_heads), jnp.float32)
+        return lambda scores, q_idx, k_idx, head: scores - slopes[head] * jnp.abs(q_idx - k_idx)
+
+
+def formula(name: str, *, num_heads: int, num_kv_heads: int, block: int, top_k: int, local: int, causal: bool,
+            alibi: bool = False):
+    """The layer as a function (xp, params, x); the mask is chosen on the float64 (numpy) call and reused. alibi:
+    the scores less slope_h · |t − s| (the selection is unchanged: it scores tiles, not pairs)."""
     chosen = {}
 
     def layer(xp, params, x):
@@ -90,6 +107,9 @@ def formula(name: str, *, num_heads: int, num_kv_heads: int, block: int, top_k: 
         group = num_heads // num_kv_heads
         k, v = xp.repeat(k, group, axis=2), xp.repeat(v, group, axis=2)
         scores = xp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+        if alibi:
+            distance = np.abs(np.arange(T)[:, None] - np.arange(T)[None])
+            scores = scores - alibi_slopes(num_heads)[:, None, None] * distance
         visible = chosen["visible"]
         scores = xp.where(visible, scores, -1e30)
         p = xp.exp(scores - scores.max(axis=-1, keepdims=True)) * visible
@@ -115,6 +135,16 @@ def test_layer_matches_its_definition(name, top_k, local, causal):
     mixer = mixers.create(name, d_model=D, rngs=nnx.Rngs(0), **kwargs)
     reference = formula(name, num_heads=4, num_kv_heads=2, block=4, top_k=top_k, local=local, causal=causal)
     assert_layer_matches(mixer, reference, (B, T, D), param_grads=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+def test_a_score_mod_of_a_subclass_reaches_every_form():
+    """AlibiHiP against the formula with the ALiBi term, and its prefill + decode against its forward: the
+    score_mod runs over the BlockIndex's gathered tiles in the blockwise form and on the cache when decoding."""
+    mixer = AlibiHiP(D, 4, num_kv_heads=2, block_size=4, top_k=2, local=1, rngs=nnx.Rngs(0))
+    reference = formula("hip", num_heads=4, num_kv_heads=2, block=4, top_k=2, local=1, causal=True, alibi=True)
+    assert_layer_matches(mixer, reference, (B, T, D), param_grads=("q_proj", "k_proj"))
+    decoded, forward, _ = prompt_then_steps(mixer, jax.random.normal(jax.random.key(2), (B, T, D)), 13)
+    assert rel_err(decoded, forward) <= 1e-5
 
 
 @pytest.mark.parametrize("name, causal", [("hip", True), ("sea", True), ("sea", False)])

@@ -5,13 +5,15 @@ the selected tiles as Python sets of the raw index (repeats, negative and out-of
 select nothing more).
 
 Shapes: B = 2, odd T (37, 70), tiles of 16 and 32, GQA (4 query heads over 2 or 1 key/value heads). Tolerance
-1e-5 relative (float32 on both sides), bf16 inputs 1e-2 against float32 on the same rounded inputs. A
-score_mod is refused with a block index (its key positions are shared by the batch and heads; gathered tiles are
-not), and so are sequence_axis and, with impl="pallas", a block that is not a kernel tile.
+1e-5 relative (float32 on both sides), bf16 inputs 1e-2 against float32 on the same rounded inputs. A score_mod
+(a learnt per-head relative-position bias and a softcap) goes with a block index in the XLA forms, checked against
+the bias table read pair by pair, its gradient included; sequence_axis, score_mod with impl="pallas" and, with
+impl="pallas", a block that is not a kernel tile are refused.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -72,6 +74,67 @@ def test_block_index_matches_the_pairwise_reference(case, impl):
     assert all(e <= TOL for e in errors.values()), errors
 
 
+CAP = 4.0  # the softcap of the score_mod test: s -> CAP·tanh(s / CAP) + bias[h, q − k]
+
+
+def capped_relative_bias(table: jax.Array):
+    """The score_mod under test: softcap, then the learnt bias table [H, 2T − 1] at (head, q − k + T − 1)."""
+    span = (table.shape[1] + 1) // 2
+
+    def score_mod(scores, q_idx, k_idx, head):
+        return CAP * jnp.tanh(scores / CAP) + table[head, q_idx - k_idx + span - 1]
+
+    return score_mod
+
+
+def pairwise_capped_bias_reference(visible: np.ndarray):
+    """Dense masked softmax with the softcap and bias written out: the bias [H, T, T] gathered from the table pair
+    by pair in Python loops, for (q, k, v, table)."""
+
+    def attention(q, k, v, table):
+        T, H, group = q.shape[1], q.shape[2], q.shape[2] // k.shape[2]
+        pairs = np.array([[[(h, t - s + T - 1) for s in range(T)] for t in range(T)] for h in range(H)])
+        bias = table[pairs[..., 0], pairs[..., 1]]  # [H, T, T]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * q.shape[-1] ** -0.5
+        logits = jnp.where(visible, CAP * jnp.tanh(logits / CAP) + bias, -jnp.inf)
+        p = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+        return jnp.einsum("bhts,bshv->bthv", p / jnp.sum(p, axis=-1, keepdims=True), v, precision="highest")
+
+    return attention
+
+
+@pytest.mark.parametrize("impl", ("chunked", "parallel", "recurrent"))
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASES[0][0], CASES[3][0]])
+def test_score_mod_with_a_block_index_matches_the_pairwise_bias(case, impl):
+    _, mask, T, H, H_kv, block, S = case
+    q, k, v, W = inputs(2 * T + S, T, H, H_kv)
+    table = jnp.asarray(np.random.default_rng(T).standard_normal((H, 2 * T - 1)), jnp.float32)
+    tiles = raw_tiles(3 * T + H_kv, T, H_kv, block, S)
+    tiles[:, :, :, 0] = np.arange(-(-T // block))  # every query sees its own tile: no empty rows
+    index = M.BlockIndex.of(jnp.asarray(tiles), block, -(-T // block))
+    visible = reference_mask(mask, T, H) & selection_mask(tiles, T, H, block)
+    assert visible.any(axis=-1).all()
+
+    def values_and_grads(attention) -> list[jax.Array]:
+        """[o, dq, dk, dv, dtable] of the loss sum(o * W)."""
+
+        def loss(*args):
+            o = attention(*args)
+            return jnp.sum(o * W), o
+
+        (_, o), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, table)
+        return [o, *grads]
+
+    def under_test(q, k, v, table):
+        return ops.softmax_attn(q, k, v, mask=mask, impl=impl, block_index=index,
+                                score_mod=capped_relative_bias(table))
+
+    got, want = values_and_grads(under_test), values_and_grads(pairwise_capped_bias_reference(visible))
+    errors = {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv", "dtable"), got, want)}
+    assert all(e <= TOL for e in errors.values()), errors
+
+
 def test_block_index_bf16():
     T, H, H_kv, block, S = 37, 4, 2, 16, 2
     q, k, v, W = inputs(3, T, H, H_kv)
@@ -114,9 +177,8 @@ def test_block_index_errors_name_the_argument():
         ops.softmax_attn(q, kv, kv, block_index=M.BlockIndex.of(jnp.zeros((B, 2, 4, 2), jnp.int32), 16, 3))
     with pytest.raises(ValueError, match="block_index: a runtime block index runs without sequence_axis"):
         ops.softmax_attn(q, kv, kv, block_index=good, sequence_axis="x")
-    for impl in ("auto", "pallas"):
-        with pytest.raises(ValueError, match="score_mod: not with block_index"):
-            ops.softmax_attn(q, kv, kv, block_index=good, score_mod=lambda s, *_: s, impl=impl)
+    with pytest.raises(ValueError, match="score_mod is not supported by the Pallas flash_attention kernels"):
+        ops.softmax_attn(q, kv, kv, block_index=good, score_mod=lambda s, *_: s, impl="pallas")
     with pytest.raises(ValueError, match="block_index: block must be a power of two >= 16"):
         ops.softmax_attn(q, kv, kv, block_index=M.BlockIndex.of(jnp.zeros((B, 2, 5, 2), jnp.int32), 8, 5),
                          impl="pallas")
