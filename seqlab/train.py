@@ -209,9 +209,10 @@ class _Run:
     def _step(self, step: int, batch: dict) -> dict[str, float]:
         new_state, metrics = self.train_step(self.state, batch)
         metrics = {k: float(v) for k, v in to_host(metrics).items()}
-        if not math.isfinite(metrics["loss"]):
+        loss = metrics["loss"] + metrics.get("aux_loss", 0.0)
+        if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"the training loss became {metrics['loss']} at step {step + 1}; stopped without saving that state "
+                f"the training loss became {loss} at step {step + 1}; stopped without saving that state "
                 f"(last good checkpoint: step {self.checkpoints.latest_step()})"
             )
         self.state = new_state
@@ -220,7 +221,8 @@ class _Run:
     def _log_train(self, step: int, window: list[dict[str, float]], tokens_per_step: int) -> dict[str, float]:
         """Write the mean metrics of the steps since the last log; throughput counts the steps' own time (data and
         compute), not evaluations or checkpoints between them."""
-        mean = {k: sum(m[k] for m in window) / len(window) for k in ("loss", "accuracy", "grad_norm")}
+        keys = ("loss", "accuracy", "grad_norm") + (("aux_loss",) if "aux_loss" in window[-1] else ())
+        mean = {k: sum(m[k] for m in window) / len(window) for k in keys}
         seconds = sum(m["seconds"] for m in window)
         record = {**mean, "learning_rate": window[-1]["learning_rate"],
                   "tokens_per_s": len(window) * tokens_per_step / seconds,

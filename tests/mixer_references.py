@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 from reference import rel_err
 
+from seqlab.mixers import aux_losses
 from seqlab.mixers.hybrid.liger import LigerAttention
 from seqlab.mixers.softmax.softmax_attention import SoftmaxAttention
 
@@ -105,6 +106,14 @@ def rel_close(tol: float):
         assert rel_err(got, want) <= tol, (name, rel_err(got, want))
 
     return close
+
+
+@nnx.jit
+def aux_losses_of(mixer, x) -> dict:
+    """Jitted: the auxiliary losses (``seqlab.mixers.aux_losses``) the call mixer(x) adds, by name."""
+    with aux_losses.collect() as losses:
+        mixer(x)
+    return losses
 
 
 def prompt_then_steps(mixer, x, prompt: int):

@@ -2,7 +2,7 @@
 progress lines; and `load_metrics` / `metrics_table` to read the records of one or many workdirs in a notebook.
 
 A record: {"step", "split" ("train" or "eval"), "loss", "accuracy", ...}; train records add "learning_rate",
-"grad_norm", "tokens_per_s" and "elapsed_s".
+"grad_norm", "tokens_per_s" and "elapsed_s", and "aux_loss" for a model whose mixers add auxiliary losses.
 """
 
 from __future__ import annotations

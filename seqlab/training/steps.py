@@ -8,7 +8,10 @@ Classification (task.kind "classification"): batch {"inputs" [B, L], "length" [B
 and accuracy of the pooled logits.
 
 Steps return sums (loss_sum, weight, correct_sum, examples) so evaluation can aggregate exact means over batches.
-On a (data, seq) mesh the sums are computed per device inside shard_map and added over the mesh.
+On a (data, seq) mesh the sums are computed per device inside shard_map and added over the mesh. Auxiliary losses
+that mixers add on the training path (`seqlab.mixers.aux_losses`: commitment terms) come back as "aux_loss", their
+sum (averaged over the mesh's equal shards); the train step minimises the task's mean loss plus it and reports
+both ("loss" is the task's alone, comparable with evaluation's).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from seqlab.core.documents import Documents
+from seqlab.mixers import aux_losses
 from seqlab.parallel.mesh import DATA_AXIS, batch_spec
 
 IGNORE_LABEL = -100
@@ -65,14 +69,22 @@ def classification_sums(logits: jax.Array, labels: jax.Array) -> Sums:
 
 
 def batch_sums(model: nnx.Module, batch: Batch, kind: str, dropout_rng: jax.Array | None) -> Sums:
-    """Run the model on a batch (or, inside shard_map, on this device's part of it) and reduce to sums."""
+    """Run the model on a batch (or, inside shard_map, on this device's part of it) and reduce to sums (with
+    "aux_loss" if a mixer added one, averaged over the sequence axis)."""
     sequence_axis = model.backbone.sequence_axis
-    if kind == "classification":
-        logits = model(batch["inputs"], batch["length"], dropout_rng=dropout_rng)
-        return classification_sums(logits, batch["label"])
-    packed = {"documents": Documents(batch["segment_ids"], batch["positions"])} if "segment_ids" in batch else {}
-    logits = model(batch["inputs"], dropout_rng=dropout_rng, **packed)
-    return lm_sums(logits, batch["labels"], sequence_axis)
+    with aux_losses.collect() as added:
+        if kind == "classification":
+            sums = classification_sums(model(batch["inputs"], batch["length"], dropout_rng=dropout_rng),
+                                       batch["label"])
+        else:
+            packed = {}
+            if "segment_ids" in batch:
+                packed["documents"] = Documents(batch["segment_ids"], batch["positions"])
+            sums = lm_sums(model(batch["inputs"], dropout_rng=dropout_rng, **packed), batch["labels"], sequence_axis)
+    if added:
+        aux = aux_losses.total(added)
+        sums["aux_loss"] = aux if sequence_axis is None else jax.lax.pmean(aux, sequence_axis)
+    return sums
 
 
 def mesh_sums(
@@ -85,7 +97,11 @@ def mesh_sums(
         if rng is not None and mesh is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(DATA_AXIS))
         sums = batch_sums(nnx.merge(graphdef, *_as_states(variables), rest), batch, kind, rng)
-        return sums if mesh is None else jax.lax.psum(sums, DATA_AXIS)
+        if mesh is None:
+            return sums
+        aux = sums.pop("aux_loss", None)
+        sums = jax.lax.psum(sums, DATA_AXIS)
+        return sums if aux is None else {**sums, "aux_loss": jax.lax.pmean(aux, DATA_AXIS)}
 
     if mesh is None:
         return local
@@ -145,12 +161,13 @@ def make_train_step(
             sums, stats = stateful_fn(params, state["batch_stats"], batch, rng, state["step"])
         else:
             sums, stats = sums_fn(params, batch, rng), None
-        return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), (sums, stats)
+        task_loss = sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0)
+        return task_loss + sums.get("aux_loss", 0.0), (task_loss, sums, stats)
 
     def step(state, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state["step"])
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (sums, stats)), grads = grad_fn(state["params"], state, batch, rng)
+        (_, (loss, sums, stats)), grads = grad_fn(state["params"], state, batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state}
@@ -158,6 +175,8 @@ def make_train_step(
             new_state["batch_stats"] = stats
         metrics = {"loss": loss, "accuracy": sums["correct_sum"] / jnp.maximum(sums["examples"], 1.0),
                    "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state["step"])}
+        if "aux_loss" in sums:
+            metrics["aux_loss"] = sums["aux_loss"]
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)

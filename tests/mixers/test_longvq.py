@@ -6,7 +6,7 @@ causal softmax pair by pair (a dense [T, T] formula); q and v get the quadratic 
 straight-through gradient from the queries of its own and the next block only (the op's stated estimator). Odd
 lengths, several block sizes and codebook sizes (codes no key picks among them), large logits, bf16, one token.
 The layer against its formula (a per-token damped EMA, Mega's gates, the dense quantised attention), forward and
-gradients; the codebook's k-means step against its formula; a prompt longer than two blocks decoded; bad arguments
+gradients; the codebook's k-means step and the commitment loss against their formulas; a prompt longer than two blocks decoded; bad arguments
 (the op's shapes and a sequence shard that is not whole blocks).
 """
 
@@ -22,8 +22,8 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, over_tokens, perturbed_params,
-                              prompt_then_steps, sigmoid, silu)
+from mixer_references import (assert_layer_matches, aux_losses_of, f64, heads, inputs, linear, merge, over_tokens,
+                              perturbed_params, prompt_then_steps, sigmoid, silu)
 from reference import rel_err
 from seqlab import mixers, ops
 
@@ -202,6 +202,26 @@ def test_training_calls_take_one_k_means_step():
             np.testing.assert_allclose(mixer.codebook_sums[...][h, s], want_sum, atol=1e-5)
 
 
+def test_train_mode_adds_the_commitment_loss():
+    """β · mean (k − e_z)² against the formula's keys and their codes; its gradient reaches the key parameters
+    (qk_offset's key row) and not the query row; nothing in eval mode."""
+    beta, T, H = 0.25, 9, 2
+    mixer = mixers.create("longvq", d_model=D, num_heads=H, num_codes=6, block_size=4, ema_dim=3, commitment=beta,
+                          rngs=nnx.Rngs(0))
+    x, _ = inputs(7, (B, T, D))
+
+    assert aux_losses_of(mixer, x) == {}  # eval mode (use_running_average)
+    codebook = np.asarray(mixer.codebook, np.float64)
+    k = layer_keys(nnx.to_pure_dict(nnx.state(mixer, nnx.Param)), x, num_heads=H)
+    codes = nearest(k, codebook)
+    quantised = np.stack([codebook[h][codes[..., h]] for h in range(H)], axis=2)
+    mixer.use_running_average = False
+    value, grads = nnx.jit(nnx.value_and_grad(lambda m, a: aux_losses_of(m, a)["longvq_commitment"]))(mixer, x)
+    assert rel_err(value, beta * ((k - quantised) ** 2).mean()) <= 1e-5
+    offset = np.asarray(grads["qk_offset"][...])
+    assert not offset[0].any() and np.abs(offset[1]).max() > 0
+
+
 def test_decode_from_a_prompt_longer_than_two_blocks_matches_the_forward():
     T, prompt = 23, 10
     mixer = mixers.create("longvq", d_model=D, num_heads=2, num_codes=4, block_size=3, ema_dim=2, rngs=nnx.Rngs(0))
@@ -219,6 +239,7 @@ def test_decode_from_a_prompt_longer_than_two_blocks_matches_the_forward():
     (dict(block_size=0), "^block_size"),
     (dict(ema_dim=0), "^ema_dim"),
     (dict(codebook_decay=1.5), "^codebook_decay"),
+    (dict(commitment=float("nan")), "^commitment must be a finite number >= 0"),
     (dict(impl="pallas"), "^impl: 'pallas' is not available for longvq"),
 ])
 def test_bad_arguments(kwargs, match):

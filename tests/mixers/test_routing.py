@@ -3,7 +3,8 @@ loop of its definition, written here with the layer's own projections and centro
 queries (shared QK); a routing head sends every token to its nearest centroid and query t attends to the earlier
 tokens s < t of its own cluster — to itself only when no such token exists — and a local head to the earlier
 tokens of its window (the same self rule). Forward in float64 (1e-5), gradients from the same loop in jnp (1e-4);
-bf16; the online k-means step against its formula; decode across a prompt; bad arguments.
+bf16; the online k-means step and the commitment loss against their formulas; decode across a prompt; bad
+arguments.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixer_references import (assert_layer_matches, f64, heads, inputs, linear, merge, perturbed_params,
-                              prompt_then_steps)
+from mixer_references import (assert_layer_matches, aux_losses_of, f64, heads, inputs, linear, merge,
+                              perturbed_params, prompt_then_steps)
 from reference import rel_err
 from seqlab import mixers
 
@@ -128,6 +129,36 @@ def test_training_calls_take_one_online_k_means_step():
             np.testing.assert_allclose(mixer.centroids[...][h, j], want, atol=1e-5)
 
 
+def test_train_mode_adds_the_commitment_loss():
+    """β · mean (k − μ_c)² over the routing heads' keys and their centroids before the update, in value and in its
+    gradient in W_q; nothing in eval mode, for β = 0 or outside a collect block."""
+    beta, T = 0.3, 7
+    mixer = mixers.create("routing", d_model=D, num_heads=4, local_heads=2, num_clusters=3, commitment=beta,
+                          rngs=nnx.Rngs(0))
+    x = np.asarray(inputs(6, (B, T, D))[0])
+    centroids = np.asarray(mixer.centroids[...], np.float64)
+
+    def routing_keys(xp, w_q):
+        return unit(xp, heads(linear(x, {"kernel": w_q}), 4))[:, :, 2:]  # [B, T, H_r, d]
+
+    w_q = mixer.q_proj.kernel[...]
+    c = clusters_of(np, routing_keys(np, np.asarray(w_q, np.float64)), centroids, 0)
+    routed_to = np.stack([centroids[h][c[..., h]] for h in range(2)], axis=2)  # [B, T, H_r, d]
+
+    def commitment(xp, w_q):
+        return beta * ((routing_keys(xp, w_q) - routed_to) ** 2).mean()
+
+    assert aux_losses_of(mixer, x) == {}  # eval mode (use_running_average)
+    mixer.use_running_average = False
+    value, grads = nnx.jit(nnx.value_and_grad(lambda m, a: aux_losses_of(m, a)["routing_commitment"]))(mixer, x)
+    want_value = commitment(np, np.asarray(w_q, np.float64))
+    want_grad = jax.jit(jax.grad(lambda w: commitment(jnp, w)))(w_q)
+    assert rel_err(value, want_value) <= 1e-5 and rel_err(grads["q_proj"]["kernel"][...], want_grad) <= 1e-4
+    mixer.commitment = 0.0
+    assert aux_losses_of(mixer, x) == {}
+    mixer(x)  # outside a collect block the loss goes nowhere
+
+
 def test_decode_from_a_prompt_matches_the_forward():
     T, prompt = 17, 6
     mixer = mixers.create("routing", d_model=D, num_heads=4, local_heads=2, num_clusters=3, window=4,
@@ -145,6 +176,7 @@ def test_decode_from_a_prompt_matches_the_forward():
     (dict(local_heads=-1), "local_heads"),
     (dict(window=0), "window"),
     (dict(centroid_decay=1.5), "centroid_decay"),
+    (dict(commitment=-1.0), "^commitment must be a finite number >= 0"),
     (dict(impl="pallas"), "impl: 'pallas' is not available for routing"),
 ])
 def test_bad_arguments(kwargs, match):

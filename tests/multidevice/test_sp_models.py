@@ -19,7 +19,7 @@ from seqlab.core.documents import Documents
 from seqlab.models import DecoderLM
 from seqlab.parallel.mesh import shard_sequence
 from seqlab.train import train_and_evaluate
-from seqlab.training import load_metrics
+from seqlab.training import load_metrics, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, T, VOCAB = 2, 64, 32
@@ -189,6 +189,24 @@ def test_k_means_step_on_a_split_sequence_is_the_single_device_step(name, kwargs
     after = nnx.to_pure_dict(nnx.state(mixer, nnx.BatchStat))
     for g, a, b in zip(jax.tree.leaves(got), jax.tree.leaves(after), jax.tree.leaves(before)):
         assert rel(g, a) < 1e-6 and rel(g, b) > 1e-2
+
+
+def test_aux_losses_through_the_launchers_sums_on_a_mesh_are_the_single_device_value():
+    """A train-mode Routing model's commitment loss (module-level ``aux_losses``), from ``steps.mesh_sums`` on a
+    (data=2, seq=4) mesh, where each device adds its own tokens' mean and the devices' values are averaged: the
+    whole batch's value on one device, and the task's sums unchanged."""
+    model = build(("routing",))
+    model.train()  # use_running_average False: the commitment loss is added
+    tokens = jax.random.randint(jax.random.key(4), (B, T), 0, VOCAB)
+    batch = {"inputs": tokens, "labels": jnp.roll(tokens, -1, axis=1)}
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    want = jax.jit(steps.mesh_sums(graphdef, rest, "lm", None))((params, stats), batch, None)
+    shard_sequence(model, "seq")
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "seq"))
+    got = jax.jit(steps.mesh_sums(graphdef, rest, "lm", mesh))((params, stats), batch, None)
+    assert set(got) == set(want) and float(want["aux_loss"]) > 0
+    assert all(rel(got[key], want[key]) < 1e-5 for key in want), {key: rel(got[key], want[key]) for key in want}
 
 
 def run_losses(tmp_path, name: str, spec: str, **mesh) -> list[float]:

@@ -300,12 +300,15 @@ def test_prepbn_models_carry_batch_statistics_and_set_lambda_from_the_step(tmp_p
 ])
 def test_k_means_state_trains_with_the_model_and_stays_on_one_device(tmp_path, name, kwargs, stat, carries):
     """A training-mode Routing layer's centroids (LongVQ's codebook) are carried from step to step and
-    checkpointed; a mesh is refused."""
+    checkpointed, its commitment loss is logged with the training records (not the evaluation's); a mesh is
+    refused."""
     config = load_config("configs/mqar.py:softmax,tiny")
     config.model.mixers = ("baseconv", name)
     config.model.mixer_args[name].update(use_running_average=False, **kwargs)
     config.train.update(steps=4, eval_every=4, checkpoint_every=4, log_every=2)
     train_and_evaluate(config, str(tmp_path))
+    records = load_metrics(str(tmp_path))
+    assert all(r["aux_loss"] > 0 if r["split"] == "train" else "aux_loss" not in r for r in records)
     model, _, task = restore_model(str(tmp_path))
     initial = getattr(models.build_model(config, task, nnx.Rngs(config.seed)).backbone.blocks[1].mixer, stat)[...]
     assert float(jnp.max(jnp.abs(getattr(model.backbone.blocks[1].mixer, stat)[...] - initial))) > 1e-3

@@ -1,9 +1,11 @@
 """Pieces of a run checked on their own: learning-rate schedules against their formulas, the weight-decay mask,
-loss and accuracy sums against plain numpy loops, pooling, and the model's layer pattern."""
+loss and accuracy sums against plain numpy loops, pooling, the model's layer pattern, and mixers' auxiliary losses
+(collected, and descended by the train step)."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +13,16 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
+from seqlab import config as config_lib, data, models
 from seqlab.config import base_config
+from seqlab.mixers import aux_losses
 from seqlab.models import layer_mixers
 from seqlab.models.classifier import pool
 from seqlab.training import optim, steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -119,3 +126,49 @@ def test_training_accuracy_is_the_mqar_metric():
     expected = data.mqar_accuracy(np.argmax(logits, -1), batch["labels"])
     assert 0.0 < expected < 1.0
     assert steps.means(sums)["accuracy"] == pytest.approx(expected)
+
+
+def test_aux_losses_are_summed_by_name_in_the_innermost_block_and_must_be_scalars():
+    aux_losses.add("ignored", jnp.ones(()))  # no block open: nothing happens
+    with aux_losses.collect() as outer:
+        aux_losses.add("a", jnp.asarray(1.0))
+        with aux_losses.collect() as inner:
+            aux_losses.add("a", jnp.asarray(2.0))
+            aux_losses.add("a", jnp.asarray(3.0))
+        aux_losses.add("b", jnp.asarray(0.5, jnp.bfloat16))
+        with pytest.raises(ValueError, match=r"^aux loss 'b': the value must be a scalar, got shape \(2,\)"):
+            aux_losses.add("b", jnp.ones(2))
+    assert {k: float(v) for k, v in inner.items()} == {"a": 5.0}
+    assert {k: float(v) for k, v in outer.items()} == {"a": 1.0, "b": 0.5} and outer["b"].dtype == jnp.float32
+    assert float(aux_losses.total(outer)) == 1.5 and float(aux_losses.total({})) == 0.0
+
+
+def test_the_train_step_descends_the_task_loss_plus_the_mixers_aux_losses():
+    """One SGD step (lr 1) moves the parameters by the gradient of mean cross-entropy + aux_loss, computed here from
+    the model's sums; the metrics report the task loss and aux_loss apart."""
+    config = config_lib.load_config(os.path.join(ROOT, "configs/mqar.py:softmax,tiny"))
+    config.model.mixers = ("baseconv", "routing")
+    config.model.mixer_args.routing.update(use_running_average=False, commitment=0.5, window=8)
+    task = config_lib.validate(config)
+    model = models.build_model(config, task, nnx.Rngs(0))
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    batch = next(data.make_iterator(task, "train", batch_size=4, seed=0))
+    sums_fn = steps.stateful_sums(graphdef, rest, task.kind, total_steps=10)
+
+    def objective(p, with_aux: bool):
+        sums, _ = sums_fn(p, stats, batch, None, jnp.asarray(0))
+        task_loss = sums["loss_sum"] / sums["weight"]
+        return task_loss + sums["aux_loss"] if with_aux else task_loss, (task_loss, sums["aux_loss"])
+
+    grad = jax.jit(jax.grad(objective, has_aux=True), static_argnums=1)
+    (want, (task_loss, aux)), (without_aux, _) = grad(params, True), grad(params, False)
+    before = jax.tree.map(np.asarray, params)
+    tx = optax.sgd(1.0)
+    step = steps.make_train_step(graphdef, rest, tx, task.kind, optax.constant_schedule(1.0), seed=0, total_steps=10)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "batch_stats": stats}
+    new_state, metrics = step(state, batch)
+    moved = jax.tree.map(lambda a, b: a - np.asarray(b), before, new_state["params"])
+    assert float(aux) > 0 and optax.tree.norm(jax.tree.map(jnp.subtract, want, without_aux)) > 1e-6
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(jax.tree.leaves(moved), jax.tree.leaves(want)))
+    assert float(metrics["loss"]) == pytest.approx(float(task_loss), rel=1e-6)
+    assert float(metrics["aux_loss"]) == pytest.approx(float(aux), rel=1e-6)

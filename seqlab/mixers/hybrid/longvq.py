@@ -15,10 +15,15 @@ k-means on the keys (an exponential moving average, as in Transformer-VQ's codeb
 
     counts_s ← γ counts_s + (1 − γ) #{t : z_t = s},   sums_s ← γ sums_s + (1 − γ) Σ_{t : z_t = s} k_t
 
+and the keys are pulled towards their codes by a commitment loss, β · mean_{t, h, i} (k_t − sg(k̂_t))_i², which
+every call that updates the codebook adds through ``seqlab.mixers.aux_losses`` ("longvq_commitment"; the launcher
+adds it to the task loss).
+
 Only the abstract of the paper was available: the block follows Mega (its EMA, shared z, reset and update gates)
 with the attention replaced by Transformer-VQ's, which is our reading of "vector quantization on structured memory".
-Mega's output interpolation u ⊙ ĥ + (1 − u) ⊙ x is left to the backbone's residual connection; there is no
-commitment loss (mixers return no auxiliary loss), and no positional bias in the attention (the EMA orders it).
+Mega's output interpolation u ⊙ ĥ + (1 − u) ⊙ x is left to the backbone's residual connection, the commitment
+loss is Transformer-VQ's with β = 1e-4 by default (the coefficient the paper's body would fix was not available),
+and there is no positional bias in the attention (the EMA orders it).
 
 On the engine: the EMA is `ops.gla` with one head per channel (keys and log gates constant over time, queries η,
 values the channel), so its every form, decode state and sequence parallelism come from the op; the attention is
@@ -41,8 +46,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
-from seqlab.checks import check_fraction, check_positive_int, resolve_dim
+from seqlab.checks import check_fraction, check_nonnegative, check_positive_int, resolve_dim
 from seqlab.layers.norms import plain_layer_norm
+from seqlab.mixers import aux_losses
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import KVCache, VQCache
 from seqlab.mixers.registry import register
@@ -58,7 +64,8 @@ from seqlab.mixers.registry import register
 class LongVQ(Mixer):
     """num_codes: S codes per head; block_size: L, the exact-key blocks of the attention; ema_dim: n, the EMA's
     dimensions per channel; codebook_decay: γ of the codebook's moving average; use_running_average: freeze the
-    codebook (True: the default and eval mode; False: train mode updates it); chunk_size: the EMA op's chunk (8:
+    codebook (True: the default and eval mode; False: train mode updates it); commitment: β of the commitment
+    loss (0: none); chunk_size: the EMA op's chunk (8:
     its heads have one value column each, so a chunk's C × C intra-chunk work is mostly overhead and small chunks
     run fastest)."""
 
@@ -66,13 +73,14 @@ class LongVQ(Mixer):
     single_device_state = "its codebook's moving averages"
 
     def __init__(self, d_model: int, num_heads: int, *, num_codes: int = 64, block_size: int = 64, ema_dim: int = 16,
-                 codebook_decay: float = 0.99, use_running_average: bool = True, head_dim: int | None = None,
-                 impl: str = "auto", chunk_size: int = 8, rngs: nnx.Rngs | None = None, dtype: Any = None,
-                 param_dtype: Any = jnp.float32):
+                 codebook_decay: float = 0.99, use_running_average: bool = True, commitment: float = 1e-4,
+                 head_dim: int | None = None, impl: str = "auto", chunk_size: int = 8, rngs: nnx.Rngs | None = None,
+                 dtype: Any = None, param_dtype: Any = jnp.float32):
         check_positive_int("num_codes", num_codes)
         check_positive_int("block_size", block_size)
         check_positive_int("ema_dim", ema_dim)
         check_fraction("codebook_decay", codebook_decay)
+        check_nonnegative("commitment", commitment)
         if impl == "pallas":
             raise ValueError("impl: 'pallas' is not available for longvq (its EMA and quantised attention have no "
                              "kernel); use 'auto', 'chunked', 'recurrent' or 'parallel'")
@@ -80,6 +88,7 @@ class LongVQ(Mixer):
         rngs = self._rngs(rngs)
         self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
         self.block_size, self.decay, self.use_running_average = block_size, codebook_decay, use_running_average
+        self.commitment = commitment
         width = num_heads * self.head_dim
 
         def normal(shape, std):
@@ -123,6 +132,8 @@ class LongVQ(Mixer):
         codes = ops.nearest_codes(k, codebook)
         k_hat = ops.quantize(k, codebook, codes)
         if cache is None and not self.use_running_average:
+            if self.commitment:
+                aux_losses.add("longvq_commitment", self.commitment * jnp.mean((k - jax.lax.stop_gradient(k_hat)) ** 2))
             self._update_codebook(k, codes)
         if cache is None:
             o = ops.vq_attn(q, k_hat, codes, v, codebook, block_size=self.block_size, sequence_axis=self.sequence_axis)

@@ -7,6 +7,7 @@
     local head h:    o_t = Σ_{t − W < s <= t} softmax_s(σ_ts) v_s
     σ_ts = q_t·k_s / √d for s ≠ t;  σ_tt = SELF_SCORE  (a self-match counts only when nothing else is visible)
     online k-means (train mode): μ_c ← normalise(λ μ_c + (1 − λ) normalise(Σ_{t: c_t = c} k_t)),  λ = 0.999
+    commitment loss (train mode):   β · mean_{t, h, i} (k_t − sg(μ_{c_t}))_i²,  β = 1e-4
 
 The first ``local_heads`` heads are local, the others route; the output concatenates the heads through W_o.
 Keys are the normalised queries (shared QK, which routes a query and the keys it may see with one assignment),
@@ -25,7 +26,9 @@ O(T^1.5) work, a sorted gather and scatter); that choice ranks each cluster's me
 so a token's output would depend on later tokens' scores, and here each token goes to its nearest centroid
 instead (clusters of any size, exactly causal, decode = forward). The blockwise op visits every causal tile (the
 clusters are runtime segment ids), so the work is that of causal attention; what routing changes is which keys
-each query sees. The commitment loss (1e-4 · ‖k − μ_c‖²) is not added (mixers return no auxiliary loss).
+each query sees. The commitment loss, with the centroids the tokens were routed by, is added through
+``seqlab.mixers.aux_losses`` ("routing_commitment") by every call that updates the centroids; the launcher adds it
+to the task loss, so it pulls the keys (hence W_q) towards their centroids.
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
-from seqlab.checks import check_fraction, check_optional_positive_int, check_positive_int, resolve_dim
+from seqlab.checks import (check_fraction, check_nonnegative, check_optional_positive_int, check_positive_int,
+                           resolve_dim)
 from seqlab.core import masks
 from seqlab.core.documents import Documents
 from seqlab.layers.conv import fold_heads, unfold_heads
 from seqlab.layers.norms import l2_normalize
+from seqlab.mixers import aux_losses
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import RoutingCache
 from seqlab.mixers.registry import register
@@ -69,18 +74,21 @@ def heads_as_rows(x: jax.Array) -> jax.Array:
 class RoutingAttention(Mixer):
     """num_clusters: C centroids per routing head; local_heads: heads attending to a causal window of ``window``
     tokens (the rest route); centroid_decay: λ of the online k-means; use_running_average: freeze the centroids
-    (True: the default and eval mode; False: train mode updates them)."""
+    (True: the default and eval mode; False: train mode updates them); commitment: β of the commitment loss (0:
+    none)."""
 
     documents_refused = "its clusters are the segment ids of the routed attention"
     single_device_state = "its k-means centroids"
 
     def __init__(self, d_model: int, num_heads: int, *, num_clusters: int = 4, local_heads: int | None = None,
                  window: int = 64, centroid_decay: float = 0.999, use_running_average: bool = True,
-                 head_dim: int | None = None, impl: str = "auto", block_size: int | None = None,
-                 rngs: nnx.Rngs | None = None, dtype: Any = None, param_dtype: Any = jnp.float32):
+                 commitment: float = 1e-4, head_dim: int | None = None, impl: str = "auto",
+                 block_size: int | None = None, rngs: nnx.Rngs | None = None, dtype: Any = None,
+                 param_dtype: Any = jnp.float32):
         check_positive_int("num_clusters", num_clusters)
         check_positive_int("window", window)
         check_fraction("centroid_decay", centroid_decay)
+        check_nonnegative("commitment", commitment)
         check_optional_positive_int("block_size", block_size)
         if impl == "pallas":
             raise ValueError("impl: 'pallas' is not available for routing (its self-score rule is a score_mod, which "
@@ -93,7 +101,7 @@ class RoutingAttention(Mixer):
         rngs = self._rngs(rngs)
         self.head_dim = resolve_dim("head_dim", head_dim, d_model, "d_model", num_heads, "num_heads")
         self.local_heads, self.window, self.decay = local_heads, window, centroid_decay
-        self.block_size, self.use_running_average = block_size, use_running_average
+        self.block_size, self.use_running_average, self.commitment = block_size, use_running_average, commitment
         width = num_heads * self.head_dim
         self.q_proj = self._linear(d_model, width, rngs)
         self.v_proj = self._linear(d_model, width, rngs)
@@ -114,6 +122,7 @@ class RoutingAttention(Mixer):
         v = self._heads(self.v_proj(x), self.head_dim)
         clusters = self.route(k[:, :, self.local_heads:])
         if cache is None and not self.use_running_average:
+            self._add_commitment_loss(k[:, :, self.local_heads:], clusters)
             self._update_centroids(k[:, :, self.local_heads:], clusters)
         if cache is not None:
             cache = cache.write_routed(k, v, clusters)
@@ -127,6 +136,15 @@ class RoutingAttention(Mixer):
         """The nearest centroid c_t [B, T, H_r] int32 of the routing heads' keys k [B, T, H_r, d]."""
         similarity = jnp.einsum("bthd,hcd->bthc", k.astype(jnp.float32), jax.lax.stop_gradient(self.centroids[...]))
         return jnp.argmax(similarity, axis=-1).astype(jnp.int32)
+
+    def _add_commitment_loss(self, k: jax.Array, clusters: jax.Array) -> None:
+        """β · the mean squared distance of the routing heads' keys k [B, T, H_r, d] to their centroids (none for
+        β = 0)."""
+        if not self.commitment:
+            return
+        centroids = jax.lax.stop_gradient(self.centroids[...])
+        routed_to = jnp.einsum("bthc,hcd->bthd", jax.nn.one_hot(clusters, centroids.shape[1]), centroids)
+        aux_losses.add("routing_commitment", self.commitment * jnp.mean((k.astype(jnp.float32) - routed_to) ** 2))
 
     def _update_centroids(self, k: jax.Array, clusters: jax.Array) -> None:
         """One online k-means step: each centroid moves towards its members' normalised mean (none: it stays)."""
