@@ -6,8 +6,8 @@ causal softmax pair by pair (a dense [T, T] formula); q and v get the quadratic 
 straight-through gradient from the queries of its own and the next block only (the op's stated estimator). Odd
 lengths, several block sizes and codebook sizes (codes no key picks among them), large logits, bf16, one token.
 The layer against its formula (a per-token damped EMA, Mega's gates, the dense quantised attention), forward and
-gradients; the codebook's k-means step and the commitment loss against their formulas; a prompt longer than two blocks decoded; bad arguments
-(the op's shapes and a sequence shard that is not whole blocks).
+gradients; the codebook's k-means step and the commitment loss against their formulas; a prompt longer than two
+blocks decoded; bad arguments (the op's shapes and a sequence shard that is not whole blocks).
 """
 
 from __future__ import annotations
