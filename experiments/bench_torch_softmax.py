@@ -10,7 +10,12 @@ core (torch's intra-op threads = the machine's cores) with seqlab's host allocat
 set before either library runs. Times are the best of ``--repeats`` calls after a warm-up call (which also
 compiles); the backward is the gradient of sum(o · w) with respect to q, k and v. A second table times the two
 matmuls of one attention tile in each library (H of them batched, float32): the scores [block, D] @ [D, block]
-and the output [block, block] @ [block, D], which bound what any XLA formulation of the tiles can reach.
+and the output [block, block] @ [block, D], which bound what any XLA formulation of the tiles can reach. A third
+table is a lower bound for any XLA formulation of the causal forward at the longest length: the pieces of one
+row (H query blocks of ``block`` tokens against all T keys: the score matmul, the row maximum, the exponentials
+and their sum, the output matmul), each timed alone, times the causal forward's share of such rows
+((n + 1) / 2 of the n = T / block rows: its visited tiles, the diagonal ones included). It leaves out the mask,
+the normalisation and every copy, so a real formulation is slower.
 """
 
 from __future__ import annotations
@@ -74,6 +79,28 @@ def tile_matmul_rates(heads: int, dim: int, block: int, repeats: int) -> list[tu
     return rows
 
 
+def causal_row_bound(length: int, heads: int, dim: int, block: int, repeats: int) -> list[tuple[str, float]]:
+    """(piece, ms) of the causal forward's XLA lower bound at `length` (see the module docstring), and the total."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(heads, block, dim)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(heads, length, dim)), jnp.float32)
+    scores = jnp.einsum("hqd,hkd->hqk", q, k)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    pieces = {
+        "score matmul": (lambda q, k: jnp.einsum("hqd,hkd->hqk", q, k), (q, k)),
+        "row maximum": (lambda s: jnp.max(s, axis=-1), (scores,)),
+        "exponentials and their sum": (lambda s, m: jnp.sum(jnp.exp(s - m), axis=-1), (scores, row_max)),
+        "output matmul": (lambda p, v: jnp.einsum("hqk,hkv->hqv", p, v), (scores, k)),
+    }
+    share = (-(-length // block) + 1) / 2  # rows of full width that the causal forward's visited tiles add up to
+    rows = []
+    for name, (f, args) in pieces.items():
+        f = jax.jit(f)
+        rows.append((name, 1e3 * share * best_seconds(lambda f=f, args=args: jax.block_until_ready(f(*args)),
+                                                      10 * repeats)))
+    return rows + [("total", sum(ms for _, ms in rows))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -106,6 +133,10 @@ def main() -> None:
     print(f"\n| one tile's matmul (block {tile}) | XLA GFLOP/s | torch GFLOP/s |\n|---|---|---|")
     for name, xla, torch_rate in tile_matmul_rates(a.heads, a.dim, tile, 10 * a.repeats):
         print(f"| {name} | {xla:.0f} | {torch_rate:.0f} |", flush=True)
+    longest = max(map(int, a.lengths.split(",")))
+    print(f"\n| XLA lower bound of the causal forward, T = {longest}, block {tile} | ms |\n|---|---|")
+    for name, ms in causal_row_bound(longest, a.heads, a.dim, tile, a.repeats):
+        print(f"| {name} | {ms:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
