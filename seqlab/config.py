@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     # warmup_steps is a float field, so that a fraction of train.steps (0.1) can be set as well as steps (300).
     config.optim = ml_collections.ConfigDict(dict(
         name="adamw", learning_rate=1e-3, warmup_steps=100.0, schedule="cosine", min_learning_rate_ratio=0.0,
-        b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0,
+        b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0, trainable="",
     ))  # fmt: skip
     config.mesh = ml_collections.ConfigDict(dict(data=1, seq=1))
     config.train = ml_collections.ConfigDict(dict(
@@ -98,7 +98,7 @@ def _data_config() -> ml_collections.ConfigDict:
 def _model_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         d_model=128, num_layers=2, num_heads=2, mixers=("softmax",), mlp="swiglu", mlp_ratio=4.0, norm="layernorm",
-        position_embedding="none", embed_dropout=0.0, pooling="mean",
+        position_embedding="none", embed_dropout=0.0, pooling="mean", learn_initial_state=False,
     ))  # fmt: skip
     cfg.mixer_args = ml_collections.ConfigDict({name: _mixer_defaults(name) for name in mixers.available()})
     return cfg
@@ -298,6 +298,9 @@ def _check_model(model: ml_collections.ConfigDict, task: data.Task) -> None:
                 f"model.mixers: {name!r} does not take packed documents, which data.{task.name}.pack=True trains on; "
                 f"set data.{task.name}.pack=False or use one of {taking}"
             )
+        if model.learn_initial_state and task.packs_documents():
+            raise ValueError(f"model.learn_initial_state: packed documents would each need to start from the learnt "
+                             f"state; set data.{task.name}.pack=False")
         window = model.mixer_args[name].get("window")
         if window is not None and window > task.seq_len:
             raise ValueError(
@@ -329,6 +332,11 @@ def _check_optim(optim: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optim.min_learning_rate_ratio must lie in [0, 1], got {optim.min_learning_rate_ratio}")
     if optim.grad_clip_norm is not None and not optim.grad_clip_norm > 0:
         raise ValueError(f"optim.grad_clip_norm must be positive (or None), got {optim.grad_clip_norm}")
+    try:
+        re.compile(optim.trainable)
+    except re.error as error:
+        raise ValueError(f"optim.trainable must be a regular expression over parameter paths, got "
+                         f"{optim.trainable!r} ({error})") from None
 
 
 def _check_warmup(value: Any) -> None:
@@ -363,6 +371,9 @@ def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDic
                        (f"data.{task.name}.num_eval", task.num_eval)):
         if value % mesh.data:
             raise ValueError(f"{key} ({value}) must be divisible by mesh.data ({mesh.data})")
+    if model.learn_initial_state and mesh.seq > 1:
+        raise ValueError("model.learn_initial_state: every sequence starts from the learnt state, which needs it "
+                         "whole on one device; set mesh.seq = 1")
     if task.lm_head == "from_last" and mesh.seq > 1:
         raise ValueError(f"mesh.seq: data.task={task.name!r} decodes every logit from the last position, so it runs "
                          f"on one device per sequence; set mesh.seq = 1 (got {mesh.seq})")

@@ -12,6 +12,14 @@ document of a row as if it were alone: a mixer that sets ``takes_documents = Tru
 ``_forward(x, cache, documents=None)`` and passes them on (`_op_kwargs` gives the ops their segment_ids,
 `ShortConv` restarts, `_positions` restarts RoPE-style positions); any other mixer refuses them.
 
+Initial-state tuning (Lina-Speech's, after RWKV's state tuning; prefix-tuning for recurrences):
+``mixer.learn_initial_state()`` gives a mixer whose cache carries a recurrent ``state`` [B, ...] one learnt
+parameter ``learnt_initial_state`` [...] (the state without its batch axis, float32, zero at first, so the mixer
+starts out unchanged). Every sequence then starts from it: the training path is a prefill from a cache holding it,
+and `init_cache` returns caches holding it, so decoding starts there too. Packed documents and sequence
+parallelism are refused with it (each would need the state at every document start or device boundary). Train only
+it with ``optim.trainable`` (`seqlab.training.optim`).
+
 A mixer implements a single `_forward(x, cache)`. With `cache=None` it is the full-sequence (training) path and
 runs the op with the mixer's `impl`; with a cache it runs the same op form from the cached state (at T = 1 every
 form of the engine is one recurrent step) and returns the updated cache. Softmax attention reads a T > 1 prompt
@@ -22,7 +30,8 @@ gate and norm, so neither prefill nor decoding can drift from the training path.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +74,12 @@ class Mixer(nnx.Module):
     takes_documents: bool = False
     documents_refused: str = ""  # why a causal built-in mixer does not take packed documents
     single_device_state: str = ""  # what nnx.BatchStat state the mixer updates in training (the launcher: one device)
+    learnt_initial_state: nnx.Param | None = None  # set by learn_initial_state()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "init_cache" in vars(cls):  # a learnt initial state seeds every cache the subclass builds
+            cls.init_cache = _from_learnt_initial_state(vars(cls)["init_cache"])
 
     def __init__(
         self,
@@ -94,6 +109,8 @@ class Mixer(nnx.Module):
         """x [B, T, d_model] -> y [B, T, d_model] (causal); documents: the rows' packed documents (module
         docstring), segment_ids and positions [B, T]."""
         check_input(x, self.d_model, rank=3, name="x")
+        if self.learnt_initial_state is not None:
+            return self._from_initial_state(x, documents)
         if documents is None:
             y, _ = self._forward(x, None)
             return y
@@ -117,12 +134,39 @@ class Mixer(nnx.Module):
         """An empty decode cache for `batch` sequences of at most `max_len` tokens."""
         raise NotImplementedError
 
+    def learn_initial_state(self) -> None:
+        """Give the mixer a learnt initial state (module docstring): a zero ``nnx.Param`` shaped like its cache's
+        ``state`` without the batch axis. ValueError for a mixer without a recurrent state in its cache, or one
+        that updates batch statistics in training (its training path is not a prefill)."""
+        name = type(self).__name__
+        if not self.causal:
+            raise ValueError(f"learn_initial_state: {name} is non-causal and has no decode state")
+        if self.single_device_state:
+            raise ValueError(f"learn_initial_state: {name} updates {self.single_device_state} in training, so its "
+                             "training path is not a prefill from a state")
+        state = getattr(self.init_cache(1, 1), "state", None)
+        if not isinstance(state, jax.Array):
+            raise ValueError(f"learn_initial_state: {name}'s cache holds no recurrent state (a `state` field); "
+                             "initial-state tuning applies to linear-state and hybrid mixers")
+        self.learnt_initial_state = nnx.Param(jnp.zeros(state.shape[1:], jnp.float32))
+
     def shard_sequence(self, axis_name: str | None) -> None:
         """Run the training path on a sequence split over the mesh axis `axis_name` (None: whole sequences); see
         `seqlab.parallel.mesh.shard_sequence`."""
         shard_sequence(self, axis_name)
 
     # for subclasses -------------------------------------------------------------------------------------------
+
+    def _from_initial_state(self, x: jax.Array, documents: Documents | None) -> jax.Array:
+        """The training path from the learnt initial state: a prefill of x [B, T, d_model] from a fresh cache."""
+        name = type(self).__name__
+        if documents is not None:
+            raise ValueError(f"{name}: packed documents are not supported with a learnt initial state (every "
+                             "document would have to start from it)")
+        if self.sequence_axis is not None:
+            raise ValueError(f"{name}: sequence parallelism is not supported with a learnt initial state")
+        y, _ = self._forward(x, self.init_cache(x.shape[0], x.shape[1]))
+        return y
 
     def _forward(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         raise NotImplementedError
@@ -220,3 +264,17 @@ class Mixer(nnx.Module):
     def _merge_heads(self, x: jax.Array) -> jax.Array:
         """[B, T, H, d] -> [B, T, H*d]."""
         return x.reshape(*x.shape[:-2], -1)
+
+
+def _from_learnt_initial_state(init_cache: Callable) -> Callable:
+    """init_cache, with the cache's ``state`` set to the mixer's learnt initial state (if it has one) on every row."""
+
+    @functools.wraps(init_cache)
+    def seeded(self: Mixer, batch: int, max_len: int) -> Any:
+        cache = init_cache(self, batch, max_len)
+        if self.learnt_initial_state is None:
+            return cache
+        learnt = self.learnt_initial_state[...]
+        return cache.replace(state=jnp.broadcast_to(learnt, cache.state.shape).astype(cache.state.dtype))
+
+    return seeded

@@ -35,10 +35,15 @@ def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -
         rngs=rngs, dtype=_DTYPES[config.train.compute_dtype], param_dtype=jnp.float32,
     )  # fmt: skip
     if task.kind == "classification":
-        return SequenceClassifier(num_classes=task.num_classes, pooling=m.pooling, **args)
-    if task.lm_head == "from_last":
-        return LastStateDecoder(num_targets=task.seq_len, **args)
-    return DecoderLM(**args)
+        model = SequenceClassifier(num_classes=task.num_classes, pooling=m.pooling, **args)
+    elif task.lm_head == "from_last":
+        model = LastStateDecoder(num_targets=task.seq_len, **args)
+    else:
+        model = DecoderLM(**args)
+    if m.learn_initial_state:  # every layer's mixer starts from a learnt state (initial-state tuning)
+        for block in model.backbone.blocks:
+            block.mixer.learn_initial_state()
+    return model
 
 
 def _mixer_args(mixer_args: ml_collections.ConfigDict, pattern: tuple[str, ...]) -> dict[str, dict[str, Any]]:

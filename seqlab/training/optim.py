@@ -8,12 +8,18 @@ Schedules (``optim.schedule``), after ``warmup_steps`` of linear warmup from 0 t
 ``optim.warmup_steps`` is a number of steps (a whole number >= 1) or, below 1, a fraction of the run (0.1: the
 first 10% of train.steps); a number of steps larger than the run (a config's 200 under ``--config.train.steps=50``)
 is clamped to 10% of the run, with one warning line in the log (see `warmup_steps`).
-Weight decay applies to matrices (parameters of rank >= 2: projections and embeddings), not to norms and biases.
+Weight decay applies to matrices (parameters of rank >= 2: projections and embeddings), not to norms, biases and
+learnt initial states.
+``optim.trainable``: a regular expression over parameter paths (``blocks.0.mixer.q_proj.kernel``, searched, not
+matched whole): only the parameters it finds are trained (clipping, AdamW and its state cover only them); every other
+parameter's update is zero. Empty: every parameter. Initial-state tuning (`seqlab.mixers.Mixer.learn_initial_state`,
+``model.learn_initial_state``) trains ``"learnt_initial_state"`` alone.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -82,10 +88,31 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
         learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
         weight_decay=optim.weight_decay, mask=_decay_mask,
     )  # fmt: skip
-    if optim.grad_clip_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
+    tx = adamw if optim.grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), adamw)
+    if not optim.trainable:
+        return tx
+    labels = functools.partial(_trainable_labels, optim.trainable)
+    return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def parameter_paths(params) -> list[str]:
+    """The dotted path of every leaf of a parameter pytree (an ``nnx.State``), in leaf order."""
+    paths = [jax.tree_util.keystr(path, simple=True, separator=".") for path, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+    return [path.removesuffix(".value") for path in paths]
+
+
+def _trainable_labels(pattern: str, params):
+    """"trained" for each parameter whose path `pattern` finds, "frozen" for the rest; ValueError if none is found."""
+    paths = parameter_paths(params)
+    trained = [re.search(pattern, path) is not None for path in paths]
+    if not any(trained):
+        raise ValueError(f"optim.trainable: {pattern!r} matches no parameter path; the paths look like "
+                         f"{', '.join(paths[:3])}")
+    labels = iter("trained" if t else "frozen" for t in trained)
+    return jax.tree.map(lambda _: next(labels), params)
 
 
 def _decay_mask(params):
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    decayed = iter(not path.endswith("learnt_initial_state") for path in parameter_paths(params))
+    return jax.tree.map(lambda p: next(decayed) and jnp.ndim(p) >= 2, params)

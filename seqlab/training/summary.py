@@ -76,7 +76,7 @@ def _state_bytes(model: nnx.Module, task: data.Task) -> dict[str, int | None]:
     """{"decode_state_bytes", "recurrent_state_bytes"} of one sequence of the task's length."""
     if not hasattr(model, "init_cache"):
         return {"decode_state_bytes": None, "recurrent_state_bytes": None}
-    cache = jax.eval_shape(lambda: model.init_cache(1, task.seq_len))
+    cache = nnx.eval_shape(lambda m: m.init_cache(1, task.seq_len), model)
     leaves = [(path[-1], x) for path, x in jax.tree_util.tree_flatten_with_path(cache)[0] if x.ndim > 0]
     recurrent = [x for key, x in leaves if getattr(key, "name", None) not in _NOT_RECURRENT_STATE]
     return {"decode_state_bytes": sum(int(x.size) * x.dtype.itemsize for _, x in leaves),

@@ -315,3 +315,35 @@ def test_k_means_state_trains_with_the_model_and_stays_on_one_device(tmp_path, n
     config.mesh.seq = 2
     with pytest.raises(ValueError, match=rf"^model.mixers: '{name}' carries {carries}"):
         config_lib.validate(config)
+
+
+def test_initial_state_tuning_trains_only_the_learnt_states(tmp_path):
+    """model.learn_initial_state with optim.trainable="learnt_initial_state": after training, every learnt state
+    has moved and every other parameter is exactly its initial value; an unmatched pattern, a mesh.seq > 1 and a
+    mixer without a recurrent state are refused."""
+    config = load_config("configs/mqar.py:softmax,tiny")
+    config.model.mixers = ("gla",)
+    config.model.learn_initial_state = True
+    config.optim.update(trainable="learnt_initial_state", learning_rate=1e-2, warmup_steps=1)
+    config.train.update(steps=3, eval_every=3, checkpoint_every=3, log_every=1)
+    train_and_evaluate(config, str(tmp_path))
+    model, _, task = restore_model(str(tmp_path))
+    initial = dict(nnx.to_flat_state(nnx.state(models.build_model(config, task, nnx.Rngs(config.seed)), nnx.Param)))
+    trained = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    moved = {".".join(map(str, path)): float(jnp.max(jnp.abs(trained[path][...] - value[...])))
+             for path, value in initial.items()}
+    tuned = {path for path in moved if path.endswith("learnt_initial_state")}
+    assert len(tuned) == config.model.num_layers and all(moved[path] > 1e-4 for path in tuned), moved
+    assert all(moved[path] == 0.0 for path in set(moved) - tuned), moved
+    config.optim.trainable = "no_such_parameter"
+    with pytest.raises(ValueError, match="optim.trainable: 'no_such_parameter' matches no parameter path"):
+        train_and_evaluate(config, str(tmp_path / "unmatched"))
+    config.optim.trainable = "("
+    with pytest.raises(ValueError, match="optim.trainable must be a regular expression"):
+        config_lib.validate(config)
+    config.optim.trainable, config.mesh.seq = "", 2
+    with pytest.raises(ValueError, match="model.learn_initial_state: .* set mesh.seq = 1"):
+        config_lib.validate(config)
+    config.mesh.seq, config.model.mixers = 1, ("softmax",)
+    with pytest.raises(ValueError, match="learn_initial_state: SoftmaxAttention's cache holds no recurrent state"):
+        models.build_model(config, task, nnx.Rngs(0))

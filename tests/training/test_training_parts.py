@@ -48,14 +48,16 @@ def test_schedules_follow_their_formulas(schedule):
         assert float(lr(step)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_weight_decay_skips_vectors():
+def test_weight_decay_skips_vectors_and_learnt_initial_states():
     config = optim_config(schedule="constant", warmup_steps=0, weight_decay=0.5, grad_clip_norm=None)
     tx = optim.make_optimizer(config, 10)
-    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}
+    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,)),
+              "mixer": {"learnt_initial_state": jnp.ones((2, 3, 4))}}
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(updates["kernel"], -2.0 * 0.5 * np.ones((2, 3)), rtol=1e-6)
     np.testing.assert_allclose(updates["bias"], 0.0)
+    np.testing.assert_allclose(updates["mixer"]["learnt_initial_state"], 0.0)
 
 
 def test_gradients_are_clipped_by_global_norm():
