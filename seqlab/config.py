@@ -42,9 +42,10 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
+from flax import nnx
 from ml_collections import config_dict
 
-from seqlab import data, mixers
+from seqlab import data, mixers, models
 from seqlab.models.blocks import MLPS, NORMS
 from seqlab.models.backbone import POSITION_EMBEDDINGS
 from seqlab.models.classifier import POOLINGS
@@ -212,6 +213,8 @@ def validate(config: ml_collections.ConfigDict) -> data.Task:
     _check_train(config.train)
     _check_optim(config.optim)
     _check_mesh(config.mesh, config.train, task, config.model)
+    if config.model.learn_initial_state:  # which layers can learn one is known once they are built (abstractly)
+        nnx.eval_shape(lambda: models.build_model(config, task, nnx.Rngs(0)))
     return task
 
 

@@ -136,19 +136,27 @@ class Mixer(nnx.Module):
 
     def learn_initial_state(self) -> None:
         """Give the mixer a learnt initial state (module docstring): a zero ``nnx.Param`` shaped like its cache's
-        ``state`` without the batch axis. ValueError for a mixer without a recurrent state in its cache, or one
-        that updates batch statistics in training (its training path is not a prefill)."""
+        ``state`` without the batch axis. ValueError where `initial_state_refusal` says why not."""
+        refusal = self.initial_state_refusal()
+        if refusal:
+            raise ValueError(f"learn_initial_state: {refusal}")
+        state = jax.eval_shape(lambda: self.init_cache(1, 1)).state
+        self.learnt_initial_state = nnx.Param(jnp.zeros(state.shape[1:], jnp.float32))
+
+    def initial_state_refusal(self) -> str:
+        """Why the mixer cannot learn an initial state ("" if it can): it is non-causal, updates batch statistics in
+        training (its training path is then not a prefill from a state), or its cache holds no recurrent state."""
         name = type(self).__name__
         if not self.causal:
-            raise ValueError(f"learn_initial_state: {name} is non-causal and has no decode state")
+            return f"{name} is non-causal and has no decode state"
         if self.single_device_state:
-            raise ValueError(f"learn_initial_state: {name} updates {self.single_device_state} in training, so its "
-                             "training path is not a prefill from a state")
-        state = getattr(self.init_cache(1, 1), "state", None)
-        if not isinstance(state, jax.Array):
-            raise ValueError(f"learn_initial_state: {name}'s cache holds no recurrent state (a `state` field); "
-                             "initial-state tuning applies to linear-state and hybrid mixers")
-        self.learnt_initial_state = nnx.Param(jnp.zeros(state.shape[1:], jnp.float32))
+            return (f"{name} updates {self.single_device_state} in training, so its training path is not a prefill "
+                    "from a state")
+        state = getattr(jax.eval_shape(lambda: self.init_cache(1, 1)), "state", None)
+        if not isinstance(state, jax.ShapeDtypeStruct):
+            return (f"{name}'s cache holds no recurrent state (a `state` field); initial-state tuning applies to "
+                    "linear-state and hybrid mixers")
+        return ""
 
     def shard_sequence(self, axis_name: str | None) -> None:
         """Run the training path on a sequence split over the mesh axis `axis_name` (None: whole sequences); see

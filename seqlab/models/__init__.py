@@ -40,10 +40,20 @@ def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -
         model = LastStateDecoder(num_targets=task.seq_len, **args)
     else:
         model = DecoderLM(**args)
-    if m.learn_initial_state:  # every layer's mixer starts from a learnt state (initial-state tuning)
-        for block in model.backbone.blocks:
-            block.mixer.learn_initial_state()
+    if m.learn_initial_state:
+        _learn_initial_states(model)
     return model
+
+
+def _learn_initial_states(model: nnx.Module) -> None:
+    """Initial-state tuning: every layer whose mixer has a recurrent state starts from a learnt one. ValueError if
+    none has."""
+    refusals = [block.mixer.initial_state_refusal() for block in model.backbone.blocks]
+    if all(refusals):
+        raise ValueError(f"model.learn_initial_state: no layer's mixer has a recurrent state ({refusals[0]})")
+    for block, refusal in zip(model.backbone.blocks, refusals):
+        if not refusal:
+            block.mixer.learn_initial_state()
 
 
 def _mixer_args(mixer_args: ml_collections.ConfigDict, pattern: tuple[str, ...]) -> dict[str, dict[str, Any]]:
