@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=1, seq=1))
     config.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=32, eval_batch_size=128, eval_every=250, log_every=50, checkpoint_every=250,
-        keep_checkpoints=3, compute_dtype="float32",
+        keep_checkpoints=3, compute_dtype="float32", init_from="",
     ))  # fmt: skip
     return config
 
@@ -356,6 +356,9 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
                 "keep_checkpoints"), "train",
     )  # fmt: skip
     _check_choice(train, "compute_dtype", COMPUTE_DTYPES, "train")
+    if train.init_from and not os.path.isfile(os.path.join(train.init_from, "config.json")):
+        raise ValueError(f"train.init_from: {train.init_from!r} holds no config.json; it must be the workdir of an "
+                         "earlier seqlab run")
 
 
 def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDict, task: data.Task,

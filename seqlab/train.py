@@ -43,7 +43,7 @@ from seqlab import catalog, config as config_lib, data, host_memory, models
 from seqlab.parallel.distributed import maybe_initialize
 from seqlab.parallel.mesh import SEQUENCE_AXIS, make_mesh, replicate, shard_batch, shard_sequence, to_host
 from seqlab.training import optim, steps, summary, workdir as workdir_lib
-from seqlab.training.checkpoints import CheckpointError, Checkpoints, read_config, write_config
+from seqlab.training.checkpoints import CheckpointError, Checkpoints, params_from_run, read_config, write_config
 from seqlab.training.metrics import MetricsLogger
 from seqlab.training.progress import RunProgress
 
@@ -128,6 +128,8 @@ class _Run:
         if self.mesh is not None:
             shard_sequence(model, SEQUENCE_AXIS)
         self.graphdef, params, batch_stats, self.rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        if config.train.init_from:
+            params = self._params_from(config.train.init_from, params)
         model.eval()  # evaluation: BatchNorm (PRepBN) reads its running statistics
         eval_graphdef = nnx.graphdef(model)
         tx = optim.make_optimizer(config.optim, self.total)
@@ -147,6 +149,16 @@ class _Run:
         self.start_step = self._resume()
         self.logger = MetricsLogger(workdir, self.total, start_step=self.start_step, record=self.writes)
         self.logger.discard_after(self.start_step)
+
+    def _params_from(self, workdir: str, params: nnx.State) -> nnx.State:
+        """The parameters of the run in `workdir` (train.init_from) where this model has them (a resumed run then
+        restores its own)."""
+        self.progress.phase(f"initialising from the run in {workdir}")
+        params, kept = params_from_run(workdir, params)
+        if self.writes and kept:
+            print(f"train.init_from: {len(kept)} parameters keep their initialisation ({', '.join(kept[:3])}"
+                  f"{' ...' if len(kept) > 3 else ''})", flush=True)
+        return params
 
     def _resume(self) -> int:
         """Restore the newest checkpoint that restores; the step it holds (0 without one)."""

@@ -8,6 +8,8 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
 
     RecurrentCache  linear-state families: the op's state [B, H, K, V] (+ the short conv's last inputs)
     KVCache         softmax attention: keys/values of the last L positions (L = max_len, or the window's ring)
+    CompressedKVCache  softmax attention under a KV-cache policy: keys/values quantised to 8 or 4 bits per group
+                    of channels, and/or evicted to attention sinks plus a window of the last positions
     HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
     SelectionCache  HiP, SEA: a full KVCache plus the query that opened the current tile
     RoutingCache    Routing Transformer: a full KVCache plus each slot's cluster per routing head
@@ -35,17 +37,61 @@ from seqlab.ops.flow_attn import FlowState
 
 
 def ring_write(
-    buffers: tuple[jax.Array, ...], values: tuple[jax.Array, ...], key_positions: jax.Array, pos: jax.Array
+    buffers: tuple[jax.Array, ...], values: tuple[jax.Array, ...], key_positions: jax.Array, pos: jax.Array,
+    pinned: int = 0,
 ) -> tuple[tuple[jax.Array, ...], jax.Array]:
     """Write the next T tokens (positions pos .. pos+T-1) of each values [B, T, ...] into its ring buffer [B, L, ...]
     at slots p % L (of T > L tokens only the last L land). Returns the buffers and key_positions [L] (the absolute
-    position held by each slot, -1 = empty)."""
+    position held by each slot, -1 = empty).
+
+    pinned = S > 0 (attention sinks): positions p < S keep slot p for good, and the other L − S slots are a ring of
+    the latest positions (slot S + (p − S) % (L − S))."""
+    if pinned:
+        return _pinned_ring_write(buffers, values, key_positions, pos, pinned)
     length, slots = values[0].shape[1], buffers[0].shape[1]
     kept = min(length, slots)
     written = pos + jnp.arange(length - kept, length, dtype=jnp.int32)
     slot = written % slots
     new = tuple(b.at[:, slot].set(v[:, length - kept :].astype(b.dtype)) for b, v in zip(buffers, values))
     return new, key_positions.at[slot].set(written)
+
+
+def _pinned_ring_write(buffers, values, key_positions, pos, pinned: int):
+    """ring_write with the first `pinned` positions in fixed slots; a position that a later one of the same write
+    evicts is dropped (so no slot is written twice)."""
+    length, slots = values[0].shape[1], buffers[0].shape[1]
+    ring = slots - pinned
+    written = pos + jnp.arange(length, dtype=jnp.int32)
+    last = pos + length - 1
+    kept = (written < pinned) | (written > last - ring)
+    slot = jnp.where(written < pinned, written, pinned + (written - pinned) % ring)
+    slot = jnp.where(kept, slot, slots)  # out of range: dropped
+    new = tuple(b.at[:, slot].set(v.astype(b.dtype), mode="drop") for b, v in zip(buffers, values))
+    return new, key_positions.at[slot].set(written, mode="drop")
+
+
+def quantize(x: jax.Array, bits: int, group: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric round-to-nearest quantisation of x [..., d] per group of `group` channels -> (codes, scales
+    [..., d / group] float32): codes int8 in [−127, 127] for 8 bits, or for 4 bits values in [−7, 7] packed two per
+    byte (uint8 [..., d / 2]). Dequantised, every element is within scale / 2 = max|group| / (2 · qmax) of x."""
+    qmax = 2 ** (bits - 1) - 1
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, group)
+    scales = jnp.max(jnp.abs(grouped), axis=-1) / qmax
+    codes = jnp.round(grouped / jnp.where(scales > 0, scales, 1.0)[..., None])
+    codes = jnp.clip(codes, -qmax, qmax).astype(jnp.int8).reshape(x.shape)
+    if bits == 4:
+        offset = (codes + 8).astype(jnp.uint8)
+        codes = offset[..., 0::2] | (offset[..., 1::2] << 4)
+    return codes, scales
+
+
+def dequantize(codes: jax.Array, scales: jax.Array, bits: int, group: int) -> jax.Array:
+    """The float32 values [..., d] of `quantize`'s (codes, scales)."""
+    if bits == 4:
+        low, high = (codes & 15).astype(jnp.int8) - 8, (codes >> 4).astype(jnp.int8) - 8
+        codes = jnp.stack([low, high], axis=-1).reshape(*codes.shape[:-1], -1)
+    grouped = codes.astype(jnp.float32).reshape(*codes.shape[:-1], -1, group)
+    return (grouped * scales[..., None]).reshape(codes.shape)
 
 
 @struct.dataclass
@@ -100,6 +146,60 @@ class KVCache:
         more than L tokens only the last L land); pos advances by T."""
         (k_new, v_new), key_positions = ring_write((self.k, self.v), (k, v), self.key_positions, self.pos)
         return self.replace(k=k_new, v=v_new, key_positions=key_positions, pos=self.pos + k.shape[1])
+
+
+@struct.dataclass
+class CompressedKVCache:
+    """Keys and values of softmax attention under a KV-cache policy (the `KVCache` interface: ``k``, ``v``
+    [B, L, H_kv, d] float32 as the decode step reads them, ``key_positions``, ``pos``, ``write``).
+
+    bits = 8 or 4: stored as `quantize` codes with one float32 scale per `group` channels (per slot and head), so a
+    key or value is within half its group's scale of the exact one; None: stored as they come. sinks = S > 0: the
+    first S positions stay in slots 0 .. S − 1 (attention sinks) and the other L − S slots hold the latest positions
+    (StreamingLLM's sinks plus a window); every other position is evicted.
+    """
+
+    k_store: jax.Array
+    v_store: jax.Array
+    k_scales: jax.Array | None
+    v_scales: jax.Array | None
+    key_positions: jax.Array
+    pos: jax.Array
+    bits: int | None = struct.field(pytree_node=False, default=None)
+    group: int = struct.field(pytree_node=False, default=32)
+    sinks: int = struct.field(pytree_node=False, default=0)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: Any, *, bits: int | None, group: int,
+              sinks: int) -> CompressedKVCache:
+        """L = shape[1] empty slots for keys and values [B, L, H_kv, d], position 0."""
+        if bits is None:
+            store, scales = jnp.zeros(shape, dtype), None
+        else:
+            store, scales = quantize(jnp.zeros(shape, jnp.float32), bits, group)
+        return cls(k_store=store, v_store=store, k_scales=scales, v_scales=scales,
+                   key_positions=jnp.full((shape[1],), -1, jnp.int32), pos=jnp.zeros((), jnp.int32),
+                   bits=bits, group=group, sinks=sinks)  # fmt: skip
+
+    @property
+    def k(self) -> jax.Array:
+        return self.k_store if self.bits is None else dequantize(self.k_store, self.k_scales, self.bits, self.group)
+
+    @property
+    def v(self) -> jax.Array:
+        return self.v_store if self.bits is None else dequantize(self.v_store, self.v_scales, self.bits, self.group)
+
+    def write(self, k: jax.Array, v: jax.Array) -> CompressedKVCache:
+        """The cache after the next T tokens k, v [B, T, H_kv, d] (quantised, then written as the policy says)."""
+        if self.bits is None:
+            (k_store, v_store), positions = ring_write((self.k_store, self.v_store), (k, v), self.key_positions,
+                                                       self.pos, self.sinks)
+            return self.replace(k_store=k_store, v_store=v_store, key_positions=positions, pos=self.pos + k.shape[1])
+        (kc, ks), (vc, vs) = quantize(k, self.bits, self.group), quantize(v, self.bits, self.group)
+        (kc, ks, vc, vs), positions = ring_write((self.k_store, self.k_scales, self.v_store, self.v_scales),
+                                                 (kc, ks, vc, vs), self.key_positions, self.pos, self.sinks)
+        return self.replace(k_store=kc, k_scales=ks, v_store=vc, v_scales=vs, key_positions=positions,
+                            pos=self.pos + k.shape[1])
 
 
 @struct.dataclass

@@ -317,3 +317,23 @@ def restore_model(workdir: str):
         raise ValueError(f"workdir: {workdir!r} has no checkpoint to restore")
     _, state, _ = restored
     return nnx.merge(graphdef, state["params"], state.get("batch_stats", batch_stats), rest), config, task
+
+
+def params_from_run(workdir: str, params: nnx.State) -> tuple[nnx.State, list[str]]:
+    """`params` (a model's ``nnx.Param`` state) with every parameter that the run in `workdir` also has replaced by
+    that run's, from its newest restorable checkpoint (fine-tuning from it; its optimizer state is not used) ->
+    (the parameters, the paths that kept their own initialisation: parameters the run lacks, such as learnt initial
+    states). ValueError naming the path if the run has a parameter this model lacks, or one of another shape."""
+    source_model, _, _ = restore_model(workdir)
+    source = dict(nnx.to_flat_state(nnx.state(source_model, nnx.Param)))
+    target = dict(nnx.to_flat_state(params))
+    extra = sorted(".".join(map(str, path)) for path in set(source) - set(target))
+    if extra:
+        raise ValueError(f"train.init_from: the run in {workdir!r} has parameters this model lacks: "
+                         f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+    for path, variable in target.items():
+        if path in source and source[path].shape != variable.shape:
+            raise ValueError(f"train.init_from: {'.'.join(map(str, path))} is {tuple(source[path].shape)} in the run "
+                             f"in {workdir!r}, {tuple(variable.shape)} in this model")
+    merged = nnx.from_flat_state([(path, source.get(path, variable)) for path, variable in target.items()])
+    return merged, sorted(".".join(map(str, path)) for path in set(target) - set(source))

@@ -317,24 +317,35 @@ def test_k_means_state_trains_with_the_model_and_stays_on_one_device(tmp_path, n
         config_lib.validate(config)
 
 
-def test_initial_state_tuning_trains_only_the_learnt_states(tmp_path):
-    """model.learn_initial_state with optim.trainable="learnt_initial_state" on a BaseConv + GLA model: the GLA
-    layer (the one with a recurrent state) gets a learnt state, which moves in training, and every other parameter
-    keeps its initial value exactly; an unmatched pattern, mesh.seq > 1 and a model with no recurrent state are
-    refused with one line."""
+def flat_params(model) -> dict[str, jax.Array]:
+    return {".".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_initial_state_tuning_of_a_trained_run(tmp_path):
+    """Lina-Speech's workflow: a BaseConv + GLA model is trained; a second run starts from its parameters
+    (train.init_from) with model.learn_initial_state and optim.trainable="learnt_initial_state". The GLA layer (the
+    one with a recurrent state) gets a learnt state, which moves, and every other parameter stays exactly the first
+    run's. Refused with one line: an unmatched pattern, an invalid one, mesh.seq > 1, a model with no recurrent
+    state, a missing run and a run whose parameters do not fit."""
     config = load_config("configs/mqar.py:softmax,tiny")
-    config.model.update(mixers=("baseconv", "gla"), num_layers=2, learn_initial_state=True)
-    config.optim.update(trainable="learnt_initial_state", learning_rate=1e-2, warmup_steps=1)
-    config.train.update(steps=3, eval_every=3, checkpoint_every=3, log_every=1)
-    train_and_evaluate(config, str(tmp_path))
-    model, _, task = restore_model(str(tmp_path))
-    initial = dict(nnx.to_flat_state(nnx.state(models.build_model(config, task, nnx.Rngs(config.seed)), nnx.Param)))
-    trained = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    moved = {".".join(map(str, path)): float(jnp.max(jnp.abs(trained[path][...] - value[...])))
-             for path, value in initial.items()}
-    tuned = {path for path in moved if path.endswith("learnt_initial_state")}
-    assert tuned == {"backbone.blocks.1.mixer.learnt_initial_state"} and moved[tuned.pop()] > 1e-4, moved
-    assert all(moved[path] == 0.0 for path in moved if not path.endswith("learnt_initial_state")), moved
+    config.model.update(mixers=("baseconv", "gla"), num_layers=2)
+    config.optim.update(learning_rate=1e-2, warmup_steps=1)
+    config.train.update(steps=6, eval_every=6, checkpoint_every=6, log_every=1)
+    train_and_evaluate(config, str(tmp_path / "base"))
+    base, _, _ = restore_model(str(tmp_path / "base"))
+    config.model.learn_initial_state = True
+    config.optim.trainable = "learnt_initial_state"
+    config.train.update(steps=3, eval_every=3, checkpoint_every=3, init_from=str(tmp_path / "base"))
+    train_and_evaluate(config, str(tmp_path / "tuned"))
+    first_tuned = train_records(str(tmp_path / "tuned"))[0]["loss"]
+    base_losses = [r["loss"] for r in train_records(str(tmp_path / "base"))]
+    assert first_tuned < base_losses[0] - 0.1, (first_tuned, base_losses)  # it starts where the base run ended
+    tuned, _, _ = restore_model(str(tmp_path / "tuned"))
+    before, after = flat_params(base), flat_params(tuned)
+    assert set(after) - set(before) == {"backbone.blocks.1.mixer.learnt_initial_state"}
+    assert float(jnp.max(jnp.abs(after["backbone.blocks.1.mixer.learnt_initial_state"]))) > 1e-4
+    assert all(np.array_equal(before[path], after[path]) for path in before)
+
     config.optim.trainable = "no_such_parameter"
     with pytest.raises(ValueError, match="optim.trainable: 'no_such_parameter' matches no parameter path"):
         train_and_evaluate(config, str(tmp_path / "unmatched"))
@@ -347,4 +358,11 @@ def test_initial_state_tuning_trains_only_the_learnt_states(tmp_path):
     config.mesh.seq, config.model.mixers = 1, ("softmax",)
     with pytest.raises(ValueError, match=r"^model.learn_initial_state: no layer's mixer has a recurrent state "
                                          r"\(SoftmaxAttention's cache holds no recurrent state"):
+        config_lib.validate(config)
+    config.model.update(mixers=("baseconv", "gla"), learn_initial_state=False, d_model=2 * config.model.d_model)
+    with pytest.raises(ValueError, match=r"train.init_from: backbone\.\S+ is \([\d, ]+\) in the run in .*, "
+                                         r"\([\d, ]+\) in this model"):
+        train_and_evaluate(config, str(tmp_path / "misfit"))
+    config.train.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="train.init_from: .*nowhere' holds no config.json"):
         config_lib.validate(config)

@@ -19,6 +19,12 @@ window attention uses a ring buffer of L = min(window, max_len) slots, so its ca
 
 Prefill (a T > 1 prompt into a fresh cache) runs the training path over the prompt and writes the keys and values
 of its last min(T, L) tokens to their slots; a full-attention prompt must fit the cache (T <= max_len).
+
+KV-cache policies (inference only; training and the prompt's own outputs are unchanged), in a `CompressedKVCache`:
+kv_bits = 8 or 4 stores keys and values quantised per group of kv_group channels (default 32, or the head if
+smaller; one float32 scale per group, slot and head; every element within half its scale); kv_window = W keeps
+only the first kv_sinks positions (attention sinks) and the last W (StreamingLLM: L = kv_sinks + W slots), so
+decoding past them attends to the sinks and the window.
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab import ops
-from seqlab.checks import check_choice, check_optional_positive_int
+from seqlab.checks import check_choice, check_divisible, check_even, check_nonnegative, check_optional_positive_int, \
+    check_positive_int
 from seqlab.core import masks
 from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
-from seqlab.mixers.caches import KVCache
+from seqlab.mixers.caches import CompressedKVCache, KVCache
 from seqlab.mixers.registry import register
 from seqlab.ops.softmax_attn import default_block_size
 from seqlab.core.softmax_parallel import MODES as SEQUENCE_PARALLEL_MODES
@@ -51,6 +58,8 @@ class SoftmaxAttention(Mixer):
 
     block_size: the softmax op's query/key block (None: `default_block_size(window)`, 512 or the window rounded
     up to a power of two); it tiles the computation and does not change the result.
+    kv_bits, kv_group, kv_sinks, kv_window: the decode cache's policy (module docstring); defaults: exact keys and
+    values of every position.
     """
 
     takes_documents = True
@@ -70,6 +79,10 @@ class SoftmaxAttention(Mixer):
         sequence_parallel: str = "allgather",
         impl: str = "auto",
         block_size: int | None = None,
+        kv_bits: int | None = None,
+        kv_group: int | None = None,
+        kv_sinks: int = 0,
+        kv_window: int | None = None,
         rngs: nnx.Rngs | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -86,6 +99,27 @@ class SoftmaxAttention(Mixer):
             rope_interleaved=rope_interleaved, use_bias=use_bias, rngs=rngs,
         )  # fmt: skip
         self.window = window
+        self._set_kv_policy(kv_bits, kv_group, kv_sinks, kv_window)
+
+    def _set_kv_policy(self, bits: int | None, group: int | None, sinks: int, window: int | None) -> None:
+        group = min(32, self.head_dim) if group is None else group
+        if bits is not None:
+            check_choice("kv_bits", bits, (8, 4))
+            check_positive_int("kv_group", group)
+            if bits == 4:
+                check_even("kv_group", group)  # two 4-bit codes per byte
+            check_divisible("head_dim", self.head_dim, group, "kv_group")
+        check_nonnegative("kv_sinks", sinks)
+        check_optional_positive_int("kv_window", window)
+        if sinks and window is None:
+            raise ValueError("kv_sinks: attention sinks are kept beside a window of recent positions; set kv_window")
+        if window is not None and self.window is not None:
+            raise ValueError(f"kv_window: the mixer already attends to a window of {self.window} (window); a cache "
+                             "window applies to full attention")
+        if (bits is not None or window is not None) and type(self).init_cache is not SoftmaxAttention.init_cache:
+            raise ValueError(f"kv_bits, kv_window: {type(self).__name__} has a cache of its own, which takes no "
+                             "KV-cache policy")
+        self.kv_bits, self.kv_group, self.kv_sinks, self.kv_window = bits, group, int(sinks), window
 
     def attention_mask(self) -> masks.Mask:
         """Which keys each query sees, in every form (training, prefill, decode): ``Causal(window)``. A family
@@ -98,13 +132,21 @@ class SoftmaxAttention(Mixer):
         return None
 
     def cache_slots(self, max_len: int) -> int:
-        """The KV cache's slots: max_len, or a sliding window's ring of min(window, max_len)."""
-        return max_len if self.window is None else min(self.window, max_len)
+        """The KV cache's slots: max_len, a sliding window's ring of min(window, max_len), or under a cache window
+        min(kv_sinks + kv_window, max_len)."""
+        if self.window is not None:
+            return min(self.window, max_len)
+        return max_len if self.kv_window is None else min(self.kv_sinks + self.kv_window, max_len)
 
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
+    def init_cache(self, batch: int, max_len: int) -> KVCache | CompressedKVCache:
         self._check_cache_args(batch, max_len)
-        shape = (batch, self.cache_slots(max_len), self.num_kv_heads, self.head_dim)
-        return KVCache.empty(shape, self.dtype or jnp.float32)
+        slots = self.cache_slots(max_len)
+        shape = (batch, slots, self.num_kv_heads, self.head_dim)
+        if self.kv_bits is None and self.kv_window is None:
+            return KVCache.empty(shape, self.dtype or jnp.float32)
+        sinks = self.kv_sinks if slots > self.kv_sinks else 0  # a cache that holds every position needs no pinning
+        return CompressedKVCache.empty(shape, self.dtype or jnp.float32, bits=self.kv_bits, group=self.kv_group,
+                                       sinks=sinks)
 
     def queries_keys(self, x: jax.Array, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
         """q [B, T, H, d] and k [B, T, H_kv, d] of x [B, T, d_model] at positions pos [T] or [B, T], RoPE applied."""
