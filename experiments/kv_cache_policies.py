@@ -8,8 +8,8 @@ input under each policy (`seqlab.mixers.softmax.softmax_attention`: kv_bits, kv_
 each policy the table gives the cache's bytes for the whole sequence (keys, values, scales), and their share of
 the exact float32 cache's; the relative error of the decoded outputs against decoding with the exact cache,
 ‖y − y_exact‖ / ‖y_exact‖ over the decoded tokens; and the decode time per token (a jitted scan, best of 3).
-Random inputs attend almost uniformly, which is the hard case for eviction: a trained model's attention
-concentrates on sinks and recent tokens, so the eviction errors here are an upper end.
+Random weights attend almost uniformly, so the eviction rows' errors say how much of the keys' mass is dropped,
+not how a trained model (whose attention StreamingLLM finds concentrated on sinks and recent tokens) would fare.
 """
 
 from __future__ import annotations

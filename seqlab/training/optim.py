@@ -10,7 +10,7 @@ first 10% of train.steps); a number of steps larger than the run (a config's 200
 is clamped to 10% of the run, with one warning line in the log (see `warmup_steps`).
 Weight decay applies to matrices (parameters of rank >= 2: projections and embeddings), not to norms, biases and
 learnt initial states.
-``optim.trainable``: a regular expression over parameter paths (``blocks.0.mixer.q_proj.kernel``, searched, not
+``optim.trainable``: a regular expression over parameter paths (``backbone.blocks.0.mixer.q_proj.kernel``, searched, not
 matched whole): only the parameters it finds are trained (clipping, AdamW and its state cover only them); every other
 parameter's update is zero. Empty: every parameter. Initial-state tuning (`seqlab.mixers.Mixer.learn_initial_state`,
 ``model.learn_initial_state``) trains ``"learnt_initial_state"`` alone.
