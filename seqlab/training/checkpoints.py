@@ -198,10 +198,15 @@ def _orbax_noise_held(*, drop_when: Callable[[Exception], bool]) -> Iterator[Non
 
 
 def _join_orbax_threads(threads_before: set[threading.Thread]) -> None:
-    """Wait, up to _ORBAX_JOIN_S in all, for the threads of orbax's classes not among `threads_before` to end."""
+    """Wait, up to _ORBAX_JOIN_S in all, for the threads of orbax's classes not among `threads_before` to end,
+    including those that the joined ones start (orbax's metadata writer starts after the array writers)."""
     deadline = time.monotonic() + _ORBAX_JOIN_S
-    for thread in threading.enumerate():
-        if thread not in threads_before and type(thread).__module__.startswith("orbax."):
+    while time.monotonic() < deadline:
+        running = [thread for thread in threading.enumerate() if thread not in threads_before and thread.is_alive()
+                   and type(thread).__module__.startswith("orbax.")]
+        if not running:
+            return
+        for thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
