@@ -378,6 +378,18 @@ class ReferenceCases:
         mixer = self.make(case, impl=impl, chunk_size=chunk_size)
         check_forward_and_gradients(mixer, *self._reference_results(case))
 
+    def check_bf16(self, case: str, tol: float = 3e-2):
+        """The mixer computing in bfloat16 (dtype=jnp.bfloat16, float32 parameters moved by `perturbed_params`)
+        returns bfloat16 within `tol` of the float64 reference on inputs(0, shape)."""
+        mixer = self.make(case, dtype=jnp.bfloat16)
+        params = perturbed_params(mixer)
+        nnx.update(mixer, params)
+        x, _ = inputs(0, self.shape)
+        y = nnx.jit(lambda m, a: m(a))(mixer, x)
+        assert y.dtype == jnp.bfloat16
+        expected = self.cases[case][1](np, f64(params), np.asarray(x, np.float64))
+        assert rel_err(y, expected) <= tol, rel_err(y, expected)
+
 
 def check_decode_and_prefill(mixer, x, prompt: int):
     """Token-by-token decode and prefill(x[:, :prompt]) + decode == the full forward; both end at pos T with the

@@ -10,31 +10,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqlab.checks import check_positive_int
+from seqlab.core.grid import check_grid_shape
 
 
 def check_grid(grid: Any) -> tuple[int, int] | None:
     """grid as a tuple, or None (a 1-D sequence); ValueError unless it is None or (rows, cols) positive ints."""
     if grid is None:
         return None
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
-        raise ValueError(f"grid must be None or (rows, cols) positive ints, got {grid!r}")
-    return tuple(grid)
+    try:
+        return check_grid_shape(grid)
+    except ValueError:
+        raise ValueError(f"grid must be None or (rows, cols) positive ints, got {grid!r}") from None
 
 
 class CentredConv(nnx.Module):
-    """y = DWConv(x) with bias, zero "same" padding: x [B, T, C] -> [B, T, C], kernel K over time (grid None) or
-    K × K over the grid (T = rows·cols, raster order); one filter per channel. K must be odd."""
+    """y = DWConv(x) (+ a bias unless use_bias=False), zero "same" padding: x [B, T, C] -> [B, T, C], kernel K over
+    time (grid None) or K × K over the grid (T = rows·cols, raster order); one filter per channel. K must be odd."""
 
     def __init__(self, channels: int, kernel_size: int, grid: tuple[int, int] | None, *, rngs: nnx.Rngs,
-                 dtype: Any = None, param_dtype: Any = jnp.float32):
+                 use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32):
         check_positive_int("conv_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"conv_size must be odd (a centred convolution), got {kernel_size}")
         self.grid = grid
         kernel = (kernel_size,) * (1 if grid is None else 2)
-        self.conv = nnx.Conv(channels, channels, kernel, feature_group_count=channels, padding="SAME", dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
+        self.conv = nnx.Conv(channels, channels, kernel, feature_group_count=channels, padding="SAME",
+                             use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.grid is None:

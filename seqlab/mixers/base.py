@@ -131,8 +131,10 @@ class Mixer(nnx.Module):
         return y[:, 0], cache
 
     def init_cache(self, batch: int, max_len: int) -> Any:
-        """An empty decode cache for `batch` sequences of at most `max_len` tokens."""
-        raise NotImplementedError
+        """An empty decode cache for `batch` sequences of at most `max_len` tokens (a non-causal mixer has none:
+        ValueError)."""
+        self._check_cache_args(batch, max_len)
+        raise NotImplementedError(f"{type(self).__name__} defines no init_cache")
 
     def learn_initial_state(self) -> None:
         """Give the mixer a learnt initial state (module docstring): a zero ``nnx.Param`` shaped like its cache's

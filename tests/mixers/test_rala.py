@@ -16,21 +16,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from mixer_references import (
     ReferenceCases,
     check_non_causal_has_no_cache,
     depthwise_same,
-    f64,
     heads,
     inputs,
     linear,
     merge,
-    perturbed_params,
     raises_naming,
     softmax,
 )
-from reference import rel_err
 
 from seqlab.mixers.linear.rala import RALA
 
@@ -116,13 +112,7 @@ def test_key_weights_sum_to_the_token_count():
 
 
 def test_bf16_compute_stays_close_to_the_reference():
-    mixer = RALA(D, H, grid=GRID, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    params = perturbed_params(mixer)
-    nnx.update(mixer, params)
-    x, _ = inputs(0, (B, GRID[0] * GRID[1], D))
-    y = nnx.jit(lambda m, a: m(a))(mixer, x)
-    assert y.dtype == jnp.bfloat16
-    assert rel_err(y, rala_reference(np, f64(params), np.asarray(x, np.float64), grid=GRID)) <= 3e-2
+    ON_GRID.check_bf16("rala-grid")
 
 
 def test_rala_has_no_cache():
