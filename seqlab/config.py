@@ -46,9 +46,11 @@ from flax import nnx
 from ml_collections import config_dict
 
 from seqlab import data, mixers, models
-from seqlab.models.blocks import MLPS, NORMS
+from seqlab.data.images import ImageTask
 from seqlab.models.backbone import POSITION_EMBEDDINGS
+from seqlab.models.blocks import MLPS, NORMS
 from seqlab.models.classifier import POOLINGS
+from seqlab.models.vision import patch_grid
 
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt")
@@ -99,7 +101,7 @@ def _data_config() -> ml_collections.ConfigDict:
 def _model_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         d_model=128, num_layers=2, num_heads=2, mixers=("softmax",), mlp="swiglu", mlp_ratio=4.0, norm="layernorm",
-        position_embedding="none", embed_dropout=0.0, pooling="mean", learn_initial_state=False,
+        position_embedding="none", embed_dropout=0.0, pooling="mean", learn_initial_state=False, patch_size=1,
     ))  # fmt: skip
     cfg.mixer_args = ml_collections.ConfigDict({name: _mixer_defaults(name) for name in mixers.available()})
     return cfg
@@ -213,7 +215,8 @@ def validate(config: ml_collections.ConfigDict) -> data.Task:
     _check_train(config.train)
     _check_optim(config.optim)
     _check_mesh(config.mesh, config.train, task, config.model)
-    if config.model.learn_initial_state:  # which layers can learn one is known once they are built (abstractly)
+    if config.model.learn_initial_state or isinstance(task, ImageTask):
+        # which layers can learn a state, and whether every mixer takes the patch grid, is known once they are built
         nnx.eval_shape(lambda: models.build_model(config, task, nnx.Rngs(0)))
     return task
 
@@ -287,6 +290,11 @@ def _check_model(model: ml_collections.ConfigDict, task: data.Task) -> None:
     for key, allowed in (("mlp", MLPS), ("norm", NORMS), ("position_embedding", POSITION_EMBEDDINGS),
                          ("pooling", POOLINGS)):
         _check_choice(model, key, allowed, "model")
+    if isinstance(task, ImageTask):
+        patch_grid(task.image_shape, model.patch_size)
+    elif model.patch_size != 1:
+        raise ValueError(f"model.patch_size applies to image tasks (digits, shapes); leave it 1 for "
+                         f"data.task={task.name!r} (got {model.patch_size})")
     for name in set(pattern):
         causal = mixers.get(name).causal and model.mixer_args[name].get("causal", True) is not False
         if task.kind == "lm" and not causal:
@@ -380,6 +388,9 @@ def _check_mesh(mesh: ml_collections.ConfigDict, train: ml_collections.ConfigDic
     if model.learn_initial_state and mesh.seq > 1:
         raise ValueError("model.learn_initial_state: every sequence starts from the learnt state, which needs it "
                          "whole on one device; set mesh.seq = 1")
+    if isinstance(task, ImageTask) and mesh.seq > 1:
+        raise ValueError(f"mesh.seq: the vision model mixes whole images (data.task={task.name!r}); set mesh.seq = 1 "
+                         f"(got {mesh.seq})")
     if task.lm_head == "from_last" and mesh.seq > 1:
         raise ValueError(f"mesh.seq: data.task={task.name!r} decodes every logit from the last position, so it runs "
                          f"on one device per sequence; set mesh.seq = 1 (got {mesh.seq})")

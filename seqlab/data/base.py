@@ -45,7 +45,8 @@ class Task(abc.ABC):
     A subclass sets `name` and `kind` (and `byte_level` when its tokens are the 256 byte values of text, so
     `seqlab.sample` can decode what a model of it generates, and `lm_head` when its logits are decoded from the last
     position, module docstring), adds its options as fields, provides `vocab_size` and `seq_len` (as options
-    or as properties), extends `validate`, and implements `_generate`.
+    or as properties), extends `validate`, and implements `_generate` (or `_example_at`, to read stored examples
+    by index).
     """
 
     name: ClassVar[str]
@@ -98,15 +99,24 @@ class Task(abc.ABC):
 
     def example(self, split: str, index: int) -> dict[str, np.ndarray]:
         """Example `index` of `split`, a pure function of (seed, split, index); layouts in the module docstring."""
+        return self._example_at(self._example_rng(split, index), split, int(index))
+
+    def _example_rng(self, split: str, index: int) -> np.random.Generator:
+        """The generator of example `index` of `split`, seeded from (seed, split, index); ValueError for an index
+        outside the split."""
         count = self.num_examples(split)
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < count:
             raise ValueError(f"index: must be an integer in [0, {count}) for split {split!r}, got {index!r}")
-        rng = np.random.default_rng([self.seed, _split_id(split), int(index)])
+        return np.random.default_rng([self.seed, _split_id(split), int(index)])
+
+    def _example_at(self, rng: np.random.Generator, split: str, index: int) -> dict[str, np.ndarray]:
+        """Example `index` of `split`, drawn with `rng`: `_generate(rng, split)`; a task that reads stored examples
+        by index (digits) overrides this instead of `_generate`."""
         return self._generate(rng, split)
 
-    @abc.abstractmethod
     def _generate(self, rng: np.random.Generator, split: str) -> dict[str, np.ndarray]:
         """One example drawn with `rng` (seeded from (seed, split, index)); `split` for file-backed tasks."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither _generate nor _example_at")
 
     def _require(self, ok: bool, field: str, requirement: str) -> None:
         """Raise `ValueError("data.<task>.<field>: <requirement>, got <value>")` unless `ok`."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from seqlab.data.base import Task
 from seqlab.data.bytes_lm import BytesLM
+from seqlab.data.images import Digits, Shapes
 from seqlab.data.listops import ListOps
 from seqlab.data.mqar import MQAR
 from seqlab.data.synthetic import (
@@ -16,7 +17,7 @@ from seqlab.data.synthetic import (
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
     for cls in (MQAR, SelectiveCopy, InContextRecall, FuzzyRecall, Memorization, Compression, AssociativeRecall,
-                InductionHead, ListOps, BytesLM)
+                InductionHead, ListOps, BytesLM, Digits, Shapes)
 }
 
 

@@ -1,6 +1,7 @@
 """Models built from a config: a decoder LM for language-modelling tasks (a `LastStateDecoder` for those whose
-`lm_head` is "from_last": MAD's compression), a sequence classifier for classification tasks. All share
-`Backbone` (embedding, residual blocks with a repeating mixer pattern, final norm).
+`lm_head` is "from_last": MAD's compression), a sequence classifier for classification tasks, a patch classifier
+for image tasks (`seqlab.models.vision`). All share the residual blocks with a repeating mixer pattern
+(`make_blocks`); the first three share `Backbone` (embedding, blocks, final norm).
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import ml_collections
 from flax import nnx
 
 from seqlab.data import Task
-from seqlab.models.backbone import Backbone, DecodeCache, layer_mixers
+from seqlab.data.images import ImageTask
+from seqlab.models.backbone import Backbone, DecodeCache, layer_mixers, make_blocks
 from seqlab.models.blocks import Block, SwiGLU
 from seqlab.models.classifier import SequenceClassifier
 from seqlab.models.last_state import LastStateDecoder
 from seqlab.models.lm import DecoderLM
+from seqlab.models.vision import PatchClassifier
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -> DecoderLM | LastStateDecoder | SequenceClassifier:
+Model = DecoderLM | LastStateDecoder | SequenceClassifier | PatchClassifier
+
+
+def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -> Model:
     """The model config.model describes, sized for `task` (its vocabulary, length and classes).
 
     Parameters are float32; train.compute_dtype sets the activations' dtype.
@@ -34,7 +40,12 @@ def build_model(config: ml_collections.ConfigDict, task: Task, rngs: nnx.Rngs) -
         norm=m.norm, position_embedding=m.position_embedding, max_len=task.seq_len, embed_dropout=m.embed_dropout,
         rngs=rngs, dtype=_DTYPES[config.train.compute_dtype], param_dtype=jnp.float32,
     )  # fmt: skip
-    if task.kind == "classification":
+    if isinstance(task, ImageTask):
+        vision = {key: args[key] for key in ("d_model", "num_layers", "num_heads", "mixers", "mixer_args", "mlp",
+                                             "mlp_ratio", "norm", "rngs", "dtype", "param_dtype")}
+        model = PatchClassifier(num_classes=task.num_classes, image_shape=task.image_shape, levels=task.levels,
+                                patch_size=m.patch_size, **vision)
+    elif task.kind == "classification":
         model = SequenceClassifier(num_classes=task.num_classes, pooling=m.pooling, **args)
     elif task.lm_head == "from_last":
         model = LastStateDecoder(num_targets=task.seq_len, **args)
@@ -67,8 +78,10 @@ __all__ = [
     "DecodeCache",
     "DecoderLM",
     "LastStateDecoder",
+    "PatchClassifier",
     "SequenceClassifier",
     "SwiGLU",
     "build_model",
     "layer_mixers",
+    "make_blocks",
 ]

@@ -36,6 +36,18 @@ def layer_mixers(pattern: Sequence[str], num_layers: int) -> list[str]:
     return [pattern[i % len(pattern)] for i in range(num_layers)]
 
 
+def make_blocks(pattern: Sequence[str], mixer_args: Mapping[str, Mapping[str, Any]], *, d_model: int, num_layers: int,
+                num_heads: int, mlp: str, mlp_ratio: float, norm: str, rngs: nnx.Rngs, dtype: Any = None,
+                param_dtype: Any = jnp.float32) -> nnx.List:
+    """The num_layers blocks of the pattern (repeated), each told its depth."""
+    return nnx.List([
+        Block(name, d_model=d_model, num_heads=num_heads, mixer_args=mixer_args.get(name, {}), mlp=mlp,
+              mlp_ratio=mlp_ratio, norm=norm, rngs=rngs, layer_index=index, num_layers=num_layers, dtype=dtype,
+              param_dtype=param_dtype)
+        for index, name in enumerate(layer_mixers(pattern, num_layers))
+    ])
+
+
 class Backbone(nnx.Module):
     """tokens [B, T] int -> hidden states [B, T, d_model] (after the final norm)."""
 
@@ -71,14 +83,9 @@ class Backbone(nnx.Module):
         if learned:
             check_positive_int("max_len", max_len)
         self.positions = nnx.Param(init(rngs.params(), (max_len, d_model), param_dtype)) if learned else None
-        self.blocks = nnx.List([
-            Block(
-                name, d_model=d_model, num_heads=num_heads, mixer_args=mixer_args.get(name, {}), mlp=mlp,
-                mlp_ratio=mlp_ratio, norm=norm, rngs=rngs, layer_index=index, num_layers=num_layers, dtype=dtype,
-                param_dtype=param_dtype,
-            )
-            for index, name in enumerate(layer_mixers(mixers, num_layers))
-        ])  # fmt: skip
+        self.blocks = make_blocks(mixers, mixer_args, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                                  mlp=mlp, mlp_ratio=mlp_ratio, norm=norm, rngs=rngs, dtype=dtype,
+                                  param_dtype=param_dtype)
         self.final_norm = make_norm(norm, d_model, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.sequence_axis: str | None = None
 
