@@ -4,11 +4,12 @@ The Based paper ("Simple linear attention language models balance the recall-thr
 2024) claims much higher generation throughput than softmax attention because a linear layer's decode state has a
 fixed size while a KV cache grows with the context. This measures it for seqlab's mixers.
 
-    python experiments/bench_decode.py      # the full table: 8 mixers x contexts 1k .. 16k (for BENCHMARKS.md)
+    python experiments/bench_decode.py      # the full table: 9 mixers x contexts 1k .. 16k (for BENCHMARKS.md)
     python experiments/bench_decode.py --contexts=256 --new_tokens=8 --mixers=softmax,gla     # a smoke run (seconds)
 
 For each mixer and context (the prompt length): a bytes DecoderLM (vocab 256, random weights, --layers layers of
-that mixer; `based` is the pattern baseconv + based, as in the Based paper), d_model --d_model, d_model / 64 heads,
+that mixer; `based` is the pattern baseconv + based, as in the Based paper; in `block_transformer` every layer
+is Block Transformer's global block decoder and local token decoder, L = 4 tokens per block), d_model --d_model, d_model / 64 heads,
 SwiGLU MLP, RMSNorm, caches for context + new_tokens positions. Columns:
   prefill ms       `seqlab.generate.prefill` of a [batch, context] prompt (compiled first; best of --repeats)
   decode tokens/s  batch x new_tokens greedy tokens through `seqlab.generate.decode` after that prefill
@@ -40,6 +41,7 @@ MIXERS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "deltanet": (("deltanet",), {}),
     "mamba2": (("mamba2",), {}),
     "longvq": (("longvq",), {}),
+    "block_transformer": (("block_transformer",), {"block_transformer": {"block": 4}}),
 }
 
 

@@ -11,6 +11,13 @@ is set. Prefill and decoding compile once per (model structure, shapes, top_k, g
 
 `prefill` and `decode` are the two halves of `generate` (experiments/bench_decode.py times them separately);
 `sample_text` samples text from a trained bytes model (the library side of `python -m seqlab.sample`).
+
+Batched serving: `serve(model, prompts, max_new_tokens)` decodes prompts of different lengths together. The
+shortest length P_min is prefilled for every row at once; then one lockstep scan steps every row through its
+own remaining prompt tokens (teacher-forced) and on into its generated ones, so every row sits at the same
+position at every step and the caches' single `pos` counter stays right for all of them — no padding enters any
+cache and no mixer needs a mask for it. Row r's new tokens are the ones chosen from position L_r − 1 on; the scan
+runs max(L) − P_min + max_new_tokens steps. Each row gets exactly what `generate` gives it alone (decode = forward).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -46,6 +54,39 @@ def generate(
     logits, cache = prefill(model, prompt, prompt.shape[1] + max_new_tokens)
     tokens, _, _ = decode(model, logits, cache, max_new_tokens, rng=rng, temperature=temperature, top_k=top_k)
     return jnp.concatenate([prompt, tokens], axis=1)
+
+
+def serve(
+    model: DecoderLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+) -> list[np.ndarray]:
+    """Prompts of different lengths (a list of token sequences) decoded together (module docstring) -> each
+    prompt's max_new_tokens new tokens, int32 [max_new_tokens] per prompt."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of token sequences, got {type(prompts).__name__}")
+    lengths = np.array([len(p) for p in prompts])
+    if lengths.min() < 1:
+        raise ValueError(f"prompts: prompt {int(np.argmin(lengths))} holds no token")
+    padded = np.zeros((len(prompts), lengths.max()), np.int64)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = prompt
+    padded = _check_prompt(model, padded)
+    check_positive_int("max_new_tokens", max_new_tokens)
+    _check_sampling(rng, temperature, top_k, _vocab_size(model))
+    max_len = int(lengths.max()) + max_new_tokens
+    _check_positions(model, max_len, "max_new_tokens")
+    shortest = int(lengths.min())
+    num_steps = max_len - shortest
+    keys = None if temperature == 0 else jax.random.split(rng, num_steps)
+    graphdef, state = nnx.split(model)
+    tokens = np.asarray(_serve(graphdef, state, padded, jnp.asarray(lengths, jnp.int32), keys,
+                               jnp.float32(temperature), shortest=shortest, num_steps=num_steps, top_k=top_k))
+    return [tokens[row, n - shortest: n - shortest + max_new_tokens] for row, n in enumerate(lengths)]
 
 
 def prefill(model: DecoderLM, prompt: jax.Array, max_len: int) -> tuple[jax.Array, DecodeCache]:
@@ -158,6 +199,29 @@ def _decode(
 
     (logits, cache), tokens = jax.lax.scan(body, (logits, cache), keys, length=num_tokens)
     return tokens.T, logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "shortest", "num_steps", "top_k"))
+def _serve(
+    graphdef: nnx.GraphDef, state: nnx.State, prompts: jax.Array, lengths: jax.Array, keys: jax.Array | None,
+    temperature: jax.Array, *, shortest: int, num_steps: int, top_k: int | None,
+) -> jax.Array:  # fmt: skip
+    """prompts [B, P_max] (right-padded), lengths [B] -> the token at each position shortest .. shortest +
+    num_steps - 1 of every row [B, num_steps]: its prompt token while t < L_r, the chosen one after."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.prefill(prompts[:, :shortest], model.init_cache(prompts.shape[0], shortest + num_steps))
+    positions = jnp.arange(shortest, shortest + num_steps)
+
+    def body(carry, step):
+        logits, cache = carry
+        t, key = step
+        forced = jnp.take(prompts, jnp.minimum(t, prompts.shape[1] - 1), axis=1)
+        token = jnp.where(t < lengths, forced, _choose(logits, key, temperature, top_k))
+        logits, cache = model.step(token, cache)
+        return (logits, cache), token
+
+    _, tokens = jax.lax.scan(body, (logits[:, -1], cache), (positions, keys))
+    return tokens.T
 
 
 def _choose(logits: jax.Array, rng: jax.Array | None, temperature: jax.Array, top_k: int | None) -> jax.Array:

@@ -1,6 +1,7 @@
 """Generation (seqlab.generate): greedy decoding through the caches equals the argmax of the full-sequence forward
 at every step; sampling honours temperature, top_k and the rng; argument errors name the argument; decode caches
-have constant size for linear mixers and windows; `sample_text` and experiments/bench_decode.py run.
+have constant size for linear mixers and windows; batched serving of prompts of different lengths gives each
+prompt the argmax of its own full forward; `sample_text` and experiments/bench_decode.py run.
 
 Models are tiny random-init float32 DecoderLMs (d_model 32, 2 layers); the prompt is P tokens and N new tokens
 follow, so the sliding window (4 slots) wraps and every chunked prefill ends on a partial chunk.
@@ -215,6 +216,63 @@ def run_script(*command: str) -> subprocess.CompletedProcess:
 def test_sample_cli_requires_its_flags():
     result = run_script("-m", "seqlab.sample", "--prompt=hi")
     assert result.returncode != 0 and "--workdir" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batched serving
+# --------------------------------------------------------------------------------------------------------------
+
+SERVED_LENGTHS = (5, 12, 1, 8, 5)  # the shortest is one token: everything after it is stepped in lockstep
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_served_prompts_of_different_lengths_are_each_the_argmax_of_their_own_full_forward(pattern):
+    m = model(pattern)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, VOCAB, n) for n in SERVED_LENGTHS]
+    served = gen.serve(m, prompts, N)
+    assert [t.shape for t in served] == [(N,)] * len(prompts)
+    for p, new in zip(prompts, served):
+        out = jnp.asarray(np.concatenate([p, new]))[None]
+        want = np.asarray(full_logits(m, out))[0, len(p) - 1 : -1].argmax(-1)
+        np.testing.assert_array_equal(new, want)
+
+
+def test_served_sampling_is_deterministic_given_the_rng_and_stays_in_the_top_k():
+    m = model("gla")
+    prompts = [list(range(1, 4)), list(range(2, 9))]
+    a = gen.serve(m, prompts, N, rng=jax.random.key(0), temperature=1.0, top_k=3)
+    b = gen.serve(m, prompts, N, rng=jax.random.key(0), temperature=1.0, top_k=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    for p, new in zip(prompts, a):
+        logits = np.asarray(full_logits(m, jnp.asarray(np.concatenate([p, new]))[None]))[0, len(p) - 1 : -1]
+        top = np.argsort(logits, axis=-1)[:, -3:]
+        assert all(t in row for t, row in zip(new, top))
+
+
+@pytest.mark.parametrize(
+    "prompts, kwargs, arg",
+    [
+        ([], {}, "prompts"),
+        ("abc", {}, "prompts"),
+        ([[1, 2], []], {}, "prompts"),
+        ([[1, VOCAB]], {}, "prompt tokens"),
+        ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens"),
+        ([[1, 2]], dict(temperature=1.0), "rng"),
+    ],
+)
+def test_serve_bad_arguments_name_the_argument(prompts, kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        gen.serve(model("gla"), prompts, **{"max_new_tokens": N, **kwargs})
+
+
+@pytest.mark.slow  # a benchmark script's smoke run
+def test_bench_serving_smoke_run():
+    result = run_script("experiments/bench_serving.py", "--prompts=3", "--min_len=4", "--max_len=9",
+                        "--new_tokens=4", "--mixers=softmax,gla", "--repeats=1", "--d_model=64")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "served" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| softmax", "| gla"]
 
 
 @pytest.mark.slow  # a benchmark script's smoke run
