@@ -9,8 +9,8 @@ fixed size while a KV cache grows with the context. This measures it for seqlab'
 
 For each mixer and context (the prompt length): a bytes DecoderLM (vocab 256, random weights, --layers layers of
 that mixer; `based` is the pattern baseconv + based, as in the Based paper; in `block_transformer` every layer
-is Block Transformer's global block decoder and local token decoder, L = 4 tokens per block), d_model --d_model, d_model / 64 heads,
-SwiGLU MLP, RMSNorm, caches for context + new_tokens positions. Columns:
+is Block Transformer's global block decoder and local token decoder, L = 4 tokens per block), d_model --d_model,
+d_model / 64 heads, SwiGLU MLP, RMSNorm, caches for context + new_tokens positions. Columns:
   prefill ms       `seqlab.generate.prefill` of a [batch, context] prompt (compiled first; best of --repeats)
   decode tokens/s  batch x new_tokens greedy tokens through `seqlab.generate.decode` after that prefill
                    (compiled first; best of --repeats)
