@@ -42,6 +42,7 @@ from seqlab.core import masks
 from seqlab.core.documents import Documents
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.caches import CompressedKVCache, KVCache
+from seqlab.mixers.calibration import hooked_attention
 from seqlab.mixers.registry import register
 from seqlab.ops.softmax_attn import default_block_size
 from seqlab.core.softmax_parallel import MODES as SEQUENCE_PARALLEL_MODES
@@ -60,9 +61,12 @@ class SoftmaxAttention(Mixer):
     up to a power of two); it tiles the computation and does not change the result.
     kv_bits, kv_group, kv_sinks, kv_window: the decode cache's policy (module docstring); defaults: exact keys and
     values of every position.
+    attention_hook: None, or a rewrite of the dense weights of whole inputs (`seqlab.mixers.calibration`: ACT),
+    set after construction.
     """
 
     takes_documents = True
+    attention_hook = None
 
     def __init__(
         self,
@@ -140,6 +144,9 @@ class SoftmaxAttention(Mixer):
 
     def init_cache(self, batch: int, max_len: int) -> KVCache | CompressedKVCache:
         self._check_cache_args(batch, max_len)
+        if self.attention_hook is not None:
+            raise ValueError(f"attention_hook: {type(self).__name__} calibrates whole inputs, so it has no decode "
+                             "cache; clear the hook (calibrate_attention(model, {layer: None})) to decode")
         slots = self.cache_slots(max_len)
         shape = (batch, slots, self.num_kv_heads, self.head_dim)
         if self.kv_bits is None and self.kv_window is None:
@@ -157,9 +164,20 @@ class SoftmaxAttention(Mixer):
         return q, k
 
     def _forward(self, x: jax.Array, cache: KVCache | None, documents: Documents | None = None):
+        if self.attention_hook is not None:
+            return self._hooked_forward(x, cache, documents), cache
         q, k, v, cache = self._queries_keys_values(x, cache, documents)
         o = self._attend(q, k, v, cache, documents, self.score_mod())
         return self.o_proj(self._merge_heads(o.astype(x.dtype))), cache
+
+    def _hooked_forward(self, x: jax.Array, cache: Any, documents: Documents | None) -> jax.Array:
+        """The training path with ``attention_hook`` rewriting the dense weights (`seqlab.mixers.calibration`)."""
+        if cache is not None or documents is not None or self.sequence_axis is not None:
+            raise ValueError(f"attention_hook: {type(self).__name__} calibrates whole inputs on one device; clear "
+                             "the hook to decode, pack documents or split the sequence")
+        q, k, v, _ = self._queries_keys_values(x, None, None)
+        o = hooked_attention(q, k, v, self.attention_mask(), self.score_mod(), self.attention_hook)
+        return self.o_proj(self._merge_heads(o.astype(x.dtype)))
 
     def _queries_keys_values(self, x: jax.Array, cache: KVCache | None, documents: Documents | None) -> tuple:
         """q [B, T, H, d], k, v [B, T, H_kv, d] of x [B, T, d_model] at this call's positions, and the cache with
