@@ -23,6 +23,16 @@ def check_grid(grid: Any) -> tuple[int, int] | None:
         raise ValueError(f"grid must be None or (rows, cols) positive ints, got {grid!r}") from None
 
 
+def spatial_shape(length: int, grid: tuple[int, int] | None) -> tuple[int, ...]:
+    """The token layout of a sequence of `length` tokens: (length,) for a 1-D sequence (grid None), else the grid,
+    or ValueError naming x when the grid does not hold `length` tokens."""
+    if grid is None:
+        return (length,)
+    if length != grid[0] * grid[1]:
+        raise ValueError(f"x: the grid {grid} takes {grid[0] * grid[1]} tokens, got {length}")
+    return tuple(grid)
+
+
 class CentredConv(nnx.Module):
     """y = DWConv(x) (+ a bias unless use_bias=False), zero "same" padding: x [B, T, C] -> [B, T, C], kernel K over
     time (grid None) or K × K over the grid (T = rows·cols, raster order); one filter per channel. K must be odd."""
@@ -38,8 +48,4 @@ class CentredConv(nnx.Module):
                              use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.grid is None:
-            return self.conv(x)
-        if x.shape[1] != self.grid[0] * self.grid[1]:
-            raise ValueError(f"x: the grid {self.grid} takes {self.grid[0] * self.grid[1]} tokens, got {x.shape[1]}")
-        return self.conv(x.reshape(x.shape[0], *self.grid, -1)).reshape(x.shape)
+        return self.conv(x.reshape(x.shape[0], *spatial_shape(x.shape[1], self.grid), -1)).reshape(x.shape)

@@ -1,1 +1,1 @@
-"""Convolutional mixers (BaseConv)."""
+"""Convolutional mixers: BaseConv, VAN large kernel attention, ULSAM subspace attention, HyperZ·Z·W."""

@@ -37,7 +37,7 @@ from seqlab import ops
 from seqlab.checks import check_positive_int, expand_dim
 from seqlab.core import grid as grid_orders
 from seqlab.core import masks
-from seqlab.layers.grid_conv import CentredConv, check_grid
+from seqlab.layers.grid_conv import CentredConv, check_grid, spatial_shape
 from seqlab.layers.norms import RMSNorm
 from seqlab.layers.ssm import init_mamba_decay, mamba_decay
 from seqlab.mixers.base import Mixer
@@ -116,8 +116,7 @@ class LaMamba(Mixer):
         self.out_proj = self._linear(inner, d_model, rngs)
 
     def _forward(self, x: jax.Array, cache: None) -> tuple[jax.Array, None]:
-        if self.grid is not None and x.shape[1] != self.grid[0] * self.grid[1]:
-            raise ValueError(f"x: the grid {self.grid} takes {self.grid[0] * self.grid[1]} tokens, got {x.shape[1]}")
+        spatial_shape(x.shape[1], self.grid)
         return self.attention(x) + self._on_whole_sequence(self._scan_branch, x), None
 
     def _scan_branch(self, x: jax.Array) -> jax.Array:
@@ -134,7 +133,7 @@ class LaMamba(Mixer):
             v = u * dt[..., None].astype(u.dtype)
             return ops.simple_gla(q, k, v, g, scale=1.0, impl=self.impl, chunk_size=self.chunk_size)[0]
 
-        grid = self.grid or (1, x.shape[1])
+        grid = (1, *spatial_shape(x.shape[1], self.grid))[-2:]  # a 1-D sequence is one row
         m = grid_orders.scan_orders(ssd, grid, self.orders, shared, (dt, log_decay)).mean(0)  # [B, T, H, P]
         m = m.astype(x.dtype) + u * self.D[...][:, None].astype(x.dtype)
         return self.out_proj(self.norm(self._merge_heads(m), z))

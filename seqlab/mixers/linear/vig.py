@@ -38,7 +38,7 @@ from flax import nnx
 from seqlab import ops
 from seqlab.checks import check_positive, check_positive_int, expand_dim
 from seqlab.core import grid as grid_orders
-from seqlab.layers.grid_conv import CentredConv, check_grid
+from seqlab.layers.grid_conv import CentredConv, check_grid, spatial_shape
 from seqlab.layers.norms import RMSNorm
 from seqlab.mixers.base import Mixer
 from seqlab.mixers.registry import register
@@ -104,9 +104,7 @@ class ViG(Mixer):
 
     def _mix(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] (the whole sequence) -> [B, T, D]."""
-        grid = self.grid or (1, x.shape[1])
-        if self.grid is not None and x.shape[1] != grid[0] * grid[1]:
-            raise ValueError(f"x: the grid {self.grid} takes {grid[0] * grid[1]} tokens, got {x.shape[1]}")
+        grid = (1, *spatial_shape(x.shape[1], self.grid))[-2:]  # a 1-D sequence is one row
         local = jax.nn.silu(self.local(x))
         q, k = self._heads(self.q_proj(local), self.key_dim), self._heads(self.k_proj(local), self.key_dim)
         v = self._heads(self.v_proj(local), self.value_dim)
