@@ -540,3 +540,15 @@ def cache_attention(q: Array, k_cache: Array, v_cache: Array, key_positions: Arr
     if block_index is not None:
         visible = visible & block_index.visible(query, key_positions, first_row)[:, :, None]
     return finalize(partial_from_scores(scores, visible[..., 0, :], v_cache))  # visible: [(B,) Hkv|1, G|1, L]
+
+
+def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax over the last axis of scores [..., L] float32 among the visible entries (bool, broadcasting to
+    scores); 0 at invisible entries and on rows that see nothing. Max-subtracted: only non-positive differences are
+    exponentiated."""
+    visible = jnp.broadcast_to(visible, scores.shape)
+    top = jnp.max(jnp.where(visible, scores, -jnp.inf), axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    exps = jnp.where(visible, jnp.exp(jnp.where(visible, scores - top, 0.0)), 0.0)
+    total = jnp.sum(exps, axis=-1, keepdims=True)
+    return exps / jnp.where(total > 0, total, 1.0)

@@ -182,13 +182,16 @@ class Mixer(nnx.Module):
         raise NotImplementedError
 
     def _on_whole_sequence(self, layer, x: jax.Array) -> jax.Array:
-        """layer(x) for a layer that needs the whole sequence (global pooling, FFT): on a sequence split along
-        ``sequence_axis`` it all-gathers x [B, T_local, D], applies layer, and keeps this device's outputs."""
+        """layer(x) for a layer that needs the whole sequence (global pooling, FFT, scans in other orders): on a
+        sequence split along ``sequence_axis`` it gathers x [B, T_local, D] into the whole sequence, applies layer,
+        and keeps this device's outputs. The gather is a psum of each device's segment in place, so the whole
+        sequence is typed as the same on every device and a layer's scans start from replicated carries."""
         if self.sequence_axis is None:
             return layer(x)
-        t_local = x.shape[1]
-        y = layer(jax.lax.all_gather(x, self.sequence_axis, axis=1, tiled=True))
-        return jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(self.sequence_axis) * t_local, t_local, axis=1)
+        t_local, offset = x.shape[1], jax.lax.axis_index(self.sequence_axis) * x.shape[1]
+        whole = jnp.zeros((x.shape[0], t_local * jax.lax.axis_size(self.sequence_axis), *x.shape[2:]), x.dtype)
+        whole = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(whole, x, offset, axis=1), self.sequence_axis)
+        return jax.lax.dynamic_slice_in_dim(layer(whole), offset, t_local, axis=1)
 
     def _check_documents(self, x: jax.Array, documents: Documents) -> None:
         if not self.causal:

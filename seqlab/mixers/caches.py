@@ -10,6 +10,8 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     KVCache         softmax attention: keys/values of the last L positions (L = max_len, or the window's ring)
     CompressedKVCache  softmax attention under a KV-cache policy: keys/values quantised to 8 or 4 bits per group
                     of channels, and/or evicted to attention sinks plus a window of the last positions
+    HeavyHitterCache   H2O: sinks, heavy hitters (the highest accumulated attention) and a window of recent positions
+    MixedPrecisionKVCache  ZipVL: every position, the important ones at high precision and the rest at int4
     HybridCache     LoLCATs, Liger: a KVCache ring plus the linear state of every position before the ring
     SelectionCache  HiP, SEA: a full KVCache plus the query that opened the current tile
     RoutingCache    Routing Transformer: a full KVCache plus each slot's cluster per routing head
@@ -189,6 +191,10 @@ class CompressedKVCache:
     def v(self) -> jax.Array:
         return self.v_store if self.bits is None else dequantize(self.v_store, self.v_scales, self.bits, self.group)
 
+    def stored_bytes(self) -> int:
+        """Bytes of the keys, values and scales of every slot (positions and the counter left out)."""
+        return _nbytes(self.k_store, self.v_store, self.k_scales, self.v_scales)
+
     def write(self, k: jax.Array, v: jax.Array) -> CompressedKVCache:
         """The cache after the next T tokens k, v [B, T, H_kv, d] (quantised, then written as the policy says)."""
         if self.bits is None:
@@ -200,6 +206,232 @@ class CompressedKVCache:
                                                  (kc, ks, vc, vs), self.key_positions, self.pos, self.sinks)
         return self.replace(k_store=kc, k_scales=ks, v_store=vc, v_scales=vs, key_positions=positions,
                             pos=self.pos + k.shape[1])
+
+
+def _nbytes(*arrays: jax.Array | None) -> int:
+    return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+def _encode(x: jax.Array, bits: int | None, group: int, dtype: Any) -> tuple[jax.Array, jax.Array | None]:
+    """x [..., d] as stored: (x in dtype, None) for bits None, else `quantize`'s (codes, scales)."""
+    return (x.astype(dtype), None) if bits is None else quantize(x, bits, group)
+
+
+def _decode(store: jax.Array, scales: jax.Array | None, bits: int | None, group: int) -> jax.Array:
+    """The values [..., d] of `_encode`'s (store, scales)."""
+    return store if bits is None else dequantize(store, scales, bits, group)
+
+
+@struct.dataclass
+class HeavyHitterCache:
+    """Keys and values of softmax attention under heavy-hitter eviction, from "H2O: Heavy-Hitter Oracle for Efficient
+    Generative Inference of Large Language Models" (Zhang et al., 2023), with StreamingLLM's attention sinks.
+
+    Per batch row and key/value head, L = S + M + W slots (sinks, heavy hitters, window): slots 0 .. S − 1 hold
+    positions 0 .. S − 1 for good; slots S .. S + M − 1 the heavy hitters; slots S + M .. L − 1 a ring of the last W
+    positions (position p >= S in slot S + M + (p − S) % W). Each slot's score is its token's accumulated attention:
+    the sum, over the steps since the token arrived and over the query heads sharing the key/value head, of the
+    softmax weight it received (`accumulate`). The next token p (`insert`) pushes p − W out of the window (if
+    p − W >= S): that token takes the heavy slot of the lowest score if its own score is higher (an empty heavy slot
+    scores −inf; ties keep the heavy hitter, and among equal lowest the first slot goes), evicting the heavy hitter
+    there, else it is evicted itself. So after p + 1 tokens the cache holds min(p + 1, L) positions: the sinks, the
+    last W and M others, each of which beat the lowest heavy hitter when it left the window.
+
+    k_store, v_store: [B, L, H_kv, d] as they come (bits None) or `quantize` codes with k_scales, v_scales
+    [B, L, H_kv, d / group] float32 (else None). slot_positions: [B, L, H_kv] int32, the absolute position in each
+    slot (−1 = empty). scores: [B, L, H_kv] float32 (0 in empty slots). pos: [] int32, tokens consumed so far.
+    """
+
+    k_store: jax.Array
+    v_store: jax.Array
+    k_scales: jax.Array | None
+    v_scales: jax.Array | None
+    slot_positions: jax.Array
+    scores: jax.Array
+    pos: jax.Array
+    bits: int | None = struct.field(pytree_node=False, default=None)
+    group: int = struct.field(pytree_node=False, default=32)
+    sinks: int = struct.field(pytree_node=False, default=0)
+    heavy: int = struct.field(pytree_node=False, default=0)
+    window: int = struct.field(pytree_node=False, default=1)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: Any, *, bits: int | None, group: int, sinks: int, heavy: int,
+              window: int) -> HeavyHitterCache:
+        """L = shape[1] = sinks + heavy + window empty slots for keys and values [B, L, H_kv, d], position 0."""
+        if shape[1] != sinks + heavy + window:
+            raise ValueError(f"shape: {shape[1]} slots, but sinks + heavy + window = {sinks + heavy + window}")
+        store, scales = _encode(jnp.zeros(shape, jnp.float32), bits, group, dtype)
+        return cls(k_store=store, v_store=store, k_scales=scales, v_scales=scales,
+                   slot_positions=jnp.full(shape[:3], -1, jnp.int32), scores=jnp.zeros(shape[:3], jnp.float32),
+                   pos=jnp.zeros((), jnp.int32), bits=bits, group=group, sinks=sinks, heavy=heavy, window=window)
+
+    @property
+    def k(self) -> jax.Array:
+        """[B, L, H_kv, d] the stored keys (dequantised)."""
+        return _decode(self.k_store, self.k_scales, self.bits, self.group)
+
+    @property
+    def v(self) -> jax.Array:
+        """[B, L, H_kv, d] the stored values (dequantised)."""
+        return _decode(self.v_store, self.v_scales, self.bits, self.group)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the keys, values, scales, slot positions and scores of every slot (the counter left out)."""
+        return _nbytes(self.k_store, self.v_store, self.k_scales, self.v_scales, self.slot_positions, self.scores)
+
+    def _stores(self) -> dict[str, jax.Array]:
+        names = ("k_store", "v_store") if self.bits is None else ("k_store", "k_scales", "v_store", "v_scales")
+        return {name: getattr(self, name) for name in names}
+
+    def window_slot(self, p: jax.Array) -> jax.Array:
+        """[] int32: the slot of position p, its sink slot or its place in the window's ring."""
+        s = self.sinks
+        return jnp.where(p < s, p, s + self.heavy + (p - s) % self.window).astype(jnp.int32)
+
+    def promotion(self, slot: jax.Array) -> jax.Array:
+        """[B, L, H_kv] bool: the heavy slot that the token in `slot` (leaving the window) takes, per batch row and
+        key/value head; all False where it is evicted instead (or the slot is empty, or there are no heavy slots)."""
+        s, m = self.sinks, self.heavy
+        leaving, leaving_score = self.slot_positions[:, slot], self.scores[:, slot]  # [B, H_kv]
+        heavy_scores = jnp.where(self.slot_positions[:, s : s + m] >= 0, self.scores[:, s : s + m], -jnp.inf)
+        lowest = jnp.argmin(heavy_scores, axis=1)  # [B, H_kv], the first of equal lowest
+        beats = (leaving >= 0) & (leaving_score > jnp.min(heavy_scores, axis=1))
+        target = jnp.where(beats, s + lowest, -1)
+        return jnp.arange(self.slot_positions.shape[1])[None, :, None] == target[:, None, :]
+
+    def insert(self, k: jax.Array, v: jax.Array) -> HeavyHitterCache:
+        """The cache after the next token k, v [B, H_kv, d] (at position pos): the token leaving the window is
+        promoted or evicted (class docstring), then the new one takes its slot with score 0; pos advances by 1."""
+        slot = self.window_slot(self.pos)
+        stores, positions, scores = self._stores(), self.slot_positions, self.scores
+        if self.heavy:
+            moved = self.promotion(slot)
+            stores = {n: jnp.where(moved[..., None], a[:, slot][:, None], a) for n, a in stores.items()}
+            positions = jnp.where(moved, positions[:, slot][:, None], positions)
+            scores = jnp.where(moved, scores[:, slot][:, None], scores)
+        (kc, ks), (vc, vs) = (_encode(x, self.bits, self.group, self.k_store.dtype) for x in (k, v))
+        new = {"k_store": kc, "k_scales": ks, "v_store": vc, "v_scales": vs}
+        stores = {n: a.at[:, slot].set(new[n].astype(a.dtype)) for n, a in stores.items()}
+        return self.replace(**stores, slot_positions=positions.at[:, slot].set(self.pos),
+                            scores=scores.at[:, slot].set(0.0), pos=self.pos + 1)
+
+    def accumulate(self, weights: jax.Array) -> HeavyHitterCache:
+        """The cache with this step's attention weights [B, H_kv, L] float32 (summed over the query heads of each
+        key/value head; 0 at empty slots) added to the slots' scores."""
+        return self.replace(scores=self.scores + jnp.swapaxes(weights, 1, 2).astype(jnp.float32))
+
+
+def important_tokens(mass: jax.Array, count: jax.Array, fraction: float) -> jax.Array:
+    """ZipVL's important tokens ("ZipVL: Efficient Large Vision-Language Models with Dynamic Token Sparsification
+    and KV Cache Compression") of each row of mass [..., n] -> [..., n] bool.
+
+    mass: each token's accumulated attention (summed over queries and heads); count [..., n]: how many
+    (query, head) pairs saw it. The ratio: p = min{p : the p largest masses sum to >= fraction · the total}. The
+    tokens: the p of highest normalised score mass / count (ties: the earlier token), as ZipVL selects them (the
+    normalisation undoes the causal mask's bias towards early tokens, which more queries see); a token no query saw
+    is never important, and a row of zero mass has none."""
+    ordered = -jnp.sort(-mass, axis=-1)
+    cumulative = jnp.cumsum(ordered, axis=-1)
+    total = cumulative[..., -1:]  # the same summation order as the prefixes: fraction 1 stops at the last token
+    p = jnp.sum(cumulative < fraction * total, axis=-1, keepdims=True) + 1
+    p = jnp.where(total > 0, p, 0)
+    normalised = jnp.where(count > 0, mass / jnp.maximum(count, 1).astype(mass.dtype), -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-normalised, axis=-1, stable=True), axis=-1, stable=True)
+    return (rank < p) & (count > 0)
+
+
+@struct.dataclass
+class MixedPrecisionKVCache:
+    """Keys and values of softmax attention at mixed precision, after "ZipVL: Efficient Large Vision-Language Models
+    with Dynamic Token Sparsification and KV Cache Compression" (He et al., 2024): every position is kept (L slots,
+    position p in slot p % L, as `KVCache`), each slot of each key/value head at high precision (as it comes for
+    bits None, or int8 codes for bits=8) or at int4 (`quantize`, groups of `group` channels), as ``high`` says.
+
+    The prompt's tokens are marked by `mark` (ZipVL's rule, `important_tokens`, on the prompt's attention); every
+    token written after it, and every empty slot (which a decoded token will fill), is high precision. ``k``, ``v``
+    dequantise each slot from the precision it is marked with. This dense layout holds both precisions of every slot
+    (so a mark can be recomputed); `stored_bytes` counts what the policy keeps: each slot at its one precision, plus
+    the mask.
+
+    hi_k, hi_v: [B, L, H_kv, d] (or int8 codes) with hi_k_scales, hi_v_scales [B, L, H_kv, d / group] float32 for
+    bits=8 (else None). lo_k, lo_v: int4 codes [B, L, H_kv, d / 2] uint8 with lo_k_scales, lo_v_scales
+    [B, L, H_kv, d / group] float32. high: [B, L, H_kv] bool. key_positions: [L] int32 (−1 = empty). pos: [] int32.
+    """
+
+    hi_k: jax.Array
+    hi_v: jax.Array
+    hi_k_scales: jax.Array | None
+    hi_v_scales: jax.Array | None
+    lo_k: jax.Array
+    lo_v: jax.Array
+    lo_k_scales: jax.Array
+    lo_v_scales: jax.Array
+    high: jax.Array
+    key_positions: jax.Array
+    pos: jax.Array
+    bits: int | None = struct.field(pytree_node=False, default=None)
+    group: int = struct.field(pytree_node=False, default=32)
+
+    LOW_BITS = 4
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: Any, *, bits: int | None, group: int) -> MixedPrecisionKVCache:
+        """L = shape[1] empty slots for keys and values [B, L, H_kv, d] (all marked high), position 0."""
+        zeros = jnp.zeros(shape, jnp.float32)
+        hi, hi_scales = _encode(zeros, bits, group, dtype)
+        lo, lo_scales = quantize(zeros, cls.LOW_BITS, group)
+        return cls(hi_k=hi, hi_v=hi, hi_k_scales=hi_scales, hi_v_scales=hi_scales, lo_k=lo, lo_v=lo,
+                   lo_k_scales=lo_scales, lo_v_scales=lo_scales, high=jnp.ones(shape[:3], bool),
+                   key_positions=jnp.full((shape[1],), -1, jnp.int32), pos=jnp.zeros((), jnp.int32), bits=bits,
+                   group=group)  # fmt: skip
+
+    def _read(self, hi: jax.Array, hi_scales: jax.Array | None, lo: jax.Array, lo_scales: jax.Array) -> jax.Array:
+        high = _decode(hi, hi_scales, self.bits, self.group).astype(jnp.float32)
+        low = dequantize(lo, lo_scales, self.LOW_BITS, self.group)
+        return jnp.where(self.high[..., None], high, low)
+
+    @property
+    def k(self) -> jax.Array:
+        """[B, L, H_kv, d] float32, each slot dequantised from its precision."""
+        return self._read(self.hi_k, self.hi_k_scales, self.lo_k, self.lo_k_scales)
+
+    @property
+    def v(self) -> jax.Array:
+        """[B, L, H_kv, d] float32, each slot dequantised from its precision."""
+        return self._read(self.hi_v, self.hi_v_scales, self.lo_v, self.lo_v_scales)
+
+    def slot_bytes(self) -> tuple[int, int]:
+        """(bytes of one slot and key/value head at high precision, at int4): its key and value with their scales."""
+        heads = self.high.size
+        high = _nbytes(self.hi_k, self.hi_v, self.hi_k_scales, self.hi_v_scales) // heads
+        return high, _nbytes(self.lo_k, self.lo_v, self.lo_k_scales, self.lo_v_scales) // heads
+
+    def stored_bytes(self) -> int:
+        """Bytes the policy keeps: each slot and key/value head at its marked precision, plus the mask (1 byte
+        each). Reads the mask: call it outside jit."""
+        high, low = self.slot_bytes()
+        n_high = int(jnp.sum(self.high))
+        return n_high * high + (self.high.size - n_high) * low + int(self.high.nbytes)
+
+    def write(self, k: jax.Array, v: jax.Array) -> MixedPrecisionKVCache:
+        """The cache after the next T tokens k, v [B, T, H_kv, d], in both precisions and marked high; pos advances
+        by T (a prompt's tokens are then marked by `mark`)."""
+        (hk, hks), (hv, hvs) = (_encode(x, self.bits, self.group, self.hi_k.dtype) for x in (k, v))
+        (lk, lks), (lv, lvs) = (quantize(x, self.LOW_BITS, self.group) for x in (k, v))
+        names = ["hi_k", "hi_v", "lo_k", "lo_v", "lo_k_scales", "lo_v_scales", "high"]
+        values = [hk, hv, lk, lv, lks, lvs, jnp.ones(k.shape[:3], bool)]
+        if self.bits is not None:
+            names, values = names + ["hi_k_scales", "hi_v_scales"], values + [hks, hvs]
+        buffers, positions = ring_write(tuple(getattr(self, n) for n in names), tuple(values), self.key_positions,
+                                        self.pos)
+        return self.replace(**dict(zip(names, buffers)), key_positions=positions, pos=self.pos + k.shape[1])
+
+    def mark(self, important: jax.Array) -> MixedPrecisionKVCache:
+        """The cache with the last T written positions (pos − T .. pos − 1, T <= L) marked by important
+        [B, T, H_kv] bool: True keeps a slot at high precision, False reads it at int4."""
+        slots = (self.pos - important.shape[1] + jnp.arange(important.shape[1])) % self.high.shape[1]
+        return self.replace(high=self.high.at[:, slots].set(important))
 
 
 @struct.dataclass
@@ -424,3 +656,10 @@ class VQCache:
     @property
     def pos(self) -> jax.Array:
         return self.ring.pos
+
+
+@struct.dataclass
+class PositionCache:
+    """Decode cache of a per-token mixer (Activator): pos [] int32, the tokens consumed; nothing else is needed."""
+
+    pos: jax.Array

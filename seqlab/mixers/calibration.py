@@ -30,7 +30,7 @@ from flax import nnx
 
 from seqlab.checks import check_positive
 from seqlab.core import masks
-from seqlab.core.online_softmax import modified_scores
+from seqlab.core.online_softmax import masked_softmax, modified_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +92,7 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: masks.Mask, score_mod: m
     visible = mask.visible(pos[:, None], pos[None, :])
     if visible.shape != (t, t):
         raise ValueError(f"mask: an attention hook needs one [T, T] pattern for all heads, got {type(mask).__name__}")
-    scores = jnp.where(visible, scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1), visible
+    return masked_softmax(scores, visible), visible
 
 
 def hooked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: masks.Mask, score_mod: masks.ScoreMod | None,

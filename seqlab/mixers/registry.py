@@ -19,7 +19,8 @@ from typing import Any
 
 from seqlab.mixers.base import Mixer
 
-KINDS = ("softmax", "linear", "hybrid", "conv")  # softmax attention; one linear state; window + state; convolution
+# softmax attention; one linear state; window + state; convolution; a per-token map (no token mixing)
+KINDS = ("softmax", "linear", "hybrid", "conv", "pointwise")
 
 
 class UnknownArgumentError(TypeError, ValueError):

@@ -1,0 +1,1 @@
+"""Per-token mixers (no token mixing): Activator."""
