@@ -66,7 +66,7 @@ def test_tiny_mqar_trains_and_leaves_its_workdir(tmp_path):
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [20, 30, 40]
 
 
-CONFIG_FILES = ("configs/mqar.py", "configs/bytes.py", "configs/listops.py", "configs/synthetic.py")
+CONFIG_FILES = ("configs/mqar.py", "configs/bytes.py", "configs/listops.py", "configs/synthetic.py", "configs/vision.py")
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES)
