@@ -25,6 +25,7 @@ caches (`KVCache`, `HybridCache`) say which position every slot holds (`key_posi
     LightNetCache   LightNet: the GLA state and the running logsumexp of the keys
     MultiQueryCache MQSA: a KVCache plus the last inputs of the window-pooled queries
     VQCache         LongVQ: the EMA's state, a KVCache ring of the last 2L quantised keys, per-code value sums
+    PositionCache   Activator (a per-token mixer): the position counter only
 """
 
 from __future__ import annotations
