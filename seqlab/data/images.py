@@ -70,7 +70,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class Digits(ImageTask):
-    """scikit-learn's 8 × 8 digits (module docstring); shift: the largest random translation of a training image."""
+    """scikit-learn's 8 × 8 handwritten digits, 10 classes; training images shifted by up to `shift` pixels."""
 
     name: ClassVar[str] = "digits"
     NUM_IMAGES: ClassVar[int] = 1797
@@ -117,7 +117,7 @@ def _translated(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Shapes(ImageTask):
-    """Generated shapes (module docstring): image_size² pixels, `levels` intensities, pixel noise probability."""
+    """Generated images of six shapes (image_size² pixels, num_levels intensities, pixel noise `noise`)."""
 
     name: ClassVar[str] = "shapes"
 
