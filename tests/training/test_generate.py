@@ -160,7 +160,8 @@ def test_learned_positions_bound_the_generated_length():
 
 
 def cache_bytes(pattern: str, max_len: int) -> int:
-    return gen.cache_nbytes(jax.eval_shape(lambda: model(pattern).init_cache(B, max_len)))
+    m = model(pattern)  # built outside eval_shape: the cached model must hold arrays, not tracers
+    return gen.cache_nbytes(jax.eval_shape(lambda: m.init_cache(B, max_len)))
 
 
 @pytest.mark.parametrize("pattern", LINEAR)
