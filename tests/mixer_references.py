@@ -379,16 +379,19 @@ class ReferenceCases:
         check_forward_and_gradients(mixer, *self._reference_results(case))
 
     def check_bf16(self, case: str, tol: float = 3e-2):
-        """The mixer computing in bfloat16 (dtype=jnp.bfloat16, float32 parameters moved by `perturbed_params`)
-        returns bfloat16 within `tol` of the float64 reference on inputs(0, shape)."""
+        """`check_bf16` of the case's mixer at its parameters moved by `perturbed_params`, on inputs(0, shape)."""
         mixer = self.make(case, dtype=jnp.bfloat16)
-        params = perturbed_params(mixer)
-        nnx.update(mixer, params)
-        x, _ = inputs(0, self.shape)
-        y = nnx.jit(lambda m, a: m(a))(mixer, x)
-        assert y.dtype == jnp.bfloat16
-        expected = self.cases[case][1](np, f64(params), np.asarray(x, np.float64))
-        assert rel_err(y, expected) <= tol, rel_err(y, expected)
+        check_bf16(mixer, perturbed_params(mixer), inputs(0, self.shape)[0], self.cases[case][1], tol)
+
+
+def check_bf16(mixer, params, x, reference, tol: float = 3e-2):
+    """The mixer built with dtype=jnp.bfloat16, at float32 parameters `params`, returns finite bfloat16 outputs on
+    x within `tol` of reference(np, params, x) in float64."""
+    nnx.update(mixer, params)
+    y = nnx.jit(lambda m, a: m(a))(mixer, x)
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
+    expected = reference(np, f64(params), np.asarray(x, np.float64))
+    assert rel_err(y, expected) <= tol, rel_err(y, expected)
 
 
 def check_decode_and_prefill(mixer, x, prompt: int):

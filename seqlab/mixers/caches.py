@@ -151,6 +151,20 @@ class KVCache:
         return self.replace(k=k_new, v=v_new, key_positions=key_positions, pos=self.pos + k.shape[1])
 
 
+def _nbytes(*arrays: jax.Array | None) -> int:
+    return sum(int(a.nbytes) for a in arrays if a is not None)
+
+
+def _encode(x: jax.Array, bits: int | None, group: int, dtype: Any) -> tuple[jax.Array, jax.Array | None]:
+    """x [..., d] as stored: (x in dtype, None) for bits None, else `quantize`'s (codes, scales)."""
+    return (x.astype(dtype), None) if bits is None else quantize(x, bits, group)
+
+
+def _decode(store: jax.Array, scales: jax.Array | None, bits: int | None, group: int) -> jax.Array:
+    """The values [..., d] of `_encode`'s (store, scales)."""
+    return store if bits is None else dequantize(store, scales, bits, group)
+
+
 @struct.dataclass
 class CompressedKVCache:
     """Keys and values of softmax attention under a KV-cache policy (the `KVCache` interface: ``k``, ``v``
@@ -176,21 +190,18 @@ class CompressedKVCache:
     def empty(cls, shape: tuple[int, ...], dtype: Any, *, bits: int | None, group: int,
               sinks: int) -> CompressedKVCache:
         """L = shape[1] empty slots for keys and values [B, L, H_kv, d], position 0."""
-        if bits is None:
-            store, scales = jnp.zeros(shape, dtype), None
-        else:
-            store, scales = quantize(jnp.zeros(shape, jnp.float32), bits, group)
+        store, scales = _encode(jnp.zeros(shape, jnp.float32), bits, group, dtype)
         return cls(k_store=store, v_store=store, k_scales=scales, v_scales=scales,
                    key_positions=jnp.full((shape[1],), -1, jnp.int32), pos=jnp.zeros((), jnp.int32),
                    bits=bits, group=group, sinks=sinks)  # fmt: skip
 
     @property
     def k(self) -> jax.Array:
-        return self.k_store if self.bits is None else dequantize(self.k_store, self.k_scales, self.bits, self.group)
+        return _decode(self.k_store, self.k_scales, self.bits, self.group)
 
     @property
     def v(self) -> jax.Array:
-        return self.v_store if self.bits is None else dequantize(self.v_store, self.v_scales, self.bits, self.group)
+        return _decode(self.v_store, self.v_scales, self.bits, self.group)
 
     def stored_bytes(self) -> int:
         """Bytes of the keys, values and scales of every slot (positions and the counter left out)."""
@@ -198,29 +209,12 @@ class CompressedKVCache:
 
     def write(self, k: jax.Array, v: jax.Array) -> CompressedKVCache:
         """The cache after the next T tokens k, v [B, T, H_kv, d] (quantised, then written as the policy says)."""
-        if self.bits is None:
-            (k_store, v_store), positions = ring_write((self.k_store, self.v_store), (k, v), self.key_positions,
-                                                       self.pos, self.sinks)
-            return self.replace(k_store=k_store, v_store=v_store, key_positions=positions, pos=self.pos + k.shape[1])
-        (kc, ks), (vc, vs) = quantize(k, self.bits, self.group), quantize(v, self.bits, self.group)
-        (kc, ks, vc, vs), positions = ring_write((self.k_store, self.k_scales, self.v_store, self.v_scales),
-                                                 (kc, ks, vc, vs), self.key_positions, self.pos, self.sinks)
-        return self.replace(k_store=kc, k_scales=ks, v_store=vc, v_scales=vs, key_positions=positions,
-                            pos=self.pos + k.shape[1])
-
-
-def _nbytes(*arrays: jax.Array | None) -> int:
-    return sum(int(a.nbytes) for a in arrays if a is not None)
-
-
-def _encode(x: jax.Array, bits: int | None, group: int, dtype: Any) -> tuple[jax.Array, jax.Array | None]:
-    """x [..., d] as stored: (x in dtype, None) for bits None, else `quantize`'s (codes, scales)."""
-    return (x.astype(dtype), None) if bits is None else quantize(x, bits, group)
-
-
-def _decode(store: jax.Array, scales: jax.Array | None, bits: int | None, group: int) -> jax.Array:
-    """The values [..., d] of `_encode`'s (store, scales)."""
-    return store if bits is None else dequantize(store, scales, bits, group)
+        (kc, ks), (vc, vs) = (_encode(x, self.bits, self.group, self.k_store.dtype) for x in (k, v))
+        names = ("k_store", "v_store") if self.bits is None else ("k_store", "k_scales", "v_store", "v_scales")
+        values = {"k_store": kc, "k_scales": ks, "v_store": vc, "v_scales": vs}
+        buffers, positions = ring_write(tuple(getattr(self, n) for n in names), tuple(values[n] for n in names),
+                                        self.key_positions, self.pos, self.sinks)
+        return self.replace(**dict(zip(names, buffers)), key_positions=positions, pos=self.pos + k.shape[1])
 
 
 @struct.dataclass

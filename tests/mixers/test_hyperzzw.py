@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from mixer_references import (
+    check_bf16,
     check_forward_and_gradients,
     check_non_causal_has_no_cache,
     f64,
@@ -138,12 +139,8 @@ def test_initial_filter_frequencies_follow_the_gamma_scaled_init():
 
 def test_bf16_compute_stays_close_to_the_reference():
     mixer = make("grid-5x7", dtype=jnp.bfloat16)
-    params = perturbed_params(mixer)
-    nnx.update(mixer, params)
-    x, _ = inputs(0, (B, 35, D))
-    y = nnx.jit(lambda m, a: m(a))(mixer, x)
-    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
-    assert rel_err(y, hyperzzw_reference(np, f64(params), np.asarray(x, np.float64), shape=(5, 7))) <= 3e-2
+    check_bf16(mixer, perturbed_params(mixer), inputs(0, (B, 35, D))[0],
+               lambda xp, p, a: hyperzzw_reference(xp, p, a, shape=(5, 7)))
 
 
 def test_hyperzzw_has_no_cache():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from mixer_references import (
+    check_bf16,
     check_forward_and_gradients,
     check_non_causal_has_no_cache,
     f64,
@@ -123,12 +124,8 @@ def test_the_maps_are_softmaxes_over_all_tokens_and_the_reference_sees_the_grid(
 def test_bf16_compute_stays_close_to_the_reference():
     mixer = make("grid-5x7-g2", dtype=jnp.bfloat16)
     x, _ = inputs(0, (B, 35, D))
-    params = scaled_params(mixer, x, (5, 7), 3)
-    nnx.update(mixer, params)
-    y = nnx.jit(lambda m, a: m(a))(mixer, x)
-    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
-    expected = ulsam_reference(np, f64(params), np.asarray(x, np.float64), groups=2, grid=(5, 7))
-    assert rel_err(y, expected) <= 1e-2
+    check_bf16(mixer, scaled_params(mixer, x, (5, 7), 3), x,
+               lambda xp, p, a: ulsam_reference(xp, p, a, groups=2, grid=(5, 7)), tol=1e-2)
 
 
 def test_ulsam_has_no_cache():
